@@ -1,0 +1,99 @@
+"""Shared benchmark harness: environment record, timing, result files."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(extra_packages: tuple[str, ...] = ()) -> dict:
+    """Machine, versions and build info recorded next to every number."""
+    import r4t_fast
+
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": _cpu_model(),
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        },
+        "python": sys.version.split()[0],
+        "versions": {
+            p: _version(p) for p in ("r4t_fast", "torch", "numpy", *extra_packages) if _version(p) is not None
+        },
+        "build_info": r4t_fast.build_info(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+    try:
+        import torch
+
+        env["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        pass
+    return env
+
+
+def timeit(
+    fn: Callable[[], object], repeat: int = 3, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> dict:
+    """Run ``fn`` ``warmup`` + ``repeat`` times; return min/median seconds."""
+    for _ in range(warmup):
+        fn()
+        if sync:
+            sync()
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return {"min_s": times[0], "median_s": times[len(times) // 2], "repeat": repeat}
+
+
+def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    jp = RESULTS / f"{name}.json"
+    mp = RESULTS / f"{name}.md"
+    jp.write_text(json.dumps(payload, indent=2) + "\n")
+    mp.write_text(markdown)
+    return jp, mp

@@ -1,0 +1,186 @@
+// The only translation unit that includes pybind11. Every entry point takes raw data pointers (as
+// Python ints) plus sizes and strides, filled in by python/r4t_fast/ops.py after validation; no
+// libtorch linkage, so one wheel serves any torch version. The GIL is released around compute.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common.h"
+#include "kernels.h"
+
+#ifndef R4T_VERSION
+#define R4T_VERSION "0.0.0"
+#endif
+#ifndef R4T_COMPILER
+#define R4T_COMPILER "unknown"
+#endif
+
+namespace py = pybind11;
+using namespace r4t;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+KnnParams make_knn(uintptr_t q, int64_t qs, uintptr_t c, int64_t cs, int dtype, int metric, int64_t B,
+                   int64_t N, int64_t d, int64_t k, uintptr_t os, uintptr_t oi, int threads, uintptr_t stream) {
+  KnnParams p;
+  p.queries = ptr<const float>(q);
+  p.q_stride = qs;
+  p.catalog = ptr<const void>(c);
+  p.c_stride = cs;
+  p.catalog_dtype = static_cast<DType>(dtype);
+  p.metric = static_cast<Metric>(metric);
+  p.B = B;
+  p.N = N;
+  p.d = d;
+  p.k = k;
+  p.out_scores = ptr<float>(os);
+  p.out_ids = ptr<int64_t>(oi);
+  p.num_threads = threads;
+  p.stream = ptr<void>(stream);
+  return p;
+}
+
+GroundParams make_ground(uintptr_t sc, uintptr_t ids, int64_t S, int64_t L, int64_t C, bool hib,
+                         uintptr_t oi, uintptr_t os, int threads, uintptr_t stream) {
+  GroundParams p;
+  p.cand_scores = ptr<const float>(sc);
+  p.cand_ids = ptr<const int64_t>(ids);
+  p.S = S;
+  p.L = L;
+  p.C = C;
+  p.higher_is_better = hib;
+  p.out_ids = ptr<int64_t>(oi);
+  p.out_scores = ptr<float>(os);
+  p.num_threads = threads;
+  p.stream = ptr<void>(stream);
+  return p;
+}
+
+SetStatsParams make_stats(uintptr_t x, uintptr_t lengths, int64_t S, int64_t L, int64_t d, uintptr_t ov,
+                          uintptr_t oc, int threads, uintptr_t stream) {
+  SetStatsParams p;
+  p.x = ptr<const float>(x);
+  p.lengths = ptr<const int64_t>(lengths);
+  p.S = S;
+  p.L = L;
+  p.d = d;
+  p.out_vendi = ptr<float>(ov);
+  p.out_mean_cos = ptr<float>(oc);
+  p.num_threads = threads;
+  p.stream = ptr<void>(stream);
+  return p;
+}
+
+EdmStepParams make_step(uintptr_t x, uintptr_t fc, uintptr_t fu, uintptr_t z, uintptr_t ox, uintptr_t od,
+                        int64_t n, float sigma, float c_skip, float c_out, float w, float h, float ns,
+                        int threads, uintptr_t stream) {
+  EdmStepParams p;
+  p.x = ptr<const float>(x);
+  p.f_cond = ptr<const float>(fc);
+  p.f_uncond = ptr<const float>(fu);
+  p.noise = ptr<const float>(z);
+  p.out_x = ptr<float>(ox);
+  p.out_denoised = ptr<float>(od);
+  p.n = n;
+  p.sigma = sigma;
+  p.c_skip = c_skip;
+  p.c_out = c_out;
+  p.guidance = w;
+  p.h = h;
+  p.noise_scale = ns;
+  p.num_threads = threads;
+  p.stream = ptr<void>(stream);
+  return p;
+}
+
+#define R4T_NOGIL(call)                  \
+  do {                                   \
+    py::gil_scoped_release release_gil;  \
+    call;                                \
+  } while (0)
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "r4t_fast private compiled kernels (use r4t_fast.ops, not this module)";
+  py::register_exception<r4t::ValueError>(m, "KernelValueError", PyExc_ValueError);
+
+  m.def("build_info", []() {
+    py::dict d;
+    d["version"] = R4T_VERSION;
+#if defined(R4T_WITH_CUDA)
+    d["cuda"] = true;
+    d["cuda_archs"] = std::string(R4T_CUDA_ARCHS);
+    d["cuda_runtime"] = std::string(cuda_runtime_version());
+#else
+    d["cuda"] = false;
+    d["cuda_archs"] = std::string("");
+    d["cuda_runtime"] = py::none();
+#endif
+#if defined(R4T_WITH_OPENMP)
+    d["openmp"] = true;
+    d["openmp_threads"] = omp_get_max_threads();
+#else
+    d["openmp"] = false;
+    d["openmp_threads"] = 1;
+#endif
+    d["simd"] = std::string(cpu_simd_level());
+    d["compiler"] = R4T_COMPILER;
+    return d;
+  });
+
+  m.def("knn_cpu", [](uintptr_t q, int64_t qs, uintptr_t c, int64_t cs, int dtype, int metric, int64_t B,
+                      int64_t N, int64_t d, int64_t k, uintptr_t os, uintptr_t oi, int threads) {
+    auto p = make_knn(q, qs, c, cs, dtype, metric, B, N, d, k, os, oi, threads, 0);
+    R4T_NOGIL(knn_cpu(p));
+  });
+  m.def("ground_cpu", [](uintptr_t sc, uintptr_t ids, int64_t S, int64_t L, int64_t C, bool hib, uintptr_t oi,
+                         uintptr_t os, int threads) {
+    auto p = make_ground(sc, ids, S, L, C, hib, oi, os, threads, 0);
+    R4T_NOGIL(ground_cpu(p));
+  });
+  m.def("set_stats_cpu", [](uintptr_t x, uintptr_t lengths, int64_t S, int64_t L, int64_t d, uintptr_t ov,
+                            uintptr_t oc, int threads) {
+    auto p = make_stats(x, lengths, S, L, d, ov, oc, threads, 0);
+    R4T_NOGIL(set_stats_cpu(p));
+  });
+  m.def("edm_step_cpu", [](uintptr_t x, uintptr_t fc, uintptr_t fu, uintptr_t z, uintptr_t ox, uintptr_t od,
+                           int64_t n, float sigma, float c_skip, float c_out, float w, float h, float ns,
+                           int threads) {
+    auto p = make_step(x, fc, fu, z, ox, od, n, sigma, c_skip, c_out, w, h, ns, threads, 0);
+    R4T_NOGIL(edm_step_cpu(p));
+  });
+
+#if defined(R4T_WITH_CUDA)
+  m.def("cuda_device_count", []() { return cuda_device_count(); });
+  m.def("knn_cuda", [](uintptr_t q, int64_t qs, uintptr_t c, int64_t cs, int dtype, int metric, int64_t B,
+                       int64_t N, int64_t d, int64_t k, uintptr_t os, uintptr_t oi, uintptr_t stream) {
+    auto p = make_knn(q, qs, c, cs, dtype, metric, B, N, d, k, os, oi, 0, stream);
+    R4T_NOGIL(knn_cuda(p));
+  });
+  m.def("ground_cuda", [](uintptr_t sc, uintptr_t ids, int64_t S, int64_t L, int64_t C, bool hib,
+                          uintptr_t oi, uintptr_t os, uintptr_t stream) {
+    auto p = make_ground(sc, ids, S, L, C, hib, oi, os, 0, stream);
+    R4T_NOGIL(ground_cuda(p));
+  });
+  m.def("set_stats_cuda", [](uintptr_t x, uintptr_t lengths, int64_t S, int64_t L, int64_t d, uintptr_t ov,
+                             uintptr_t oc, uintptr_t stream) {
+    auto p = make_stats(x, lengths, S, L, d, ov, oc, 0, stream);
+    R4T_NOGIL(set_stats_cuda(p));
+  });
+  m.def("edm_step_cuda", [](uintptr_t x, uintptr_t fc, uintptr_t fu, uintptr_t z, uintptr_t ox, uintptr_t od,
+                            int64_t n, float sigma, float c_skip, float c_out, float w, float h, float ns,
+                            uintptr_t stream) {
+    auto p = make_step(x, fc, fu, z, ox, od, n, sigma, c_skip, c_out, w, h, ns, 0, stream);
+    R4T_NOGIL(edm_step_cuda(p));
+  });
+#else
+  m.def("cuda_device_count", []() { return 0; });
+#endif
+}

@@ -1,0 +1,59 @@
+"""The one place that imports the compiled module ``r4t_fast._C``.
+
+``build_info()`` reports what the build contains; ``cuda_available()`` says whether CUDA kernels can
+run *now* (CUDA build and a visible GPU). Neither is evaluated at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Any
+
+
+class BuildError(ImportError):
+    """Raised when the compiled extension is missing or lacks a requested feature."""
+
+
+@functools.lru_cache(maxsize=1)
+def lib() -> ModuleType:
+    """Return the compiled module, with an actionable error if it was not built."""
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+        raise BuildError(
+            "r4t_fast._C (the compiled kernels) could not be imported: install the package with "
+            "`pip install .` (or `pip install -e .` for development) so the extension is built. "
+            f"Original error: {exc}"
+        ) from exc
+    return _C
+
+
+def build_info() -> dict[str, Any]:
+    """What this build contains.
+
+    Returns a dict with keys ``version``, ``cuda`` (bool: CUDA kernels compiled in), ``cuda_archs``
+    (list of SM numbers), ``cuda_runtime`` (str or None), ``openmp`` (bool), ``openmp_threads``,
+    ``simd`` (the instruction-set clone the CPU kernels dispatch to on this machine) and ``compiler``.
+    Does not query any GPU.
+    """
+    info = dict(lib().build_info())
+    info["cuda_archs"] = [int(a) for a in info.get("cuda_archs", "").split(",") if a]
+    return info
+
+
+def cuda_available() -> bool:
+    """True when the build has CUDA kernels *and* a CUDA device is visible (queried on first call)."""
+    info = build_info()
+    if not info["cuda"]:
+        return False
+    return lib().cuda_device_count() > 0
+
+
+def require_cuda(arg: str) -> None:
+    """Raise a clear error when a CUDA tensor reaches a build without CUDA kernels."""
+    if not build_info()["cuda"]:
+        raise BuildError(
+            f"{arg}: got a CUDA array but this r4t_fast build has no CUDA kernels "
+            "(rebuild with R4T_CUDA=ON and nvcc available, or move the inputs to the CPU)"
+        )
