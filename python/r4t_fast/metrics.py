@@ -1,0 +1,866 @@
+"""Set-retrieval metrics for R4T: WSCR recall/hit, Vendi, the OAR reward properties, CIs.
+
+Every function here is pure and computes exactly the formula in its docstring. The embedding metrics
+accept torch tensors or numpy arrays, one set ``(k, d)`` or a batch of sets ``(batch, k, d)``, compute in
+float64 and return the input's library (numpy in -> numpy out, torch in -> torch out on the same device):
+a 0-d result for one set, ``(batch,)`` for a batch. They double as the RL rewards, so they are batched,
+deterministic and not differentiable (inputs are detached). The id metrics (recall, hit, MRecall,
+category coverage) take one id sequence per query and return a ``(queries,)`` float64 numpy array.
+
+Conventions shared with ``r4t_fast.ops.set_stats`` (see ``csrc/params.h``):
+
+* the cosine kernel normalises rows first; an all-zero row has similarity 0 to every other row and 1 to
+  itself (so ``K_ii = 1`` always and ``trace(K / n) = 1``);
+* ``lengths`` (``(batch,)`` ints) marks how many leading rows of each padded set count.
+
+Normalisations (the paper states the raw forms; the project's rewards and reports use ``[0, 1]`` forms):
+
+========================  ==========================================  ================================
+property                  paper (raw)                                 default here (``normalize=True``)
+========================  ==========================================  ================================
+groundedness              ``1 - mean_i min_c ||e(q_i) - e(c)||_2``    ``1 - mean_dist / 2`` in [0, 1]
+diversity                 ``Vendi(top-1 items)`` in [1, k]            ``Vendi / k`` in [1/k, 1]
+alignment                 ``mean_i cos(e(q_i), e(q))`` in [-1, 1]     ``(1 + mean cos) / 2`` in [0, 1]
+========================  ==========================================  ================================
+
+For unit-norm embeddings ``||a - b|| <= 2``, so the paper's groundedness lies in ``[-1, 1]`` and the
+normalised one is exactly ``(1 + raw) / 2``; both forms are affine in the raw quantities, so they rank
+sets identically. ``composite`` weights whatever components it is given (paper: 0.6 / 0.2 / 0.2). The
+weights mean different things in the two forms: with the raw forms the Vendi term spans ``[1, k]`` and
+outweighs the others, with the ``[0, 1]`` forms all three terms span comparable ranges.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ConfidenceInterval",
+    "SetMetrics",
+    "alignment",
+    "bootstrap_ci",
+    "category_coverage",
+    "composite",
+    "diversity",
+    "evaluate_sets",
+    "groundedness",
+    "hit_at_k",
+    "intra_list_diversity",
+    "mrecall_at_k",
+    "nearest_distance",
+    "paired_bootstrap_ci",
+    "recall_at_k",
+    "union_candidates",
+    "vendi_over_runs",
+    "vendi_score",
+]
+
+ArrayLike = Any  # torch.Tensor | np.ndarray (kept loose so numpy scalars and lists also pass)
+T = TypeVar("T")
+
+DEFAULT_WEIGHTS: tuple[float, float, float] = (0.6, 0.2, 0.2)
+"""The paper's OAR reward weights (groundedness, diversity, alignment)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# input handling
+# ----------------------------------------------------------------------------------------------------
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"torch.{str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}"
+    if isinstance(x, np.ndarray):
+        return f"numpy.{x.dtype} {x.shape}"
+    return type(x).__name__
+
+
+def _to_tensor(x: ArrayLike, name: str) -> tuple[torch.Tensor, bool]:
+    """Return ``(float64 tensor, was_numpy)``; raises a ValueError naming ``name`` on bad input."""
+    if isinstance(x, torch.Tensor):
+        if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"{name}: expected a floating-point array, got {_describe(x)}")
+        return x.detach().to(torch.float64), False
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # pragma: no cover - exotic inputs
+        raise ValueError(f"{name}: expected a torch tensor or numpy array, got {_describe(x)}") from exc
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"{name}: expected a floating-point array, got {_describe(arr)}")
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64)), True
+
+
+def _out(t: torch.Tensor, as_numpy: bool) -> Any:
+    return t.cpu().numpy() if as_numpy else t
+
+
+def _as_sets(x: ArrayLike, name: str) -> tuple[torch.Tensor, bool, bool]:
+    """``(k, d)`` or ``(batch, k, d)`` -> ``(batch, k, d)`` float64, was_numpy, was_batched."""
+    t, as_np = _to_tensor(x, name)
+    if t.ndim == 2:
+        return t.unsqueeze(0), as_np, False
+    if t.ndim == 3:
+        return t, as_np, True
+    raise ValueError(f"{name}: expected shape (k, dim) or (batch, k, dim), got {_describe(x)}")
+
+
+def _finish(values: torch.Tensor, as_np: bool, batched: bool) -> Any:
+    return _out(values if batched else values[0], as_np)
+
+
+def _lengths_mask(
+    lengths: ArrayLike | None, batch: int, k: int, device: torch.device, name: str = "emb"
+) -> torch.Tensor:
+    """``(batch, k)`` bool mask of the counted rows; validates ``lengths``."""
+    if k < 1:
+        raise ValueError(f"{name}: expected at least one row per set, got k = 0")
+    if lengths is None:
+        return torch.ones(batch, k, dtype=torch.bool, device=device)
+    lt = torch.as_tensor(np.asarray(lengths) if not isinstance(lengths, torch.Tensor) else lengths)
+    lt = lt.to(device=device).reshape(-1)
+    if lt.is_floating_point() or lt.numel() != batch:
+        raise ValueError(f"lengths: expected {batch} integers (one per set), got {_describe(lengths)}")
+    if bool(((lt < 1) | (lt > k)).any()):
+        raise ValueError(f"lengths: expected values in [1, {k}], got {lt.tolist()}")
+    return torch.arange(k, device=device)[None, :] < lt[:, None]
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise the last axis; all-zero rows stay zero (the set_stats convention)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def _cosine_gram(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(batch, k, k)`` cosine kernel with ``K_ii = 1`` on counted rows, zero rows/cols elsewhere."""
+    u = _unit_rows(x)
+    gram = u @ u.transpose(-1, -2)
+    eye = torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)
+    gram = torch.where(eye, torch.ones_like(gram), gram)
+    pair = mask[:, :, None] & mask[:, None, :]
+    return torch.where(pair, gram, torch.zeros_like(gram))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Vendi and set diversity
+# ----------------------------------------------------------------------------------------------------
+def _vendi(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    gram = _cosine_gram(x, mask)
+    n = mask.sum(-1).to(torch.float64)
+    lam = torch.linalg.eigvalsh(gram / n[:, None, None]).clamp_min(0.0)
+    return torch.exp(torch.special.entr(lam).sum(-1))
+
+
+def vendi_score(emb: ArrayLike, *, lengths: ArrayLike | None = None) -> Any:
+    """Vendi score of a set with the cosine kernel (Friedman & Dieng, 2023).
+
+    ``VS(X) = exp(-sum_i lam_i log lam_i)``, ``lam`` = eigenvalues of ``K / n``, ``K_ij = cos(x_i, x_j)``
+    (``K_ii = 1``), ``0 log 0 = 0``. ``VS`` is in ``[1, n]``: 1 for ``n`` identical rows, ``n`` for
+    ``n`` orthogonal rows. Eigenvalues by ``torch.linalg.eigvalsh`` in float64.
+
+    Args:
+        emb: ``(n, dim)`` or ``(batch, n, dim)`` embeddings (need not be normalised).
+        lengths: optional ``(batch,)``: only the first ``lengths[b]`` rows of set ``b`` count.
+
+    Returns:
+        0-d for one set, ``(batch,)`` for a batch; float64 in the input's library.
+
+    >>> import numpy as np
+    >>> round(float(vendi_score(np.eye(3))), 6)          # three orthogonal rows
+    3.0
+    >>> round(float(vendi_score(np.ones((4, 2)))), 6)    # four identical rows
+    1.0
+    >>> round(float(vendi_score(np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))), 4)
+    1.8899
+    """
+    x, as_np, batched = _as_sets(emb, "emb")
+    mask = _lengths_mask(lengths, x.shape[0], x.shape[1], x.device)
+    return _finish(_vendi(x, mask), as_np, batched)
+
+
+def diversity(top1_item_emb: ArrayLike, *, normalize: bool = True, lengths: ArrayLike | None = None) -> Any:
+    """OAR diversity: Vendi score of the top-1 retrieved item of each subquery.
+
+    ``r_div = VS(e(c_1), ..., e(c_k)) / k`` in ``[1/k, 1]`` (``normalize=True``, the project's form), or the
+    paper's raw ``VS`` in ``[1, k]`` (``normalize=False``). With ``lengths``, ``k`` is the set's length.
+
+    Args:
+        top1_item_emb: ``(k, dim)`` or ``(batch, k, dim)`` item embeddings, one per subquery/row.
+        normalize: divide by ``k`` (default) or return the raw Vendi score.
+        lengths: optional ``(batch,)`` counted rows per set.
+
+    >>> import numpy as np
+    >>> float(diversity(np.eye(4)))
+    1.0
+    >>> float(diversity(np.ones((4, 3))))
+    0.25
+    """
+    x, as_np, batched = _as_sets(top1_item_emb, "top1_item_emb")
+    mask = _lengths_mask(lengths, x.shape[0], x.shape[1], x.device, "top1_item_emb")
+    vs = _vendi(x, mask)
+    if normalize:
+        vs = vs / mask.sum(-1).to(torch.float64)
+    return _finish(vs, as_np, batched)
+
+
+def intra_list_diversity(emb: ArrayLike, *, lengths: ArrayLike | None = None) -> Any:
+    """Intra-list diversity: mean pairwise cosine distance of a set.
+
+    ``ILD = (2 / (n (n - 1))) * sum_{i<j} (1 - cos(x_i, x_j))``, in ``[0, 2]``; defined as 0 when
+    ``n < 2``. Equals ``1 - mean_cos`` of ``ops.set_stats`` for ``n >= 2``.
+
+    Args:
+        emb: ``(n, dim)`` or ``(batch, n, dim)``.
+        lengths: optional ``(batch,)`` counted rows per set.
+
+    >>> import numpy as np
+    >>> float(intra_list_diversity(np.eye(3)))
+    1.0
+    >>> float(intra_list_diversity(np.array([[1.0, 0.0], [-1.0, 0.0]])))
+    2.0
+    """
+    x, as_np, batched = _as_sets(emb, "emb")
+    mask = _lengths_mask(lengths, x.shape[0], x.shape[1], x.device)
+    gram = _cosine_gram(x, mask)
+    n = mask.sum(-1).to(torch.float64)
+    pairs = n * (n - 1)
+    off_sum = gram.sum((-1, -2)) - n
+    ild = torch.where(pairs > 0, 1.0 - off_sum / pairs.clamp_min(1.0), torch.zeros_like(n))
+    return _finish(ild, as_np, batched)
+
+
+def vendi_over_runs(run_embeddings: ArrayLike) -> Any:
+    """The paper's WSCR Vendi: diversity across ``N`` independent runs for the same query.
+
+    Each run ``r`` produced ``L`` subquery / generated-row embeddings ``E_r = (e_r1, ..., e_rL)``. It is
+    represented by the plain (un-normalised) mean ``m_r = (1/L) sum_l e_rl``; the score is the cosine-kernel
+    Vendi of the ``N`` run vectors: ``VS(m_1, ..., m_N)`` in ``[1, N]`` (the paper uses ``N = 5``). The
+    kernel normalises each ``m_r``, so only its direction counts; an all-zero mean counts as a zero row.
+    The paper reports this number on an unstated scale; this function returns the raw score.
+
+    Args:
+        run_embeddings: ``(N, L, dim)`` for one query or ``(batch, N, L, dim)``.
+
+    Returns:
+        0-d for one query, ``(batch,)`` for a batch; float64 in the input's library.
+
+    >>> import numpy as np
+    >>> runs = np.stack([np.eye(3)[[0, 1]], np.eye(3)[[1, 0]]])   # 2 runs, same rows, other order
+    >>> round(float(vendi_over_runs(runs)), 6)
+    1.0
+    """
+    t, as_np = _to_tensor(run_embeddings, "run_embeddings")
+    if t.ndim == 3:
+        batched = False
+        t = t.unsqueeze(0)
+    elif t.ndim == 4:
+        batched = True
+    else:
+        raise ValueError(
+            "run_embeddings: expected shape (runs, L, dim) or (batch, runs, L, dim), "
+            f"got {_describe(run_embeddings)}"
+        )
+    if t.shape[1] < 1 or t.shape[2] < 1:
+        raise ValueError(f"run_embeddings: expected at least one run and one row, got {_describe(t)}")
+    means = t.mean(dim=2)
+    mask = torch.ones(means.shape[:2], dtype=torch.bool, device=means.device)
+    return _finish(_vendi(means, mask), as_np, batched)
+
+
+# ----------------------------------------------------------------------------------------------------
+# OAR reward properties
+# ----------------------------------------------------------------------------------------------------
+def _catalog_matrix(catalog: Any, name: str = "catalog") -> torch.Tensor:
+    emb = getattr(catalog, "embeddings", catalog)
+    if isinstance(emb, np.ndarray):
+        emb = torch.from_numpy(emb)
+    if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or not emb.is_floating_point():
+        raise ValueError(
+            f"{name}: expected a (N, dim) float array or an object with .embeddings, got {_describe(emb)}"
+        )
+    if emb.shape[0] < 1:
+        raise ValueError(f"{name}: expected a non-empty catalog, got {_describe(emb)}")
+    return emb
+
+
+def _nearest_id_ops(q32: torch.Tensor, cat: torch.Tensor) -> torch.Tensor | None:
+    """Nearest catalog row per query with the fused ``ops.knn`` (L2, k = 1); None if not usable here."""
+    if cat.dtype not in (torch.float32, torch.float16) or not bool(torch.isfinite(q32).all()):
+        return None
+    try:
+        from . import ops
+
+        _, ids = ops.knn(q32.contiguous(), cat, 1, metric="l2")
+    except ImportError:  # kernels not built (or no CUDA kernels for a CUDA tensor): use the torch path
+        return None
+    return ids[:, 0]
+
+
+def _nearest_id_torch(q32: torch.Tensor, cat: torch.Tensor, chunk_elems: int) -> torch.Tensor:
+    m = q32.shape[0]
+    best = torch.full((m,), -math.inf, dtype=torch.float32, device=q32.device)
+    best_id = torch.zeros(m, dtype=torch.int64, device=q32.device)
+    step = max(1024, chunk_elems // max(m, 1))
+    for start in range(0, cat.shape[0], step):
+        c = cat[start : start + step].to(torch.float32)
+        score = 2.0 * (q32 @ c.T) - (c * c).sum(-1)[None, :]
+        val, idx = score.max(dim=1)
+        better = val > best
+        best = torch.where(better, val, best)
+        best_id = torch.where(better, idx + start, best_id)
+    return best_id
+
+
+def _nearest(
+    rows: torch.Tensor, catalog: torch.Tensor, chunk_elems: int = 1 << 24, use_ops: bool = True
+) -> torch.Tensor:
+    """Exact L2 distance of each ``(M, dim)`` float64 row to its nearest catalog row -> ``(M,)`` float64.
+
+    The nearest row is found in float32 -- by the fused ``ops.knn`` kernel when it is built (no ``(M, N)``
+    score matrix), else by torch matmuls over catalog chunks (``argmax 2<q,c> - ||c||^2``) -- and the
+    distance to it is then recomputed directly in float64, so near-zero distances are not lost to
+    cancellation. Only float32 near-ties can pick a different (equally near, to ~1e-7) row.
+    """
+    cat = catalog.to(device=rows.device)
+    if cat.dtype not in (torch.float32, torch.float16, torch.float64):
+        cat = cat.to(torch.float32)
+    q32 = rows.to(torch.float32)
+    best_id = _nearest_id_ops(q32, cat) if use_ops else None
+    if best_id is None:
+        best_id = _nearest_id_torch(q32, cat, chunk_elems)
+    nearest = cat[best_id].to(torch.float64)
+    return torch.linalg.vector_norm(rows - nearest, dim=-1)
+
+
+def nearest_distance(rows: ArrayLike, catalog: Any) -> Any:
+    """L2 distance from every row to its nearest catalog row: ``min_c ||x - e(c)||_2``.
+
+    Args:
+        rows: ``(..., dim)`` embeddings.
+        catalog: ``(N, dim)`` array/tensor, or an object with ``.embeddings`` (e.g. ``r4t_fast.Catalog``).
+
+    Returns:
+        ``(...)`` float64 distances in the input's library.
+
+    >>> import numpy as np
+    >>> nearest_distance(np.array([[3.0, 4.0], [1.0, 0.0]]), np.zeros((1, 2)))
+    array([5., 1.])
+    """
+    x, as_np = _to_tensor(rows, "rows")
+    cat = _catalog_matrix(catalog)
+    if x.ndim < 1 or x.shape[-1] != cat.shape[1]:
+        raise ValueError(f"rows: expected (..., {cat.shape[1]}) to match catalog, got {_describe(rows)}")
+    flat = x.reshape(-1, x.shape[-1])
+    return _out(_nearest(flat, cat).reshape(x.shape[:-1]), as_np)
+
+
+def groundedness(
+    subquery_emb: ArrayLike,
+    catalog: Any,
+    *,
+    normalize: bool = True,
+    lengths: ArrayLike | None = None,
+) -> Any:
+    """OAR groundedness: how close each subquery lands to a real catalog item.
+
+    Paper form (``normalize=False``): ``r_ground = 1 - (1/k) sum_i min_c ||e(q_i) - e(c)||_2``.
+    Project form (``normalize=True``, default): ``1 - mean_dist / 2``, which for unit-norm embeddings
+    (distances in ``[0, 2]``) is in ``[0, 1]`` and equals ``(1 + paper) / 2``. Values are not clipped:
+    non-unit inputs can leave the range, which is then visible rather than hidden.
+
+    Args:
+        subquery_emb: ``(k, dim)`` or ``(batch, k, dim)`` subquery / generated-row embeddings.
+        catalog: ``(N, dim)`` item embeddings, or an object with ``.embeddings``.
+        normalize: project form (default) or the paper's raw form.
+        lengths: optional ``(batch,)`` counted rows per set.
+
+    >>> import numpy as np
+    >>> cat = np.eye(2)
+    >>> float(groundedness(np.array([[1.0, 0.0], [0.0, 1.0]]), cat))    # every row is an item
+    1.0
+    >>> float(groundedness(np.array([[-1.0, 0.0]]), np.array([[1.0, 0.0]]), normalize=False))
+    -1.0
+    """
+    x, as_np, batched = _as_sets(subquery_emb, "subquery_emb")
+    cat = _catalog_matrix(catalog)
+    if x.shape[-1] != cat.shape[1]:
+        raise ValueError(
+            f"subquery_emb: expected last dim {cat.shape[1]} to match catalog, got {_describe(subquery_emb)}"
+        )
+    mask = _lengths_mask(lengths, x.shape[0], x.shape[1], x.device, "subquery_emb")
+    dist = _nearest(x.reshape(-1, x.shape[-1]), cat).reshape(x.shape[:2])
+    mean_dist = (dist * mask).sum(-1) / mask.sum(-1).to(torch.float64)
+    g = 1.0 - mean_dist / 2.0 if normalize else 1.0 - mean_dist
+    return _finish(g, as_np, batched)
+
+
+def alignment(
+    subquery_emb: ArrayLike,
+    query_emb: ArrayLike,
+    *,
+    normalize: bool = True,
+    lengths: ArrayLike | None = None,
+) -> Any:
+    """OAR alignment: how close the subqueries stay to the query.
+
+    Paper form (``normalize=False``): ``r_align = (1/k) sum_i cos(e(q_i), e(q))`` in ``[-1, 1]``.
+    Project form (``normalize=True``, default): ``(1 + r_align) / 2`` in ``[0, 1]``. A zero vector has
+    cosine 0 with everything.
+
+    Args:
+        subquery_emb: ``(k, dim)`` or ``(batch, k, dim)``.
+        query_emb: ``(dim,)`` for one set or ``(batch, dim)``.
+        normalize: project form (default) or the paper's raw form.
+        lengths: optional ``(batch,)`` counted rows per set.
+
+    >>> import numpy as np
+    >>> float(alignment(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([1.0, 0.0]), normalize=False))
+    0.5
+    >>> float(alignment(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([1.0, 0.0])))
+    0.75
+    """
+    x, as_np, batched = _as_sets(subquery_emb, "subquery_emb")
+    q, _ = _to_tensor(query_emb, "query_emb")
+    q = q.to(x.device)
+    expected = (x.shape[-1],) if not batched else (x.shape[0], x.shape[-1])
+    if tuple(q.shape) != expected:
+        raise ValueError(f"query_emb: expected shape {expected}, got {_describe(query_emb)}")
+    q = q.reshape(x.shape[0], x.shape[-1])
+    mask = _lengths_mask(lengths, x.shape[0], x.shape[1], x.device, "subquery_emb")
+    cos = (_unit_rows(x) * _unit_rows(q)[:, None, :]).sum(-1)
+    mean_cos = (cos * mask).sum(-1) / mask.sum(-1).to(torch.float64)
+    a = (1.0 + mean_cos) / 2.0 if normalize else mean_cos
+    return _finish(a, as_np, batched)
+
+
+def composite(g: T, d: T, a: T, weights: Sequence[float] = DEFAULT_WEIGHTS) -> T:
+    """The OAR reward: ``R = w_g * g + w_d * d + w_a * a`` (paper: ``w = (0.6, 0.2, 0.2)``).
+
+    Works elementwise on floats, numpy arrays and torch tensors. The weights are used as given (not
+    renormalised); the paper also tried 4:3:3 and 2:4:4.
+
+    >>> round(composite(1.0, 0.5, 0.5), 12)
+    0.8
+    >>> composite(1.0, 0.0, 0.0, weights=(0.4, 0.3, 0.3))
+    0.4
+    """
+    if len(weights) != 3:
+        raise ValueError(f"weights: expected 3 numbers (groundedness, diversity, alignment), got {weights!r}")
+    w = [float(v) for v in weights]
+    if not all(math.isfinite(v) for v in w):
+        raise ValueError(f"weights: expected finite numbers, got {weights!r}")
+    return w[0] * g + w[1] * d + w[2] * a  # type: ignore[operator,return-value]
+
+
+# ----------------------------------------------------------------------------------------------------
+# id-based WSCR metrics
+# ----------------------------------------------------------------------------------------------------
+def _id_list(x: Any, name: str) -> list[Hashable]:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        if x.ndim != 1:
+            raise ValueError(f"{name}: expected a 1-D id sequence, got {_describe(x)}")
+        return x.tolist()
+    if isinstance(x, (str, bytes)) or not isinstance(x, Iterable):
+        raise ValueError(f"{name}: expected a sequence of item ids, got {_describe(x)}")
+    return list(x)
+
+
+def _pairs(retrieved: Sequence[Any], reference: Sequence[Any], rname: str) -> None:
+    if len(retrieved) != len(reference):
+        raise ValueError(
+            f"reference: expected one set per query ({len(retrieved)} in {rname}), got {len(reference)}"
+        )
+
+
+def _ref_set(ref: Any, i: int) -> set[Hashable]:
+    s = set(_id_list(ref, f"reference[{i}]"))
+    if not s:
+        raise ValueError(f"reference[{i}]: expected a non-empty reference set, got an empty one")
+    return s
+
+
+def recall_at_k(retrieved_ids: Sequence[Any], reference: Sequence[Collection[Hashable]]) -> np.ndarray:
+    """WSCR coverage: ``|Y ∩ R| / |Y|`` per query.
+
+    ``R`` is the union of everything retrieved for the query (e.g. ``union_candidates`` of the per-row
+    candidate lists, ``K = L * budget_per_row`` items at most), ``Y`` the reference set. Ids may be any
+    hashable (catalog row indices or item-id strings); order and duplicates in ``R`` do not matter.
+
+    Returns:
+        ``(queries,)`` float64.
+
+    >>> recall_at_k([[1, 2, 3], [7]], [{1, 9}, {7}])
+    array([0.5, 1. ])
+    """
+    _pairs(retrieved_ids, reference, "retrieved_ids")
+    out = np.empty(len(reference), dtype=np.float64)
+    for i, (r, y) in enumerate(zip(retrieved_ids, reference, strict=True)):
+        ys = _ref_set(y, i)
+        out[i] = len(ys.intersection(_id_list(r, f"retrieved_ids[{i}]"))) / len(ys)
+    return out
+
+
+def hit_at_k(retrieved_ids: Sequence[Any], reference: Sequence[Collection[Hashable]]) -> np.ndarray:
+    """WSCR hit: ``1[|Y ∩ R| > 0]`` per query (same inputs as ``recall_at_k``).
+
+    >>> hit_at_k([[1, 2, 3], [7]], [{4, 9}, {7, 8}])
+    array([0., 1.])
+    """
+    return (recall_at_k(retrieved_ids, reference) > 0).astype(np.float64)
+
+
+def union_candidates(candidates: ArrayLike, budget_per_row: int) -> np.ndarray:
+    """The retrieved set ``R`` of the Recall@K protocol: the first ``budget_per_row`` candidates of each row.
+
+    ``R = ∪_l {c_l1, ..., c_lb}`` for rows ``l = 1..L`` with ``b = budget_per_row``; the nominal budget is
+    ``K = L * b`` (paper: ``L = 10`` subqueries/rows, ``b = 500``, ``K = 5,000``; small budgets such as
+    ``b = 10`` or ``100`` are the same construction). Rows that share items give ``|R| < K``. Ids ``< 0``
+    (the ``knn`` "no item" sentinel) are dropped.
+
+    Args:
+        candidates: ``(L, C)`` integer ids, each row ranked best first.
+        budget_per_row: ``b``, ``1 <= b <= C``.
+
+    Returns:
+        sorted unique int64 ids, shape ``(|R|,)``.
+
+    >>> union_candidates(np.array([[5, 1, 9], [1, 2, -1]]), 2)
+    array([1, 2, 5])
+    """
+    if isinstance(candidates, torch.Tensor):
+        candidates = candidates.detach().cpu().numpy()
+    arr = np.asarray(candidates)
+    if arr.ndim != 2 or arr.dtype.kind not in "iu":
+        raise ValueError(f"candidates: expected integer ids of shape (L, C), got {_describe(arr)}")
+    if isinstance(budget_per_row, bool) or not isinstance(budget_per_row, (int, np.integer)):
+        raise ValueError(f"budget_per_row: expected a positive int, got {budget_per_row!r}")
+    if not 1 <= budget_per_row <= arr.shape[1]:
+        raise ValueError(
+            f"budget_per_row: expected an int in [1, {arr.shape[1]}] (candidates per row), "
+            f"got {budget_per_row}"
+        )
+    ids = np.unique(arr[:, :budget_per_row].astype(np.int64))
+    return ids[ids >= 0]
+
+
+def mrecall_at_k(
+    retrieved: Sequence[Any],
+    reference: Sequence[Collection[Hashable]],
+    k: int,
+    *,
+    soft: bool = False,
+) -> np.ndarray:
+    """MRecall@k (multi-answer recall; used by AMER, arXiv 2511.02770).
+
+    With ``R_k`` the first ``k`` retrieved ids and ``Y`` the reference set:
+    ``MRecall@k = 1[|R_k ∩ Y| >= min(k, |Y|)]`` -- a query succeeds when all of ``Y`` is in the top ``k``
+    (``|Y| < k``) or when all top ``k`` are relevant (``|Y| >= k``). This is the definition of the AMER
+    reference code (``compute_mrecall_at_k``: "|GT| >= k: at least k ground truth in top-k; |GT| < k: all
+    ground truth in top-k"). ``soft=True`` gives the fractional reading ``|R_k ∩ Y| / min(k, |Y|)``,
+    whose value is 1 exactly when the binary form is 1.
+
+    >>> mrecall_at_k([[1, 2, 3, 4], [1, 5, 6, 7]], [{1, 2}, {1, 2}], k=4)
+    array([1., 0.])
+    >>> mrecall_at_k([[1, 5, 6, 7]], [{1, 2}], k=4, soft=True)
+    array([0.5])
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k: expected a positive int, got {k!r}")
+    _pairs(retrieved, reference, "retrieved")
+    out = np.empty(len(reference), dtype=np.float64)
+    for i, (r, y) in enumerate(zip(retrieved, reference, strict=True)):
+        ys = _ref_set(y, i)
+        top = set(_id_list(r, f"retrieved[{i}]")[:k])
+        frac = len(ys & top) / min(k, len(ys))
+        out[i] = frac if soft else float(frac >= 1.0)
+    return out
+
+
+def category_coverage(
+    item_categories: Sequence[Sequence[str | None]],
+    reference_categories: Sequence[Sequence[str | None]],
+) -> np.ndarray:
+    """Fraction of the reference set's categories present in the retrieved set, per query.
+
+    ``cov = |cats(R) ∩ cats(Y)| / |cats(Y)|`` with ``cats`` the set of non-``None`` categories. A query
+    whose reference has no known category gets ``nan`` (``evaluate_sets`` averages with ``nanmean``).
+
+    >>> category_coverage([["top", "shoes", None]], [["top", "bag", "shoes"]])
+    array([0.66666667])
+    """
+    if len(item_categories) != len(reference_categories):
+        raise ValueError(
+            f"reference_categories: expected one list per query ({len(item_categories)}), "
+            f"got {len(reference_categories)}"
+        )
+    out = np.empty(len(reference_categories), dtype=np.float64)
+    for i, (r, y) in enumerate(zip(item_categories, reference_categories, strict=True)):
+        ys = {c for c in y if c is not None}
+        if not ys:
+            out[i] = np.nan
+            continue
+        out[i] = len(ys & {c for c in r if c is not None}) / len(ys)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# confidence intervals
+# ----------------------------------------------------------------------------------------------------
+class ConfidenceInterval(NamedTuple):
+    """A percentile-bootstrap interval around a sample mean (or a mean difference)."""
+
+    mean: float
+    low: float
+    high: float
+    alpha: float
+
+    @property
+    def excludes_zero(self) -> bool:
+        """True when 0 lies strictly outside ``[low, high]``."""
+        return self.low > 0.0 or self.high < 0.0
+
+
+def _vector(x: ArrayLike, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 1 or arr.size < 1:
+        raise ValueError(f"{name}: expected a non-empty 1-D array of per-query values, got {_describe(arr)}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name}: expected finite values, got {int((~np.isfinite(arr)).sum())} non-finite")
+    return arr
+
+
+def _boot(values: np.ndarray, n_boot: int, seed: int, alpha: float) -> ConfidenceInterval:
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot: expected a positive int, got {n_boot!r}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha: expected a float in (0, 1), got {alpha!r}")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    n = values.size
+    means = np.empty(n_boot, dtype=np.float64)
+    step = max(1, (1 << 22) // n)  # bound the (boots, n) index block to ~4M entries
+    for s in range(0, n_boot, step):
+        m = min(step, n_boot - s)
+        means[s : s + m] = values[rng.integers(0, n, size=(m, n))].mean(axis=1)
+    low, high = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return ConfidenceInterval(float(values.mean()), float(low), float(high), float(alpha))
+
+
+def bootstrap_ci(
+    values: ArrayLike, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> ConfidenceInterval:
+    """Percentile bootstrap CI of the mean of per-query values.
+
+    Resamples the ``n`` queries with replacement ``n_boot`` times (numpy PCG64 seeded with ``seed``) and
+    returns the sample mean with the ``alpha/2`` and ``1 - alpha/2`` quantiles of the resampled means.
+
+    >>> ci = bootstrap_ci([1.0, 1.0, 1.0])
+    >>> (ci.mean, ci.low, ci.high)
+    (1.0, 1.0, 1.0)
+    """
+    return _boot(_vector(values, "values"), n_boot, seed, alpha)
+
+
+def paired_bootstrap_ci(
+    a: ArrayLike, b: ArrayLike, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> ConfidenceInterval:
+    """Paired percentile bootstrap CI of ``mean(a) - mean(b)`` over the same queries.
+
+    The per-query differences ``a_i - b_i`` are resampled jointly (query ``i`` keeps its pair), so the
+    interval reflects the per-query correlation of the two systems. ``ci.excludes_zero`` is the
+    "95% CI excludes zero" test at the default ``alpha = 0.05``.
+
+    >>> ci = paired_bootstrap_ci([0.5, 0.7, 0.9, 0.6], [0.1, 0.2, 0.3, 0.2])
+    >>> round(ci.mean, 3), ci.excludes_zero
+    (0.475, True)
+    """
+    av, bv = _vector(a, "a"), _vector(b, "b")
+    if av.shape != bv.shape:
+        raise ValueError(f"b: expected the same number of queries as a ({av.size}), got {bv.size}")
+    return _boot(av - bv, n_boot, seed, alpha)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the whole suite
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SetMetrics:
+    """Result of ``evaluate_sets``.
+
+    Attributes:
+        means: metric name -> mean over queries (``nanmean`` for ``category_coverage``).
+        per_query: metric name -> ``(queries,)`` float64 values, for bootstrap CIs.
+        vendi_mode: ``"runs"`` when ``vendi`` is the paper's Vendi over runs, ``"items"`` when it is the
+            Vendi of each query's retrieved items (no runs were given).
+    """
+
+    means: dict[str, float]
+    per_query: dict[str, np.ndarray] = field(repr=False)
+    vendi_mode: str = "items"
+
+    def ci(self, key: str, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> ConfidenceInterval:
+        """Bootstrap CI of ``means[key]`` (queries with a ``nan`` value are left out)."""
+        if key not in self.per_query:
+            valid = ", ".join(sorted(self.per_query))
+            raise ValueError(f"key: unknown metric {key!r}; valid choices: {valid}")
+        v = self.per_query[key]
+        return bootstrap_ci(v[np.isfinite(v)], n_boot=n_boot, seed=seed, alpha=alpha)
+
+
+def _pad(seqs: Sequence[Any], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of ``(L_q, dim)`` (or a ``(Q, L, dim)`` array) -> padded float64 ``(Q, Lmax, dim)``, lengths."""
+    if isinstance(seqs, (np.ndarray, torch.Tensor)):
+        t, _ = _to_tensor(seqs, name)
+        if t.ndim != 3:
+            raise ValueError(f"{name}: expected shape (queries, L, dim), got {_describe(seqs)}")
+        return t, torch.full((t.shape[0],), t.shape[1], dtype=torch.int64)
+    parts = [_to_tensor(s, f"{name}[{i}]")[0] for i, s in enumerate(seqs)]
+    for i, p in enumerate(parts):
+        if p.ndim != 2 or p.shape[0] < 1 or p.shape[1] != parts[0].shape[1]:
+            raise ValueError(f"{name}[{i}]: expected shape (L, {parts[0].shape[-1]}), got {_describe(p)}")
+    lengths = torch.tensor([p.shape[0] for p in parts], dtype=torch.int64)
+    out = torch.zeros(len(parts), int(lengths.max()), parts[0].shape[1], dtype=torch.float64)
+    for i, p in enumerate(parts):
+        out[i, : p.shape[0]] = p.cpu()
+    return out, lengths
+
+
+def evaluate_sets(
+    item_indices: Sequence[Any],
+    row_embeddings: Sequence[Any],
+    query_embeddings: ArrayLike,
+    catalog_embeddings: Any,
+    *,
+    references: Sequence[Collection[int]] | None = None,
+    candidates: Sequence[Any] | None = None,
+    budget_per_row: int | None = None,
+    item_categories: Sequence[str | None] | None = None,
+    run_row_embeddings: Sequence[Any] | None = None,
+    mrecall_k: int | None = None,
+    weights: Sequence[float] = DEFAULT_WEIGHTS,
+    normalize: bool = True,
+) -> SetMetrics:
+    """Every set metric for a batch of queries, as means and per-query arrays.
+
+    Args:
+        item_indices: per query, the retrieved catalog row indices, ranked (for fan-out: the top-1 item
+            of each row, as ``ops.ground_sets`` returns them). A ``(Q, k)`` array or a list of 1-D
+            arrays; ids ``< 0`` are ignored.
+        row_embeddings: per query, the ``(L, dim)`` subquery / generated-row embeddings used (the raw
+            query repeated for the no-fan-out baseline). ``(Q, L, dim)`` or a list.
+        query_embeddings: ``(Q, dim)``.
+        catalog_embeddings: ``(N, dim)`` or an object with ``.embeddings``.
+        references: per query, the reference set ``Y`` as catalog row indices (WSCR); enables
+            ``recall@K``, ``hit@K``, ``mrecall@k`` and, with ``item_categories``, ``category_coverage``.
+        candidates: per query, ``(L, C)`` ranked candidate ids per row; with ``budget_per_row`` they
+            define ``R = union_candidates(candidates, budget_per_row)`` and ``K = L * budget_per_row``.
+            Without them ``R`` is the query's retrieved items and ``K`` the largest set size.
+        budget_per_row: ``b`` of the Recall@K protocol (default: ``C``, all candidates).
+        item_categories: ``(N,)`` category per catalog row (``None`` = unknown).
+        run_row_embeddings: per query, ``(runs, L, dim)`` row embeddings of independent runs; when given,
+            ``vendi`` is ``vendi_over_runs`` (the paper's WSCR Vendi), else the Vendi of the items.
+        mrecall_k: ``k`` of ``mrecall@k`` (default: the largest set size).
+        weights: composite weights (groundedness, diversity, alignment).
+        normalize: ``[0, 1]`` forms of groundedness/alignment/diversity (default) or the paper's raw forms.
+
+    Returns:
+        ``SetMetrics`` with keys ``vendi``, ``vendi_items``, ``groundedness``, ``diversity``,
+        ``alignment``, ``composite``, ``ild`` always; ``recall@K``, ``hit@K``, ``mrecall@k`` with
+        references; ``category_coverage`` with references and item categories.
+    """
+    cat = _catalog_matrix(catalog_embeddings, "catalog_embeddings")
+    n_items = cat.shape[0]
+    if isinstance(item_indices, (np.ndarray, torch.Tensor)):
+        if item_indices.ndim != 2:
+            raise ValueError(f"item_indices: expected shape (queries, k), got {_describe(item_indices)}")
+        item_lists = [_id_list(r, f"item_indices[{i}]") for i, r in enumerate(item_indices)]
+    else:
+        item_lists = [_id_list(r, f"item_indices[{i}]") for i, r in enumerate(item_indices)]
+    item_lists = [[int(j) for j in r if int(j) >= 0] for r in item_lists]
+    q = len(item_lists)
+    for i, r in enumerate(item_lists):
+        if not r:
+            raise ValueError(f"item_indices[{i}]: expected at least one valid (>= 0) item id, got none")
+        if max(r) >= n_items:
+            raise ValueError(f"item_indices[{i}]: expected ids < {n_items} (catalog size), got {max(r)}")
+
+    rows, row_len = _pad(row_embeddings, "row_embeddings")
+    qe, _ = _to_tensor(query_embeddings, "query_embeddings")
+    if rows.shape[0] != q:
+        raise ValueError(f"row_embeddings: expected {q} sets (one per query), got {rows.shape[0]}")
+    if qe.shape != (q, rows.shape[-1]):
+        raise ValueError(f"query_embeddings: expected shape ({q}, {rows.shape[-1]}), got {_describe(qe)}")
+
+    items, item_len = _pad(
+        [cat[torch.tensor(r, device=cat.device)].double().cpu() for r in item_lists], "items"
+    )
+    rows = rows.to(cat.device)  # the nearest-item search runs where the catalog lives
+    per: dict[str, np.ndarray] = {}
+    g = groundedness(rows, cat, normalize=normalize, lengths=row_len).cpu().numpy()
+    d = diversity(items, normalize=normalize, lengths=item_len).numpy()
+    a = alignment(rows, qe.to(rows.device), normalize=normalize, lengths=row_len).cpu().numpy()
+    per["groundedness"], per["diversity"], per["alignment"] = g, d, a
+    per["composite"] = composite(g, d, a, weights)
+    per["ild"] = intra_list_diversity(items, lengths=item_len).numpy()
+    per["vendi_items"] = vendi_score(items, lengths=item_len).numpy()
+    mode = "items"
+    per["vendi"] = per["vendi_items"]
+    if run_row_embeddings is not None:
+        if len(run_row_embeddings) != q:
+            raise ValueError(f"run_row_embeddings: expected {q} entries, got {len(run_row_embeddings)}")
+        per["vendi"] = np.array(
+            [
+                float(vendi_over_runs(_to_tensor(r, f"run_row_embeddings[{i}]")[0]))
+                for i, r in enumerate(run_row_embeddings)
+            ]
+        )
+        mode = "runs"
+
+    if references is not None:
+        if len(references) != q:
+            raise ValueError(f"references: expected {q} sets (one per query), got {len(references)}")
+        k_set = max(len(r) for r in item_lists)
+        if candidates is not None:
+            if len(candidates) != q:
+                raise ValueError(f"candidates: expected {q} arrays (one per query), got {len(candidates)}")
+            cand = [np.asarray(c.detach().cpu() if isinstance(c, torch.Tensor) else c) for c in candidates]
+            for i, c in enumerate(cand):
+                if c.ndim != 2:
+                    raise ValueError(f"candidates[{i}]: expected shape (L, C), got {_describe(c)}")
+            b = budget_per_row if budget_per_row is not None else min(c.shape[1] for c in cand)
+            retrieved = [union_candidates(c, b) for c in cand]
+            big_k = max(c.shape[0] for c in cand) * b
+        else:
+            if budget_per_row is not None:
+                raise ValueError("budget_per_row: only meaningful with candidates, got candidates=None")
+            retrieved = item_lists
+            big_k = k_set
+        per[f"recall@{big_k}"] = recall_at_k(retrieved, references)
+        per[f"hit@{big_k}"] = hit_at_k(retrieved, references)
+        mk = mrecall_k if mrecall_k is not None else k_set
+        per[f"mrecall@{mk}"] = mrecall_at_k(item_lists, references, mk)
+        if item_categories is not None:
+            if len(item_categories) != n_items:
+                raise ValueError(
+                    f"item_categories: expected {n_items} entries (one per catalog row), "
+                    f"got {len(item_categories)}"
+                )
+            per["category_coverage"] = category_coverage(
+                [[item_categories[j] for j in r] for r in item_lists],
+                [
+                    [item_categories[int(j)] for j in _id_list(y, f"references[{i}]")]
+                    for i, y in enumerate(references)
+                ],
+            )
+    means = {}
+    for key, v in per.items():
+        finite = v[np.isfinite(v)]
+        means[key] = float(finite.mean()) if finite.size else float("nan")
+    return SetMetrics(means=means, per_query=per, vendi_mode=mode)
