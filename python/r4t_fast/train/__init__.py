@@ -1,0 +1,1 @@
+"""Training stages: RL (rl), synthesis (synthesis), diffusion (diffusion)."""
