@@ -1,0 +1,349 @@
+"""The main job: RL → synthesis → diffusion training → evaluation → report, end to end.
+
+    r4t pipeline --dataset polyvore --preset cpu-small --out runs/polyvore
+
+Stages and their outputs under ``--out``:
+
+1. ``rl/``         GRPO + soft-PPO tuning of the fan-out policy (:mod:`r4t_fast.train.rl`); ``rl/policy``.
+2. ``synthesis/``  the tuned policy sampled on the training queries (:mod:`r4t_fast.train.synthesis`).
+3. ``diffusion/``  the set diffusion model trained on those pairs, saved with its catalog as a
+   :class:`~r4t_fast.Retriever` directory (load with ``Retriever.from_pretrained``).
+4. ``eval/``       one ``r4t eval`` record per method on the test split: ``r4t-diffusion``, ``folm``
+   (the tuned policy), ``llm-zeroshot`` (the base policy), ``dense`` and ``mmr``.
+5. ``report/``     ``report.md`` + plots (quality per method, latency against batch size).
+
+Each stage is skipped when its output exists (``--force`` reruns everything), so a killed pipeline
+resumes where it stopped; ``pipeline.json`` records the preset, settings, commands and stage times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PRESETS", "run_pipeline"]
+
+# Budgets per preset. cpu-small: the whole job in well under an hour on a 2-core CPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-small": {
+        "encoder": "minilm",
+        "policy": "smollm2",
+        "rl": {
+            "num_generations": 4,
+            "prompts_per_step": 1,
+            "max_completion_length": 112,
+            "temperature": 0.7,
+            "num_iterations": 2,
+            "learning_rate": 3e-4,
+            "lora": True,
+            "max_steps": 30,
+            "save_steps": 10,
+            "time_budget_minutes": 12,
+        },
+        "synthesis": {
+            "samples": 4,
+            "max_queries": 192,
+            "max_new_tokens": 128,
+            "batch_size": 16,
+            "temperature": 0.9,
+            "queries_per_shard": 32,
+        },
+        "diffusion": {
+            "preset": "cpu-small",
+            "steps": 2000,
+            "batch_size": 128,
+            "lr": 5e-4,
+            "warmup": 100,
+            "ema": 0.995,
+        },
+        "retriever": {"steps": 16, "sampler": "heun", "guidance": 0.1},
+        "eval": {"llm_limit": 48, "limit": None, "llm_batch_size": 16, "llm_max_new_tokens": 128},
+    },
+    # For tests and a first look: minutes, meaningless numbers.
+    "smoke": {
+        "encoder": "hashing:32",
+        "policy": "smollm2",
+        "rl": {
+            "num_generations": 2,
+            "max_completion_length": 16,
+            "max_steps": 1,
+            "save_steps": 1,
+            "lora": True,
+            "max_train_queries": 4,
+        },
+        "synthesis": {
+            "samples": 2,
+            "max_queries": 6,
+            "max_new_tokens": 32,
+            "batch_size": 8,
+            "min_subqueries": 1,
+            "queries_per_shard": 3,
+        },
+        "diffusion": {"preset": "tiny", "steps": 20, "batch_size": 16, "warmup": 5, "log_every": 5},
+        "retriever": {"steps": 4, "sampler": "heun", "guidance": 0.1},
+        "eval": {"llm_limit": 3, "limit": 3, "llm_batch_size": 4, "llm_max_new_tokens": 32},
+    },
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def run_pipeline(
+    dataset: str,
+    out_dir: str | os.PathLike,
+    *,
+    preset: str = "cpu-small",
+    overrides: dict[str, Any] | None = None,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    force: bool = False,
+    skip_rl: bool = False,
+    methods: tuple[str, ...] = ("r4t-diffusion", "folm", "llm-zeroshot", "dense", "mmr"),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every stage (see the module docstring); returns the ``pipeline.json`` record."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: unknown {preset!r}; valid choices: {sorted(PRESETS)}")
+    valid_methods = {"r4t-diffusion", "folm", "llm-zeroshot", "dense", "mmr", "dpp", "llm-bon"}
+    bad = set(methods) - valid_methods
+    if bad:
+        raise ValueError(f"methods: unknown {sorted(bad)}; valid choices: {sorted(valid_methods)}")
+    cfg = _merge(PRESETS[preset], overrides or {})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {
+        "dataset": dataset,
+        "preset": preset,
+        "settings": cfg,
+        "stages": {},
+        "command": " ".join(["r4t", *sys.argv[1:]]) if sys.argv else None,
+    }
+    t_all = time.perf_counter()
+
+    import torch
+
+    from .evaluation import load_eval_data
+    from .retriever import Retriever
+    from .train import rl as rl_mod
+    from .train.diffusion import DiffusionTrainConfig, load_shards, train_diffusion
+    from .train.synthesis import SynthesisConfig, synthesize
+
+    def stage(name: str, fn) -> Any:
+        t = time.perf_counter()
+        print(f"[r4t pipeline] stage {name} ...", flush=True)
+        res = fn()
+        record["stages"][name] = {"wall_s": round(time.perf_counter() - t, 1), **(res or {})}
+        (out / "pipeline.json").write_text(json.dumps(record, indent=2, default=str))
+        return res
+
+    data = load_eval_data(
+        dataset, encoder=cfg["encoder"], data_dir=data_dir, cache_dir=cache_dir, progress=progress
+    )
+
+    # 1. RL ---------------------------------------------------------------------------------------
+    policy_dir = out / "rl" / "policy"
+
+    def do_rl():
+        if skip_rl:
+            return {"skipped": "skip_rl: the base policy is used as the FOLM"}
+        if policy_dir.is_dir() and not force:
+            return {"skipped": "exists"}
+        rcfg = rl_mod.RLConfig(
+            **{
+                **cfg["rl"],
+                "dataset": dataset,
+                "data_dir": data_dir,
+                "cache_dir": cache_dir,
+                "policy": cfg["policy"],
+                "encoder": cfg["encoder"],
+            }
+        )
+        summary = rl_mod.train(rcfg, out / "rl", command=record["command"])
+        return {"summary": summary}
+
+    stage("rl", do_rl)
+    folm = str(policy_dir) if policy_dir.is_dir() else cfg["policy"]
+
+    # 2. synthesis ----------------------------------------------------------------------------------
+    syn_dir = out / "synthesis"
+
+    def do_syn():
+        if (syn_dir / "synthesis.json").is_file() and not force:
+            return {"skipped": "exists"}
+        scfg = SynthesisConfig(policy=folm, **cfg["synthesis"])
+        s = synthesize(
+            dataset,
+            syn_dir,
+            scfg,
+            encoder=cfg["encoder"],
+            data_dir=data_dir,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+        return {"counts": s["counts"], "n_queries": s["n_queries"]}
+
+    stage("synthesis", do_syn)
+
+    # 3. diffusion ----------------------------------------------------------------------------------
+    dif_dir = out / "diffusion"
+
+    def do_dif():
+        if (dif_dir / "retriever.json").is_file() and not force:
+            return {"skipped": "exists"}
+        shards = load_shards(syn_dir, "items")
+        if len(shards["cond"]) == 0:
+            raise RuntimeError(
+                f"synthesis: produced no usable (query, set) pairs in {syn_dir}; "
+                "the policy's outputs did not parse (see synthesis.json counts)"
+            )
+        dcfg = DiffusionTrainConfig(**cfg["diffusion"])
+        model, log = train_diffusion(shards["cond"], shards["targets"], dcfg, progress=progress)
+        r = Retriever(model, data.catalog, data.encoder, encoder_spec=cfg["encoder"], **cfg["retriever"])
+        r.save(dif_dir, extra={"train_config": vars(dcfg), "train_log": log, "n_pairs": len(shards["cond"])})
+        return {"n_pairs": len(shards["cond"]), "final_loss": log[-1]["loss"]}
+
+    stage("diffusion", do_dif)
+
+    # 4. evaluation ---------------------------------------------------------------------------------
+    from .evaluation import evaluate
+
+    ev_dir = out / "eval"
+    ev_dir.mkdir(exist_ok=True)
+    e = cfg["eval"]
+    llm_kw = {"batch_size": e["llm_batch_size"], "max_new_tokens": e["llm_max_new_tokens"]}
+
+    def do_eval():
+        done = {}
+        for m in methods:
+            path = ev_dir / f"{m}.json"
+            if path.is_file() and not force:
+                done[m] = "exists"
+                continue
+            kw: dict[str, Any] = {
+                "data": data,
+                "split": "test",
+                "progress": progress,
+                "command": record["command"],
+            }
+            if m == "r4t-diffusion":
+                rec = evaluate(
+                    Retriever.from_pretrained(dif_dir, encoder=data.encoder),
+                    data.dataset,
+                    method_name="r4t-diffusion",
+                    limit=e["limit"],
+                    **kw,
+                )
+            elif m == "folm":
+                rec = evaluate(
+                    "folm",
+                    data.dataset,
+                    method_name="folm",
+                    limit=e["llm_limit"],
+                    method_kwargs={"policy": folm, **llm_kw},
+                    **kw,
+                )
+            elif m == "llm-zeroshot":
+                rec = evaluate(
+                    "llm-zeroshot",
+                    data.dataset,
+                    limit=e["llm_limit"],
+                    method_kwargs={"policy": cfg["policy"], **llm_kw},
+                    **kw,
+                )
+            elif m == "llm-bon":
+                rec = evaluate(
+                    "llm-bon",
+                    data.dataset,
+                    limit=e["llm_limit"],
+                    method_kwargs={"policy": cfg["policy"], **llm_kw},
+                    **kw,
+                )
+            else:
+                rec = evaluate(m, data.dataset, limit=e["limit"], **kw)
+            path.write_text(json.dumps(rec, indent=2, default=str))
+            done[m] = {k: rec["metrics"].get(k) for k in ("composite", "vendi", "recall@100", "alignment")}
+        return {"methods": done}
+
+    stage("eval", do_eval)
+
+    # 5. report -------------------------------------------------------------------------------------
+    from .report import render_report
+
+    def do_report():
+        files = [ev_dir / f"{m}.json" for m in methods if (ev_dir / f"{m}.json").is_file()]
+        paths = render_report(files, out / "report", title=f"R4T pipeline on {dataset} ({record['preset']})")
+        return {"report": str(paths["markdown"])}
+
+    stage("report", do_report)
+    record["wall_s"] = round(time.perf_counter() - t_all, 1)
+    record["torch_threads"] = torch.get_num_threads()
+    (out / "pipeline.json").write_text(json.dumps(record, indent=2, default=str))
+    print(f"[r4t pipeline] done in {record['wall_s']:.0f}s; report: {out / 'report' / 'report.md'}")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="polyvore | spotify | PATH.jsonl")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS), help="budget preset")
+    p.add_argument("--policy", default=None, help="base policy: smollm2 (default) or a local HF model dir")
+    p.add_argument("--encoder", default=None, help="text encoder spec (default: the preset's)")
+    p.add_argument(
+        "--data-dir", default=None, help="data directory (default: $R4T_DATA_DIR or ../shared/data)"
+    )
+    p.add_argument("--cache-dir", default=None, help="cache directory (default: $R4T_CACHE_DIR)")
+    p.add_argument("--skip-rl", action="store_true", help="use the base policy as the FOLM (no RL stage)")
+    p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
+    p.add_argument("--methods", default=None, help="comma-separated methods to evaluate")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=JSON",
+        help="override a preset value, e.g. --set diffusion.steps=500 (repeatable)",
+    )
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    over: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, val = item.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"--set: expected STAGE.KEY=JSON, got {item!r}")
+        st, k = key.split(".", 1)
+        try:
+            v = json.loads(val)
+        except json.JSONDecodeError:
+            v = val
+        over.setdefault(st, {})[k] = v
+    if args.policy:
+        over["policy"] = args.policy
+    if args.encoder:
+        over["encoder"] = args.encoder
+    kw = {}
+    if args.methods:
+        kw["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    run_pipeline(
+        args.dataset,
+        args.out,
+        preset=args.preset,
+        overrides=over,
+        data_dir=args.data_dir,
+        cache_dir=args.cache_dir,
+        force=args.force,
+        skip_rl=args.skip_rl,
+        **kw,
+    )
+    return 0
