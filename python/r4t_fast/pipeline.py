@@ -109,10 +109,17 @@ def run_pipeline(
     cache_dir: str | None = None,
     force: bool = False,
     skip_rl: bool = False,
+    rl_policy: str | None = None,
     methods: tuple[str, ...] = ("r4t-diffusion", "folm", "llm-zeroshot", "dense", "mmr"),
+    threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run every stage (see the module docstring); returns the ``pipeline.json`` record."""
+    """Run every stage (see the module docstring); returns the ``pipeline.json`` record.
+
+    ``rl_policy``: a policy already tuned by ``r4t train-rl`` (its directory) to use instead of running
+    the RL stage again (recorded in ``pipeline.json``). ``threads``: torch CPU threads (on a shared
+    machine, 1 avoids oversubscription).
+    """
     if preset not in PRESETS:
         raise ValueError(f"preset: unknown {preset!r}; valid choices: {sorted(PRESETS)}")
     valid_methods = {"r4t-diffusion", "folm", "llm-zeroshot", "dense", "mmr", "dpp", "llm-bon"}
@@ -134,6 +141,11 @@ def run_pipeline(
     import torch
 
     from .evaluation import load_eval_data
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    if rl_policy is not None and not (Path(rl_policy) / "config.json").is_file():
+        raise FileNotFoundError(f"rl_policy: {rl_policy} is not a model directory (no config.json)")
     from .retriever import Retriever
     from .train import rl as rl_mod
     from .train.diffusion import DiffusionTrainConfig, load_shards, train_diffusion
@@ -155,6 +167,8 @@ def run_pipeline(
     policy_dir = out / "rl" / "policy"
 
     def do_rl():
+        if rl_policy is not None:
+            return {"reused": str(rl_policy), "note": "policy tuned earlier by r4t train-rl"}
         if skip_rl:
             return {"skipped": "skip_rl: the base policy is used as the FOLM"}
         if policy_dir.is_dir() and not force:
@@ -173,7 +187,7 @@ def run_pipeline(
         return {"summary": summary}
 
     stage("rl", do_rl)
-    folm = str(policy_dir) if policy_dir.is_dir() else cfg["policy"]
+    folm = str(rl_policy) if rl_policy else (str(policy_dir) if policy_dir.is_dir() else cfg["policy"])
 
     # 2. synthesis ----------------------------------------------------------------------------------
     syn_dir = out / "synthesis"
@@ -305,6 +319,10 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cache-dir", default=None, help="cache directory (default: $R4T_CACHE_DIR)")
     p.add_argument("--skip-rl", action="store_true", help="use the base policy as the FOLM (no RL stage)")
+    p.add_argument(
+        "--rl-policy", default=None, help="reuse a policy tuned by r4t train-rl (skips the RL stage)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     p.add_argument("--methods", default=None, help="comma-separated methods to evaluate")
     p.add_argument(
@@ -344,6 +362,8 @@ def cli_main(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         force=args.force,
         skip_rl=args.skip_rl,
+        rl_policy=args.rl_policy,
+        threads=args.threads,
         **kw,
     )
     return 0
