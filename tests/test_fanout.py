@@ -1,0 +1,223 @@
+"""Tests for r4t_fast.fanout: LLM fan-out baselines on a tiny catalog (hashing encoder).
+
+The policy is either a scripted test double (exact control over completions) or a tiny randomly
+initialised Llama with a byte-level tokenizer and a ChatML template, built offline in a temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from r4t_fast import Catalog
+from r4t_fast.baselines import get_baseline
+from r4t_fast.encoders import HashingEncoder
+from r4t_fast.fanout import BestOfNBaseline, LLMFanOutBaseline
+from r4t_fast.llm import GenerationOutput, parse_subqueries
+
+COLORS = ["red", "blue", "green", "black", "white", "pink"]
+KINDS = ["dress", "jeans", "sneakers", "handbag", "scarf", "jacket", "sandals"]
+
+
+def make_tiny_policy(path: Path) -> Path:
+    """A 1-layer Llama (hidden 16), byte-level tokenizer and ChatML chat template, saved to ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    torch.manual_seed(0)  # deterministic random weights
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        bos_token_id=None,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_policy(tmp_path_factory.mktemp("tiny_policy"))
+
+
+@pytest.fixture(scope="module")
+def world() -> tuple[Catalog, HashingEncoder]:
+    enc = HashingEncoder(dim=32)
+    texts = [f"{c} {k}" for c in COLORS for k in KINDS]
+    cat = Catalog(
+        [f"i{j}" for j in range(len(texts))], enc.encode(texts), texts, [t.split()[1] for t in texts]
+    )
+    return cat, enc
+
+
+def _answer(queries: list[str], k: int) -> str:
+    return f"<think>x</think>\n<queries>{json.dumps(queries[:k])}</queries>"
+
+
+class ScriptedLM:
+    """Returns ``script(query, sample)`` as the completion; records the calls."""
+
+    def __init__(self, script) -> None:
+        self.script = script
+        self.calls: list[dict] = []
+        self.last_timing = None
+
+    def generate(self, queries, k=10, num_samples=1, temperature=0.0, **kwargs):
+        self.calls.append({"queries": list(queries), "k": k, "n": num_samples, "t": temperature, **kwargs})
+        out = []
+        for q in queries:
+            row = []
+            for s in range(num_samples):
+                text = self.script(q, s)
+                p = parse_subqueries(text, k)
+                row.append(GenerationOutput(text, p.queries, p.ok, 5, True, p))
+            out.append(row)
+        return out
+
+
+def test_scripted_fanout_grounds_distinct_items_and_candidates(world) -> None:
+    cat, enc = world
+    lm = ScriptedLM(lambda q, s: _answer(["red dress", "blue jeans", "green scarf", "black sandals"], 4))
+    base = LLMFanOutBaseline(cat, enc, policy=lm, k=4)
+    res = base.retrieve(["party outfit", "weekend look"], 4, n_candidates=6)
+    assert len(res) == 2
+    for r in res:
+        assert r.item_indices.shape == (4,) and r.item_indices.dtype == np.int64
+        assert len(set(r.item_indices.tolist())) == 4
+        assert r.row_embeddings.shape == (4, 32) and r.row_embeddings.dtype == np.float32
+        assert r.candidates is not None and r.candidates.shape == (4, 6)
+        # each subquery is exactly an item text: grounding picks that item, first candidate too
+        got = [cat.texts[i] for i in r.item_indices]
+        assert got == ["red dress", "blue jeans", "green scarf", "black sandals"]
+        assert [cat.texts[c] for c in r.candidates[:, 0]] == got
+        np.testing.assert_allclose(r.row_embeddings, enc.encode(got), atol=1e-6)
+    st = base.stats
+    assert st["n_completions"] == 2 and st["n_format_failures"] == 0 and st["n_fallback_rows"] == 0
+    assert lm.calls[0]["k"] == 4 and lm.calls[0]["t"] == 0.0
+
+
+def test_short_and_malformed_outputs_fall_back_to_the_raw_query(world) -> None:
+    cat, enc = world
+    scripts = {"short": _answer(["pink handbag"], 3), "garbage": "I cannot help with that."}
+    lm = ScriptedLM(lambda q, s: scripts[q])
+    base = LLMFanOutBaseline(cat, enc, policy=lm, k=3)
+    short, garbage = base.retrieve(["short", "garbage"], 3)
+    qe = enc.encode(["short", "garbage"])
+    np.testing.assert_allclose(short.row_embeddings[0], enc.encode(["pink handbag"])[0], atol=1e-6)
+    np.testing.assert_allclose(short.row_embeddings[1:], np.repeat(qe[:1], 2, 0), atol=1e-6)
+    np.testing.assert_allclose(garbage.row_embeddings, np.repeat(qe[1:], 3, 0), atol=1e-6)
+    # repeated raw-query rows still ground to distinct items
+    assert len(set(garbage.item_indices.tolist())) == 3
+    st = base.stats
+    assert st["n_completions"] == 2
+    assert st["n_format_failures"] == 2  # short list and no list at all
+    assert st["n_parse_failures"] == 1
+    assert st["n_fallback_rows"] == 2 + 3 and st["n_rows"] == 6
+    assert st["fallback_row_rate"] == pytest.approx(5 / 6)
+    base.reset_stats()
+    assert base.stats["n_completions"] == 0
+    fan = base.fan_out(["short"], 3)[0][0]
+    assert fan.rows == ["pink handbag", "short", "short"] and fan.n_generated == 1 and not fan.format_ok
+
+
+def test_best_of_n_picks_the_highest_composite_reward(world) -> None:
+    cat, enc = world
+    good = ["red dress", "blue jeans", "green scarf", "white sneakers"]  # grounded, diverse
+    bad = ["zzqx", "zzqx two", "zzqx three", "zzqx four"]  # ungrounded nonsense
+    lm = ScriptedLM(lambda q, s: _answer(good if s == 2 else bad, 4))
+    bon = BestOfNBaseline(cat, enc, policy=lm, k=4, n=3, temperature=0.9)
+    (res,) = bon.retrieve(["colourful outfit"], 4, n_candidates=2)
+    assert lm.calls[0]["n"] == 3 and lm.calls[0]["t"] == 0.9
+    assert bon.last_rewards is not None and bon.last_rewards.shape == (1, 3)
+    assert int(np.argmax(bon.last_rewards[0])) == 2
+    assert [cat.texts[i] for i in res.item_indices] == good
+    assert res.candidates is not None and res.candidates.shape == (4, 2)
+    assert bon.stats["n_completions"] == 3
+    cfg = bon.config()
+    assert cfg["n"] == 3 and cfg["weights"] == [0.6, 0.2, 0.2]
+
+
+def test_generation_batches_are_queries_times_samples(world) -> None:
+    cat, enc = world
+    lm = ScriptedLM(lambda q, s: _answer(["red dress", "blue jeans"], 2))
+    bon = BestOfNBaseline(cat, enc, policy=lm, k=2, n=2, batch_size=2)
+    bon.retrieve(["a", "b", "c"], 2)
+    assert [c["queries"] for c in lm.calls] == [["a", "b"], ["c"]]
+    assert [c["batch_size"] for c in lm.calls] == [4, 2]
+    lm.calls.clear()
+    bon.max_sequences = 3
+    bon.retrieve(["a", "b"], 2)
+    assert [c["batch_size"] for c in lm.calls] == [3]
+
+
+def test_bad_arguments_name_the_argument(world) -> None:
+    cat, enc = world
+    lm = ScriptedLM(lambda q, s: _answer(["red dress"], 1))
+    with pytest.raises(ValueError, match="temperature"):
+        BestOfNBaseline(cat, enc, policy=lm, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        LLMFanOutBaseline(cat, enc, policy=lm, temperature=-1.0)
+    with pytest.raises(ValueError, match="k:"):
+        LLMFanOutBaseline(cat, enc, policy=lm, k=65)
+    with pytest.raises(ValueError, match="n:"):
+        BestOfNBaseline(cat, enc, policy=lm, n=0)
+    with pytest.raises(ValueError, match="policy"):
+        LLMFanOutBaseline(cat, enc, policy=42)
+    with pytest.raises(ValueError, match="unknown policy"):
+        LLMFanOutBaseline(cat, enc, policy="gpt-17")
+    base = LLMFanOutBaseline(cat, enc, policy=lm)
+    with pytest.raises(ValueError, match="query_texts"):
+        base.retrieve(["ok", "  "], 2)
+    with pytest.raises(ValueError, match="k:"):
+        base.retrieve(["ok"], 0)
+    with pytest.raises(ValueError, match="k:"):
+        base.retrieve(["ok"], len(cat) + 1)
+
+
+def test_tiny_llama_policy_end_to_end(world, tiny_policy: Path) -> None:
+    cat, enc = world
+    base = get_baseline("llm-zeroshot", catalog=cat, encoder=enc, policy=str(tiny_policy), max_new_tokens=6)
+    assert isinstance(base, LLMFanOutBaseline) and base.name == "llm-zeroshot"
+    res = base.retrieve(["summer beach", "rainy office day"], 3, n_candidates=4)
+    assert [r.item_indices.shape for r in res] == [(3,), (3,)]
+    assert all(len(set(r.item_indices.tolist())) == 3 for r in res)
+    st = base.stats
+    assert st["n_completions"] == 2 and st["generated_tokens"] > 0
+    # a random model writes no parseable list in 6 tokens: everything falls back to the raw query
+    assert st["n_fallback_rows"] == 6 and st["n_format_failures"] == 2
+    folm = LLMFanOutBaseline(cat, enc, policy=str(tiny_policy), name="folm", max_new_tokens=4)
+    assert folm.name == "folm" and folm.config()["policy"] == str(tiny_policy.resolve())
+
+
+def test_tiny_llama_best_of_n(world, tiny_policy: Path) -> None:
+    cat, enc = world
+    bon = get_baseline("llm-bon", catalog=cat, encoder=enc, policy=str(tiny_policy), n=2, max_new_tokens=4)
+    assert isinstance(bon, BestOfNBaseline)
+    (res,) = bon.retrieve(["city walk"], 2)
+    assert res.item_indices.shape == (2,) and bon.last_rewards.shape == (1, 2)
+    assert np.isfinite(bon.last_rewards).all()
