@@ -198,3 +198,16 @@ def test_retriever_bad_inputs():
         r.retrieve_embeddings(torch.zeros(2, 8))
     with pytest.raises(FileNotFoundError, match="missing retriever.json"):
         Retriever.from_pretrained("/nonexistent")
+
+
+def test_eval_resolves_a_retriever_directory(tmp_path):
+    from r4t_fast.evaluation import EvalData, resolve_method
+
+    r = _toy_retriever()
+    r.save(tmp_path / "ret")
+    data = EvalData(dataset=None, catalog=r.catalog, encoder=r.encoder, split=None)
+    method, name = resolve_method(str(tmp_path / "ret"), data)
+    assert name == "r4t-diffusion" and isinstance(method, Retriever)
+    assert [s.item_ids for s in method.retrieve(["red outfit"], 4)] == [
+        s.item_ids for s in r.retrieve(["red outfit"], 4)
+    ]

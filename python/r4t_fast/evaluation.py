@@ -270,7 +270,8 @@ def resolve_method(
     """Build the retriever for ``method`` on ``data``'s catalog; returns ``(retriever, method name)``.
 
     ``method`` is a registered baseline name (``dense``, ``mmr``, ``dpp``, ``llm-zeroshot``, ``llm-bon``),
-    ``"folm"`` (with ``policy=`` in ``method_kwargs``), a local policy directory (``folm``), an object with
+    ``"folm"`` (with ``policy=`` in ``method_kwargs``), a diffusion retriever directory (``r4t-diffusion``,
+    one holding ``retriever.json``), a local policy directory (``folm``), an object with
     ``retrieve(query_texts, k, *, n_candidates)`` or a factory ``(catalog, encoder) -> such an object``.
 
     Raises:
@@ -286,6 +287,11 @@ def resolve_method(
                 return get_baseline(text, catalog=data.catalog, encoder=data.encoder, **kwargs), text
             except TypeError as exc:  # an argument the method's constructor does not take
                 raise ValueError(f"method_kwargs: {sorted(kwargs)} not accepted by {text!r}: {exc}") from exc
+        if (Path(text).expanduser() / "retriever.json").is_file():  # a diffusion retriever directory
+            from .retriever import Retriever
+
+            name = method_name or "r4t-diffusion"
+            return Retriever.from_pretrained(text, encoder=data.encoder, **kwargs), name
         if text == "folm" or _is_policy_dir(text):
             from .fanout import LLMFanOutBaseline
 
