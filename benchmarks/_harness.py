@@ -51,6 +51,7 @@ def environment(extra_packages: tuple[str, ...] = ()) -> dict:
             p: _version(p) for p in ("r4t_fast", "torch", "numpy", *extra_packages) if _version(p) is not None
         },
         "build_info": r4t_fast.build_info(),
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
     try:

@@ -290,8 +290,12 @@ void knn_cpu(const KnnParams& p) {
   const bool f16 = p.catalog_dtype == DType::F16;
   if (B == 0) return;
 
-  const int T = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads(p.num_threads),
-                                                                          (N + 255) / 256)));
+  // Threads: at most one per ~4M multiply-adds (and per 256 catalog rows), so small searches stay on
+  // the calling thread: waking a team costs more than the work, and far more on a loaded machine.
+  const int64_t work = B * N * d;
+  const int64_t by_work = std::max<int64_t>(1, work / (int64_t{1} << 22));
+  const int T = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>({max_threads(p.num_threads), (N + 255) / 256, by_work})));
   const int64_t tile_rows = std::max<int64_t>(NR, (kTileBytes / (4 * d)) / NR * NR);
   const bool direct = B < MR;
   const Entry sentinel{-std::numeric_limits<float>::infinity(), -1};
@@ -309,7 +313,7 @@ void knn_cpu(const KnnParams& p) {
     std::vector<Entry> heaps(static_cast<size_t>(T) * nq * k, sentinel);
 
 #if defined(R4T_WITH_OPENMP)
-#pragma omp parallel num_threads(T)
+#pragma omp parallel num_threads(T) if (T > 1)
 #endif
     {
 #if defined(R4T_WITH_OPENMP)
@@ -337,7 +341,7 @@ void knn_cpu(const KnnParams& p) {
 
     // Merge the per-thread heaps of each query and write sorted results.
 #if defined(R4T_WITH_OPENMP)
-#pragma omp parallel for num_threads(max_threads(p.num_threads)) schedule(static)
+#pragma omp parallel for num_threads(max_threads(p.num_threads)) schedule(static) if (nq * T * k > (1 << 16))
 #endif
     for (int64_t i = 0; i < nq; ++i) {
       std::vector<Entry> all;
