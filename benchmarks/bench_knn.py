@@ -44,23 +44,57 @@ def torch_topk(q: torch.Tensor, c: torch.Tensor, k: int):
 
 
 def peak_rss_extra(method: str, B: int, N: int, d: int, k: int) -> float:
-    """Peak RSS growth (MiB) of one search in a fresh process, catalog and queries already resident."""
+    """Peak RSS growth (MiB) of one search in a fresh process, catalog and queries already resident.
+
+    The kernel's high-water mark is reset (``/proc/self/clear_refs`` = 5) after the inputs are built, so
+    the number is VmHWM after the search minus VmRSS before it."""
     code = f"""
-import resource, numpy as np, torch, sys
+import numpy as np, torch, sys
 sys.path.insert(0, {str(__import__("pathlib").Path(__file__).resolve().parent)!r})
 from bench_knn import clustered, torch_topk, numpy_topk
 from r4t_fast import ops
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
 c = clustered({N}, {d}, 0); q = clustered({B}, {d}, 1)
 ct, qt = torch.from_numpy(c), torch.from_numpy(q)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ops.knn(qt[:8], ct[:1000], {k}); torch_topk(qt[:8], ct[:1000], {k})  # warm up libraries
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
 if {method!r} == "r4t": ops.knn(qt, ct, {k}, check_finite=False)
 elif {method!r} == "torch": torch_topk(qt, ct, {k})
 else: numpy_topk(q, c, {k})
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) / 1024)
+print((status("VmHWM") - before) / 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def run_memory_only(args) -> None:
+    """Re-measure only the memory table of an existing results/knn_cpu.json."""
+    from _harness import RESULTS
+
+    path = RESULTS / "knn_cpu.json"
+    payload = json.loads(path.read_text())
+    payload["memory"] = []
+    for method in ("r4t", "torch", "numpy"):
+        payload["memory"].append(
+            {
+                "method": method,
+                "B": 1024,
+                "N": 1_000_000,
+                "d": 128,
+                "peak_rss_extra_mib": peak_rss_extra(method, 1024, 1_000_000, 128, args.k),
+            }
+        )
+        print(payload["memory"][-1], flush=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    md_path = RESULTS / "knn_cpu.md"
+    md = md_path.read_text().split("\nPeak extra RSS")[0].rstrip("\n")
+    md += "\n\nPeak extra RSS of one search (B = 1024, N = 1M, d = 128), fresh process:\n\n"
+    md += "\n".join(f"- {m['method']}: {m['peak_rss_extra_mib']:.0f} MiB" for m in payload["memory"]) + "\n"
+    md_path.write_text(md)
 
 
 def run_cpu(args) -> None:
@@ -221,8 +255,14 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--quick", action="store_true", help="small grid (smoke run)")
     p.add_argument("-k", type=int, default=10)
+    p.add_argument("--memory-only", action="store_true", help="re-measure the memory table only")
     args = p.parse_args()
-    run_cuda(args) if args.device == "cuda" else run_cpu(args)
+    if args.memory_only:
+        run_memory_only(args)
+    elif args.device == "cuda":
+        run_cuda(args)
+    else:
+        run_cpu(args)
 
 
 if __name__ == "__main__":
