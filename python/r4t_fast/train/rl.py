@@ -912,6 +912,14 @@ def train(
     }
     cfg_path = out / _CONFIG_FILE
     history = json.loads(cfg_path.read_text()).get("runs", []) if (resume and cfg_path.is_file()) else []
+    for h in history:  # a run that never wrote its end record was killed or crashed
+        if h.get("status") == "running":
+            h["status"] = "interrupted"
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    # written now and again at the end, so that a killed run leaves its trace ("status": "running")
+    record["runs"] = [*history, {"started": started, "command": command, "status": "running",
+                                 "resumed_from": record["resumed_from"]}]  # fmt: skip
+    cfg_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     batch = cfg.num_generations * cfg.prompts_per_step
     args = GRPOConfig(
         output_dir=str(out),
@@ -1006,7 +1014,8 @@ def train(
         )
     rewards = [r["reward"] for r in recs if r.get("reward") is not None]
     run = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
+        "started": started,
+        "status": "finished",
         "command": command,
         "resumed_from": record["resumed_from"],
         "setup_s": round(setup_s, 1),
