@@ -162,6 +162,9 @@ def run_cpu(args) -> None:
         f"{env['versions'].get('faiss-cpu')}, usearch {env['versions'].get('usearch')}; "
         f"r4t_fast SIMD: {env['build_info']['simd']}",
         "",
+        f"Load average at the end of the run: {env['load_average_1_5_15']} (the 2 cores may be shared with "
+        "other jobs: compare the ratios, which are taken in the same run, rather than absolute times).",
+        "",
         "Times are the best of 3 runs (1 for the largest cases), milliseconds; ratios = other / r4t_fast "
         "(> 1: r4t_fast faster).",
         "",
