@@ -1229,14 +1229,16 @@ def evaluate_policies(
     """Before/after table: each policy's greedy fan-outs on the held-out queries, paired CIs vs ``baseline``.
 
     For every query of ``cfg.eval_splits`` (titled sets, first ``eval_max_queries``) each policy writes
-    one greedy completion (``eval_max_new_tokens``). Reported per policy: the training reward
-    (:class:`r4t_fast.rewards.RewardFunction`, format failures 0) and the metrics of the ``r4t eval``
-    protocol (missing rows = raw query, grounded without repeats, :func:`r4t_fast.metrics.evaluate_sets`):
-    composite, Vendi of the grounded items, alignment, groundedness; failure rates; wall times. Each
-    other policy gets paired bootstrap 95% CIs (:func:`r4t_fast.metrics.paired_bootstrap_ci`) of its
-    difference to ``baseline`` (default: the first policy).
+    one greedy completion (``eval_max_new_tokens``). Reported per policy (rows: :data:`_TABLE_ROWS`):
+    the run's training reward and the composite under both missing-subquery rules (``n/k`` and query
+    fill; :class:`r4t_fast.rewards.RewardFunction`, format failures 0), the OAR terms and the Vendi over
+    the written subqueries, the metrics of the ``r4t eval`` protocol (missing rows = raw query, grounded
+    without repeats, :func:`r4t_fast.metrics.evaluate_sets`), coverage, failure rates and wall times.
+    Each other policy gets paired bootstrap 95% CIs (:func:`r4t_fast.metrics.paired_bootstrap_ci`) of
+    its difference to ``baseline`` (default: the first policy).
 
-    Writes ``before_after.json``, ``before_after.md`` and ``per_query.jsonl`` into ``out_dir``.
+    Writes ``before_after.json``, ``before_after.md`` and ``per_query.jsonl`` (per-query values and the
+    completion texts) into ``out_dir``; :func:`rebuild_before_after` re-renders the table from them.
     """
     if not policies:
         raise ValueError("policies: expected at least one name -> policy dir")
