@@ -217,7 +217,7 @@ def test_cli_end_to_end(sets_file: Path, cache_dir: Path, tmp_path: Path, capsys
 
 
 def test_cli_llm_methods_with_a_tiny_policy(sets_file: Path, cache_dir: Path, tmp_path: Path) -> None:
-    from test_fanout import make_tiny_policy
+    from helpers import make_tiny_policy
 
     policy = make_tiny_policy(tmp_path / "policy")
     common = ("--limit", "2", "--max-new-tokens", "4")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
+from helpers import make_tiny_policy
 from r4t_fast import Catalog
 from r4t_fast.baselines import get_baseline
 from r4t_fast.encoders import HashingEncoder
@@ -23,46 +23,15 @@ COLORS = ["red", "blue", "green", "black", "white", "pink"]
 KINDS = ["dress", "jeans", "sneakers", "handbag", "scarf", "jacket", "sandals"]
 
 
-def make_tiny_policy(path: Path) -> Path:
-    """A 1-layer Llama (hidden 16), byte-level tokenizer and ChatML chat template, saved to ``path``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    fast.chat_template = (
-        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    )
-    torch.manual_seed(0)  # deterministic random weights
-    cfg = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
-        bos_token_id=None,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_policy(tmp_path_factory.mktemp("tiny_policy"))
+    return make_tiny_policy(
+        tmp_path_factory.mktemp("tiny_policy"),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
 
 
 @pytest.fixture(scope="module")

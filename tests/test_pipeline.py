@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import make_tiny_policy, sets_jsonl
 from r4t_fast.pipeline import PRESETS, run_pipeline
-from test_rl import _sets_jsonl, _tiny_policy
 
 ANSWER = '<queries>["red scarf", "black boots", "blue jacket"]</queries><|im_end|>'
 
@@ -21,7 +21,7 @@ def _parrot_policy(path: Path) -> Path:
 
     from r4t_fast.llm import build_messages
 
-    _tiny_policy(path)
+    make_tiny_policy(path)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -49,7 +49,7 @@ def _parrot_policy(path: Path) -> Path:
 def test_pipeline_smoke_end_to_end_and_resume(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("R4T_CACHE_DIR", str(tmp_path / "cache"))
     policy = _parrot_policy(tmp_path / "tiny-policy")
-    data = _sets_jsonl(tmp_path / "sets.jsonl", n=40)
+    data = sets_jsonl(tmp_path / "sets.jsonl", n=40)
     out = tmp_path / "run"
     over = {
         "policy": str(policy),

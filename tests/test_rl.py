@@ -12,16 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import make_tiny_policy, sets_jsonl
 from r4t_fast.train import rl
 
 REPO = Path(__file__).resolve().parents[1]
-
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 # ----------------------------------------------------------------------------------------------------
 # soft-PPO
@@ -134,8 +128,10 @@ def test_config_defaults_help_and_errors(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["polyvore", "spotify"])
 def test_shipped_configs_load(name: str) -> None:
-    cfg = rl.RLConfig.from_file(REPO / "training" / name / "rl.json")
-    assert cfg.dataset == name
+    paths = sorted((REPO / "training" / name).glob("rl*.json"))
+    assert paths
+    for path in paths:
+        assert rl.RLConfig.from_file(path).dataset == name, path
 
 
 def test_step_logger_resume_and_plot(tmp_path: Path) -> None:
@@ -162,60 +158,12 @@ def test_step_logger_resume_and_plot(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 # smoke run: tiny random Llama policy, synthetic sets.jsonl
 # ----------------------------------------------------------------------------------------------------
-def _tiny_policy(path: Path) -> Path:
-    """A randomly initialised 2-layer Llama with a byte-level tokenizer and a ChatML chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>")
-    tokenizer.chat_template = CHATML
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def _sets_jsonl(path: Path, n: int = 30) -> Path:
-    colours = ["red", "black", "blue", "white", "green", "grey"]
-    kinds = ["scarf", "boots", "jacket", "shirt", "bag", "hat", "dress", "loafers"]
-    with open(path, "w") as f:
-        for i in range(n):
-            c = colours[i % len(colours)]
-            items = [
-                {
-                    "item_id": f"it{(i * 3 + j) % 40}",
-                    "text": f"{colours[(i + j) % 6]} {kinds[(i * 3 + j) % 8]}",
-                }
-                for j in range(4)
-            ]
-            f.write(json.dumps({"set_id": f"s{i:03d}", "query": f"{c} outfit {i}", "items": items}) + "\n")
-    return path
-
-
 def test_train_rl_smoke_resume_and_load(tmp_path: Path) -> None:
     from r4t_fast.cli import main
     from r4t_fast.llm import FanOutLM
 
-    policy = _tiny_policy(tmp_path / "tiny-policy")
-    data = _sets_jsonl(tmp_path / "sets.jsonl")
+    policy = make_tiny_policy(tmp_path / "tiny-policy")
+    data = sets_jsonl(tmp_path / "sets.jsonl")
     cfg = {
         "encoder": "hashing:64",
         "cache_dir": str(tmp_path / "cache"),

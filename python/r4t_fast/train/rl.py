@@ -1119,10 +1119,14 @@ def _eval_policy(
     }
 
 
+PAPER_OAR_WEIGHTS = (0.6, 0.2, 0.2)
+"""The paper's OAR weights (groundedness, diversity, alignment): the before/after table's comparison
+composites use them even when a run trains with other weights."""
+
 _TABLE_ROWS = (
     ("reward", "this run's training reward (format failures 0)"),
-    ("reward_nk", "composite x n/k (missing='zero'), format failures 0"),
-    ("reward_fill", "composite, missing rows = raw query (missing='query'), format failures 0"),
+    ("reward_nk", "composite 0.6/0.2/0.2 x n/k (missing='zero'), format failures 0"),
+    ("reward_fill", "composite 0.6/0.2/0.2, missing rows = raw query (missing='query'), format failures 0"),
     ("groundedness", "r_ground over the written subqueries"),
     ("diversity", "r_div = Vendi(top-1 items) / n over the written subqueries"),
     ("alignment", "r_align over the written subqueries"),
@@ -1254,8 +1258,9 @@ def evaluate_policies(
         raise ValueError(f"eval_splits: no titled set in {cfg.eval_splits} of {cfg.dataset!r}")
     reward_fns = {
         "train": _reward_function(cfg, data),
-        "nk": _reward_function(cfg.replace(missing="zero"), data),
-        "fill": _reward_function(cfg.replace(missing="query"), data),
+        # the comparison rows use the paper's weights whatever the run trained with
+        "nk": _reward_function(cfg.replace(missing="zero", weights=list(PAPER_OAR_WEIGHTS)), data),
+        "fill": _reward_function(cfg.replace(missing="query", weights=list(PAPER_OAR_WEIGHTS)), data),
     }
     results = {name: _eval_policy(name, p, rows, data, cfg, reward_fns) for name, p in policies.items()}
     table = summary_table({n: r["per_query"] for n, r in results.items()}, baseline, cfg.eval_n_boot)
