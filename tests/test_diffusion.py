@@ -107,6 +107,42 @@ def test_save_load_round_trip_same_samples(tmp_path):
         load_model(tmp_path / "nowhere")
 
 
+def test_cond_offset_fit_centres_and_samples_in_data_space(tmp_path):
+    """Query-centred targets: 'fit' recovers a known offset; sampling with cond_offset = a is the same
+    trajectory as with 0, shifted by a * query; the offset survives save/load; bad values are refused."""
+    from r4t_fast.train.diffusion import resolve_cond_offset
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=1)
+    targets = 0.45 * q[:, None, :] + 0.05 * torch.randn(40, 4, 16, generator=g)
+    assert resolve_cond_offset("fit", q, targets) == pytest.approx(0.45, abs=0.02)
+    assert resolve_cond_offset("auto", q, targets) == resolve_cond_offset("fit", q, targets)
+    assert resolve_cond_offset("auto", torch.randn(40, 8), targets) == 0.0
+    assert resolve_cond_offset(0.3, q, targets) == 0.3
+    with pytest.raises(ValueError, match="cond_offset: 'fit' needs"):
+        resolve_cond_offset("fit", torch.randn(40, 8), targets)
+
+    plain, shifted = _random_model(seed=3), _random_model(seed=3, cond_offset=0.45)
+    a = generate_sets(EDM(plain), q[:3], steps=5, sampler="heun", guidance=0.5, seed=4)
+    b = generate_sets(EDM(shifted), q[:3], steps=5, sampler="heun", guidance=0.5, seed=4)
+    torch.testing.assert_close(b, a + 0.45 * q[:3, None, :])
+    edm = EDM(shifted)
+    torch.testing.assert_close(edm.uncenter(edm.center(targets, q), q), targets)
+    save_model(shifted, tmp_path / "m")
+    assert load_model(tmp_path / "m")[0].cfg.cond_offset == 0.45
+
+    model, _ = train_diffusion(
+        q, targets, DiffusionTrainConfig(preset="tiny", steps=2, warmup=1), progress=False
+    )
+    assert model.cfg.cond_offset == pytest.approx(0.45, abs=0.02)
+    assert model.cfg.sigma_data == pytest.approx(0.05, rel=0.2)  # measured on the centred rows
+    with pytest.raises(ValueError, match="cond_offset: needs cond_dim == dim"):
+        get_preset("tiny", cond_dim=8, cond_offset=0.5)
+    for bad in ("nope", math.nan, True):
+        with pytest.raises(ValueError, match="cond_offset"):
+            DiffusionTrainConfig(cond_offset=bad)
+
+
 def _modes_problem(Q=12, M=3, d=16, S=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     cond = torch.nn.functional.normalize(torch.randn(Q, d, generator=g), dim=1)

@@ -172,7 +172,8 @@ def generate_sets(
     sigma_max: float | None = None,
     fused: bool = True,
 ) -> torch.Tensor:
-    """Sample one (L, d) set per condition row: cond (B, cond_dim) -> (B, L, d)."""
+    """Sample one (L, d) set per condition row: cond (B, cond_dim) -> (B, L, d) (in data space: the
+    model's ``cond_offset`` is added back, :meth:`r4t_fast.diffusion.EDM.uncenter`)."""
     cfg = edm.cfg
     if cond.dim() != 2 or cond.shape[1] != cfg.cond_dim:
         raise ValueError(f"cond: expected (B, {cfg.cond_dim}), got {tuple(cond.shape)}")
@@ -181,4 +182,5 @@ def generate_sets(
     sigmas = karras_sigmas(steps, smin, smax)
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     x = torch.randn((cond.shape[0], cfg.set_size, cfg.dim), generator=g).to(cond.device) * sigmas[0]
-    return get_sampler(sampler)(edm, x, sigmas, cond, guidance=guidance, generator=g, fused=fused)
+    x = get_sampler(sampler)(edm, x, sigmas, cond, guidance=guidance, generator=g, fused=fused)
+    return edm.uncenter(x, cond)

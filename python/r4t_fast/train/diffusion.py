@@ -44,6 +44,13 @@ class DiffusionTrainConfig:
     ema: float = field(default=0.999, metadata={"help": "EMA decay of the saved weights (paper: 0.9999)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 = off)"})
     sigma_data: float | None = field(default=None, metadata={"help": "data std; None = measure"})
+    cond_offset: float | str = field(
+        default="auto",
+        metadata={
+            "help": "query-centred targets x0 - a * query: a float, 'fit' (least squares over the pairs) "
+            "or 'auto' (fit when query and rows share a dimension, else 0)"
+        },
+    )
     min_reward: float | None = field(default=None, metadata={"help": "drop pairs with reward below this"})
     seed: int = field(default=0, metadata={"help": "seed for init, batches and noise"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default)"})
@@ -60,6 +67,11 @@ class DiffusionTrainConfig:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema: expected a value in [0, 1), got {self.ema}")
+        if isinstance(self.cond_offset, str):
+            if self.cond_offset not in ("auto", "fit"):
+                raise ValueError(f"cond_offset: expected a float, 'fit' or 'auto', got {self.cond_offset!r}")
+        elif isinstance(self.cond_offset, bool) or not math.isfinite(float(self.cond_offset)):
+            raise ValueError(f"cond_offset: expected a finite float, 'fit' or 'auto', got {self.cond_offset}")
 
 
 def load_shards(path: str | os.PathLike, target: str = "items") -> dict[str, torch.Tensor]:
@@ -108,6 +120,27 @@ def _lr_at(step: int, cfg: DiffusionTrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def resolve_cond_offset(spec: float | str, cond: torch.Tensor, targets: torch.Tensor) -> float:
+    """The query offset ``a`` of query-centred targets ``x0 - a * q``.
+
+    ``'fit'``: the least-squares scalar a = Σ_i Σ_l <x0_il, q_i> / (L · Σ_i ‖q_i‖²), i.e. the scale of the
+    query that best explains every row (rows and query in one embedding space). ``'auto'``: ``'fit'``
+    when ``cond`` and the rows have the same dimension, else 0. A number is used as given.
+    """
+    if not isinstance(spec, str):
+        return float(spec)
+    if spec == "auto" and cond.shape[1] != targets.shape[2]:
+        return 0.0
+    if cond.shape[1] != targets.shape[2]:
+        raise ValueError(
+            f"cond_offset: 'fit' needs query dim == row dim, got {cond.shape[1]}, {targets.shape[2]}"
+        )
+    q = cond.double()
+    num = float(torch.einsum("nld,nd->", targets.double(), q))
+    den = float(targets.shape[1] * (q * q).sum())
+    return num / den if den > 0 else 0.0
+
+
 def train_diffusion(
     cond: torch.Tensor,
     targets: torch.Tensor,
@@ -125,14 +158,17 @@ def train_diffusion(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     n, L, d = targets.shape
-    sigma_data = cfg.sigma_data or float(targets.std())
+    offset = resolve_cond_offset(cfg.cond_offset, cond, targets)
+    sigma_data = cfg.sigma_data or float((targets - offset * cond[:, None, :]).std())
     shape = {"set_size": L, "dim": d, "cond_dim": int(cond.shape[1])}
     for key, v in shape.items():
         if key in cfg.overrides and cfg.overrides[key] != v:
             raise ValueError(
                 f"overrides: {key}={cfg.overrides[key]} contradicts the training data ({key}={v})"
             )
-    mcfg = get_preset(cfg.preset, **{**shape, "sigma_data": sigma_data, **cfg.overrides})
+    mcfg = get_preset(
+        cfg.preset, **{**shape, "sigma_data": sigma_data, "cond_offset": offset, **cfg.overrides}
+    )
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     dev = torch.device(cfg.device)
@@ -186,6 +222,13 @@ def train_diffusion(
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def _float_or_name(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="directory of synthesis shards (r4t synthesize --out)")
     p.add_argument("--out", required=True, help="output model directory")
@@ -200,6 +243,8 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
         )
         if f.name == "sigma_data" or f.name == "min_reward":
             typ = float
+        if f.name == "cond_offset":
+            typ = _float_or_name
         p.add_argument(
             f"--{f.name.replace('_', '-')}", type=typ or str, default=f.default, help=f.metadata.get("help")
         )
