@@ -247,3 +247,14 @@ def test_eval_resolves_a_retriever_directory(tmp_path):
     assert [s.item_ids for s in method.retrieve(["red outfit"], 4)] == [
         s.item_ids for s in r.retrieve(["red outfit"], 4)
     ]
+
+
+def test_train_with_a_query_space_other_than_the_rows():
+    """cond_dim != dim: 'auto' resolves to no offset and training runs (the centring is skipped)."""
+    model, _ = train_diffusion(
+        torch.randn(8, 16),
+        torch.randn(8, 3, 8),
+        DiffusionTrainConfig(preset="tiny", steps=1, warmup=1),
+        progress=False,
+    )
+    assert model.cfg.cond_offset == 0.0 and (model.cfg.cond_dim, model.cfg.dim) == (16, 8)

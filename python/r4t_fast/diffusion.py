@@ -38,7 +38,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["DiffusionConfig", "SetDenoiser", "PRESETS", "get_preset", "EDM", "save_model", "load_model"]
+__all__ = [
+    "DiffusionConfig",
+    "SetDenoiser",
+    "PRESETS",
+    "get_preset",
+    "EDM",
+    "shift_rows",
+    "save_model",
+    "load_model",
+]
 
 
 @dataclass
@@ -245,6 +254,11 @@ class SetDenoiser(nn.Module):
         return self.out(self.out_norm(y) * (1 + s3) + b3)
 
 
+def shift_rows(x: torch.Tensor, cond: torch.Tensor, a: float) -> torch.Tensor:
+    """``x + a * cond`` for every row of every set: x (B, L, d), cond (B, d); ``x`` itself when a = 0."""
+    return x + a * cond[:, None, :].to(x.dtype) if a else x
+
+
 class EDM:
     """EDM preconditioning and training loss around a :class:`SetDenoiser`."""
 
@@ -289,13 +303,11 @@ class EDM:
 
     def center(self, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Data rows -> the space the network denoises: x0 - a * cond (a = ``cond_offset``; identity at 0)."""
-        a = self.cfg.cond_offset
-        return x0 - a * cond[:, None, :].to(x0.dtype) if a else x0
+        return shift_rows(x0, cond, -self.cfg.cond_offset)
 
     def uncenter(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`center`: sampled rows + a * cond."""
-        a = self.cfg.cond_offset
-        return x + a * cond[:, None, :].to(x.dtype) if a else x
+        return shift_rows(x, cond, self.cfg.cond_offset)
 
     def loss(
         self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..diffusion import EDM, SetDenoiser, clone_for_ema, ema_update, get_preset, save_model
+from ..diffusion import EDM, SetDenoiser, clone_for_ema, ema_update, get_preset, save_model, shift_rows
 
 __all__ = ["DiffusionTrainConfig", "load_shards", "train_diffusion"]
 
@@ -159,7 +159,7 @@ def train_diffusion(
         torch.set_num_threads(cfg.threads)
     n, L, d = targets.shape
     offset = resolve_cond_offset(cfg.cond_offset, cond, targets)
-    sigma_data = cfg.sigma_data or float((targets - offset * cond[:, None, :]).std())
+    sigma_data = cfg.sigma_data or float(shift_rows(targets, cond, -offset).std())
     shape = {"set_size": L, "dim": d, "cond_dim": int(cond.shape[1])}
     for key, v in shape.items():
         if key in cfg.overrides and cfg.overrides[key] != v:

@@ -1119,10 +1119,6 @@ def _eval_policy(
     }
 
 
-PAPER_OAR_WEIGHTS = (0.6, 0.2, 0.2)
-"""The paper's OAR weights (groundedness, diversity, alignment): the before/after table's comparison
-composites use them even when a run trains with other weights."""
-
 _TABLE_ROWS = (
     ("reward", "this run's training reward (format failures 0)"),
     ("reward_nk", "composite 0.6/0.2/0.2 x n/k (missing='zero'), format failures 0"),
@@ -1256,11 +1252,13 @@ def evaluate_policies(
     rows = _split_rows(data, cfg.eval_splits, cfg.eval_max_queries)
     if not rows:
         raise ValueError(f"eval_splits: no titled set in {cfg.eval_splits} of {cfg.dataset!r}")
+    from ..metrics import DEFAULT_WEIGHTS
+
     reward_fns = {
         "train": _reward_function(cfg, data),
-        # the comparison rows use the paper's weights whatever the run trained with
-        "nk": _reward_function(cfg.replace(missing="zero", weights=list(PAPER_OAR_WEIGHTS)), data),
-        "fill": _reward_function(cfg.replace(missing="query", weights=list(PAPER_OAR_WEIGHTS)), data),
+        # the comparison rows use the paper's weights (metrics.DEFAULT_WEIGHTS) whatever the run trained with
+        "nk": _reward_function(cfg.replace(missing="zero", weights=list(DEFAULT_WEIGHTS)), data),
+        "fill": _reward_function(cfg.replace(missing="query", weights=list(DEFAULT_WEIGHTS)), data),
     }
     results = {name: _eval_policy(name, p, rows, data, cfg, reward_fns) for name, p in policies.items()}
     table = summary_table({n: r["per_query"] for n, r in results.items()}, baseline, cfg.eval_n_boot)
