@@ -1,6 +1,8 @@
 // The only translation unit that includes pybind11. Every entry point takes raw data pointers (as
-// Python ints) plus sizes and strides, filled in by python/r4t_fast/ops.py after validation; no
-// libtorch linkage, so one wheel serves any torch version. The GIL is released around compute.
+// Python ints) plus sizes and strides, filled in by python/r4t_fast/kernels/ops.py after validation; no
+// libtorch linkage, so one wheel serves any torch version. The GIL is released around every call into a
+// kernel (R4T_NOGIL), so calls from several Python threads run concurrently; the kernels keep no global
+// mutable state (the SIMD override is an atomic read once per call).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -27,8 +29,10 @@ T* ptr(uintptr_t p) {
 }
 
 KnnParams make_knn(uintptr_t q, int64_t qs, uintptr_t c, int64_t cs, int dtype, int metric, int64_t B,
-                   int64_t N, int64_t d, int64_t k, uintptr_t os, uintptr_t oi, int threads, uintptr_t stream) {
+                   int64_t N, int64_t d, int64_t k, uintptr_t allowed, uintptr_t os, uintptr_t oi, int threads,
+                   uintptr_t stream) {
   KnnParams p;
+  p.allowed = ptr<const uint8_t>(allowed);
   p.queries = ptr<const float>(q);
   p.q_stride = qs;
   p.catalog = ptr<const void>(c);
@@ -105,6 +109,19 @@ EdmStepParams make_step(uintptr_t x, uintptr_t fc, uintptr_t fu, uintptr_t z, ui
     call;                                \
   } while (0)
 
+py::dict plan_dict(const KnnPlan& pl) {
+  py::dict d;
+  d["isa"] = std::string(pl.isa);
+  d["threads"] = pl.threads;
+  d["path"] = std::string(pl.direct ? "direct" : "gemm");
+  d["n_allowed"] = pl.n_allowed;
+  d["keff"] = pl.keff;
+  d["query_chunk"] = pl.query_chunk;
+  d["tile_rows"] = pl.tile_rows;
+  d["k_block"] = pl.kc;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -131,14 +148,29 @@ PYBIND11_MODULE(_C, m) {
     d["openmp_threads"] = 1;
 #endif
     d["simd"] = std::string(cpu_simd_level());
+    py::list clones;
+    for (const auto& c : cpu_simd_clones()) clones.append(c);
+    d["simd_clones"] = clones;
     d["compiler"] = R4T_COMPILER;
     return d;
   });
 
   m.def("knn_cpu", [](uintptr_t q, int64_t qs, uintptr_t c, int64_t cs, int dtype, int metric, int64_t B,
-                      int64_t N, int64_t d, int64_t k, uintptr_t os, uintptr_t oi, int threads) {
-    auto p = make_knn(q, qs, c, cs, dtype, metric, B, N, d, k, os, oi, threads, 0);
+                      int64_t N, int64_t d, int64_t k, uintptr_t allowed, uintptr_t os, uintptr_t oi, int threads) {
+    auto p = make_knn(q, qs, c, cs, dtype, metric, B, N, d, k, allowed, os, oi, threads, 0);
     R4T_NOGIL(knn_cpu(p));
+  });
+  m.def("knn_cpu_plan", [](int64_t B, int64_t N, int64_t d, int64_t k, uintptr_t allowed, int threads) {
+    auto p = make_knn(0, d, 0, d, 0, 0, B, N, d, k, allowed, 0, 0, threads, 0);
+    KnnPlan pl;
+    R4T_NOGIL(pl = knn_cpu_plan(p));
+    return plan_dict(pl);
+  });
+  m.def("set_cpu_simd", [](const std::string& name) { set_cpu_simd(name); });
+  m.def("cpu_peak_flops", [](int threads, double seconds) {
+    double r = 0.0;
+    R4T_NOGIL(r = cpu_peak_flops(threads, seconds));
+    return r;
   });
   m.def("ground_cpu", [](uintptr_t sc, uintptr_t ids, int64_t S, int64_t L, int64_t C, bool hib, uintptr_t oi,
                          uintptr_t os, int threads) {
@@ -159,25 +191,48 @@ PYBIND11_MODULE(_C, m) {
 
 #if defined(R4T_WITH_CUDA)
   m.def("cuda_device_count", []() { return cuda_device_count(); });
+  m.def("knn_cuda_workspace_bytes", [](int metric, int64_t B, int64_t N, int64_t d, int64_t k, int device) {
+    auto p = make_knn(0, d, 0, d, 0, metric, B, N, d, k, 0, 0, 0, 0, 0);
+    p.device = device;
+    size_t r = 0;
+    R4T_NOGIL(r = knn_cuda_workspace_bytes(p));
+    return r;
+  });
   m.def("knn_cuda", [](uintptr_t q, int64_t qs, uintptr_t c, int64_t cs, int dtype, int metric, int64_t B,
-                       int64_t N, int64_t d, int64_t k, uintptr_t os, uintptr_t oi, uintptr_t stream) {
-    auto p = make_knn(q, qs, c, cs, dtype, metric, B, N, d, k, os, oi, 0, stream);
+                       int64_t N, int64_t d, int64_t k, uintptr_t allowed, uintptr_t os, uintptr_t oi,
+                       uintptr_t ws, size_t ws_bytes, int device, uintptr_t stream) {
+    auto p = make_knn(q, qs, c, cs, dtype, metric, B, N, d, k, allowed, os, oi, 0, stream);
+    p.workspace = ptr<void>(ws);
+    p.workspace_bytes = ws_bytes;
+    p.device = device;
     R4T_NOGIL(knn_cuda(p));
   });
+  m.def("ground_cuda_workspace_bytes", [](int64_t S, int64_t L, int64_t C, int device) {
+    auto p = make_ground(0, 0, S, L, C, true, 0, 0, 0, 0);
+    p.device = device;
+    size_t r = 0;
+    R4T_NOGIL(r = ground_cuda_workspace_bytes(p));
+    return r;
+  });
   m.def("ground_cuda", [](uintptr_t sc, uintptr_t ids, int64_t S, int64_t L, int64_t C, bool hib,
-                          uintptr_t oi, uintptr_t os, uintptr_t stream) {
+                          uintptr_t oi, uintptr_t os, uintptr_t ws, size_t ws_bytes, int device, uintptr_t stream) {
     auto p = make_ground(sc, ids, S, L, C, hib, oi, os, 0, stream);
+    p.workspace = ptr<void>(ws);
+    p.workspace_bytes = ws_bytes;
+    p.device = device;
     R4T_NOGIL(ground_cuda(p));
   });
   m.def("set_stats_cuda", [](uintptr_t x, uintptr_t lengths, int64_t S, int64_t L, int64_t d, uintptr_t ov,
-                             uintptr_t oc, uintptr_t stream) {
+                             uintptr_t oc, int device, uintptr_t stream) {
     auto p = make_stats(x, lengths, S, L, d, ov, oc, 0, stream);
+    p.device = device;
     R4T_NOGIL(set_stats_cuda(p));
   });
   m.def("edm_step_cuda", [](uintptr_t x, uintptr_t fc, uintptr_t fu, uintptr_t z, uintptr_t ox, uintptr_t od,
                             int64_t n, float sigma, float c_skip, float c_out, float w, float h, float ns,
-                            uintptr_t stream) {
+                            int device, uintptr_t stream) {
     auto p = make_step(x, fc, fu, z, ox, od, n, sigma, c_skip, c_out, w, h, ns, 0, stream);
+    p.device = device;
     R4T_NOGIL(edm_step_cuda(p));
   });
 #else

@@ -2,11 +2,19 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
 #if defined(R4T_WITH_OPENMP)
 #include <omp.h>
+#endif
+
+#if defined(__GNUC__)
+#define R4T_INLINE inline __attribute__((always_inline))
+#else
+#define R4T_INLINE inline
 #endif
 
 namespace r4t {
@@ -28,6 +36,29 @@ inline int max_threads(int requested) {
   return 1;
 #endif
 }
+
+// Keeps exceptions inside OpenMP regions (an exception escaping a parallel region terminates the
+// process): run(f) calls f and stores the first exception thrown by any thread; rethrow() re-raises it on
+// the calling thread after the region.
+class ParallelErrors {
+ public:
+  template <typename F>
+  void run(F&& f) noexcept {
+    try {
+      f();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!first_) first_ = std::current_exception();
+    }
+  }
+  void rethrow() {
+    if (first_) std::rethrow_exception(first_);
+  }
+
+ private:
+  std::mutex mu_;
+  std::exception_ptr first_;
+};
 
 // IEEE binary16 -> binary32 (portable; the hot knn path converts with vector instructions instead).
 inline float half_to_float(uint16_t h) {

@@ -1,6 +1,10 @@
 // Entry points of the kernel families (see params.h). *_cpu take host pointers; *_cuda take device
 // pointers and run on params.stream (declared only in CUDA builds).
 #pragma once
+#include <cstddef>
+#include <string>
+#include <vector>
+
 #include "params.h"
 
 namespace r4t {
@@ -9,11 +13,17 @@ void knn_cpu(const KnnParams& p);
 void ground_cpu(const GroundParams& p);
 void set_stats_cpu(const SetStatsParams& p);
 void edm_step_cpu(const EdmStepParams& p);
-const char* cpu_simd_level();  // the SIMD clone the knn kernel dispatches to on this CPU
+KnnPlan knn_cpu_plan(const KnnParams& p);
+const char* cpu_simd_level();                 // the SIMD clone the knn kernel dispatches to on this CPU
+std::vector<std::string> cpu_simd_clones();   // every clone compiled in (best first)
+void set_cpu_simd(const std::string& name);   // "auto" or a clone name (tests, benchmarks)
+double cpu_peak_flops(int num_threads, double seconds);  // measured FMA peak of the active clone, FLOP/s
 
 #if defined(R4T_WITH_CUDA)
 void knn_cuda(const KnnParams& p);
+size_t knn_cuda_workspace_bytes(const KnnParams& p);  // device scratch knn_cuda needs (0 if none)
 void ground_cuda(const GroundParams& p);
+size_t ground_cuda_workspace_bytes(const GroundParams& p);
 void set_stats_cuda(const SetStatsParams& p);
 void edm_step_cuda(const EdmStepParams& p);
 int cuda_device_count();  // 0 when no driver / no GPU (never throws)

@@ -16,11 +16,20 @@ enum class Metric : int { IP = 0, L2 = 1 };
 // knn: exact top-k over a catalog.
 //   queries  (B, d) float32, row stride q_stride
 //   catalog  (N, d) float32 or float16 (catalog_dtype), row stride c_stride
+//   allowed  (N,) uint8 (0 = excluded, else included) or nullptr: a query-time filter. Excluded rows are
+//            never returned; they are skipped before any arithmetic (no cost for what is filtered out).
 //   metric IP : score = <q, c>, best = largest, results sorted descending
-//   metric L2 : score = ||q - c||^2, best = smallest, results sorted ascending
+//   metric L2 : score = sum_f (q_f - c_f)^2 (accumulated directly, not as |q|^2 - 2<q,c> + |c|^2, so
+//               near-identical vectors keep their precision), best = smallest, results sorted ascending
 //   out_scores (B, k) float32, out_ids (B, k) int64, contiguous.
 //   Ties: equal scores are ordered by ascending catalog id.
-//   k > N: slots N..k-1 hold id -1 and score -inf (IP) / +inf (L2).
+//   Fewer than k candidates (k > N, or > the number of allowed rows): the missing slots hold id -1 and
+//   score -inf (IP) / +inf (L2). Scratch memory scales with min(k, allowed rows), never with k.
+//   Non-finite scores of finite inputs (float32 overflow): a score of +-inf ranks as such; a NaN score
+//   (IP: +inf + -inf) ranks below every other real item but above the sentinel; so whenever at least k
+//   rows are allowed, all k ids are real items.
+//   CUDA: runs on `device` (the tensors' device index) and the caller's `stream`; `workspace` is device
+//   memory of at least knn_cuda_workspace_bytes(...) bytes from the caller's allocator.
 // ---------------------------------------------------------------------------------------------
 struct KnnParams {
   const float* queries = nullptr;
@@ -30,10 +39,24 @@ struct KnnParams {
   DType catalog_dtype = DType::F32;
   Metric metric = Metric::IP;
   int64_t B = 0, N = 0, d = 0, k = 0;
+  const uint8_t* allowed = nullptr;
   float* out_scores = nullptr;
   int64_t* out_ids = nullptr;
-  int num_threads = 0;     // CPU: 0 = OpenMP default
-  void* stream = nullptr;  // CUDA: cudaStream_t of the caller (nullptr = legacy default stream)
+  int num_threads = 0;        // CPU: 0 = OpenMP default
+  void* stream = nullptr;     // CUDA: cudaStream_t of the caller (nullptr = legacy default stream)
+  int device = -1;            // CUDA: device index of the tensors (-1 = current device)
+  void* workspace = nullptr;  // CUDA: caller-allocated device scratch
+  size_t workspace_bytes = 0;
+};
+
+// What knn_cpu will do for given params (exposed for tests and benchmarks).
+struct KnnPlan {
+  const char* isa = "";
+  int threads = 1;
+  bool direct = false;   // direct (B < vector width) or GEMM path
+  int64_t n_allowed = 0;  // rows that pass the filter (N without one)
+  int64_t keff = 0;       // min(k, n_allowed): the heap size
+  int64_t query_chunk = 0, tile_rows = 0, kc = 0;  // kc < d: K-blocking
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -44,6 +67,9 @@ struct KnnParams {
 //   row index, then the lower item id. A pair is taken if its row is still open and its item unused.
 //   out_ids (S, L) int64, out_scores (S, L) float32. A row left without a candidate gets id -1 and
 //   score -inf (higher_is_better) / +inf.
+//   NaN scores (from knn on overflowing inputs) rank below every other score, like in knn.
+//   CUDA: `workspace` (caller-allocated, >= ground_cuda_workspace_bytes(...)) is used when a set's
+//   scratch does not fit in shared memory.
 // ---------------------------------------------------------------------------------------------
 struct GroundParams {
   const float* cand_scores = nullptr;
@@ -54,6 +80,9 @@ struct GroundParams {
   float* out_scores = nullptr;
   int num_threads = 0;
   void* stream = nullptr;
+  int device = -1;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -73,6 +102,7 @@ struct SetStatsParams {
   float* out_mean_cos = nullptr;
   int num_threads = 0;
   void* stream = nullptr;
+  int device = -1;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -87,7 +117,10 @@ struct SetStatsParams {
 //     x' = x + h*dx + noise_scale*noise                     (noise may be nullptr when noise_scale == 0)
 //   Euler (probability-flow ODE): h = sigma_next - sigma, noise_scale = 0.
 //   Euler-Maruyama (ancestral form of the VE reverse SDE): h = sigma_down - sigma, noise_scale = sigma_up.
-//   out_x (n,) may alias x; out_denoised (n,) receives D (nullptr to skip).
+//   out_x (n,) may be x itself (in place) or any input exactly; out_denoised (n,) receives D (nullptr to
+//   skip) and may likewise be an input exactly. Partial overlaps, and out_denoised == out_x, are refused by
+//   the Python layer (ops.edm_step): each element is read before it is written, which is only enough when
+//   an output and an input coincide element for element.
 // ---------------------------------------------------------------------------------------------
 struct EdmStepParams {
   const float* x = nullptr;
@@ -100,6 +133,7 @@ struct EdmStepParams {
   float sigma = 1.f, c_skip = 0.f, c_out = 0.f, guidance = 0.f, h = 0.f, noise_scale = 0.f;
   int num_threads = 0;
   void* stream = nullptr;
+  int device = -1;
 };
 
 }  // namespace r4t

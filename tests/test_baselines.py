@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from r4t_fast import baselines as B
-from r4t_fast import metrics as M
+from r4t_fast import objectives as M
+from r4t_fast.eval import baselines as B
+from r4t_fast.eval import metrics as M_metrics
 
 DIM = 16
 N_CLUSTERS = 8
@@ -137,12 +138,17 @@ def test_diversifiers_raise_vendi_at_a_cost_in_alignment(world, name: str) -> No
     a_div = M.alignment(div_items, q).mean()
     assert a_div < a_dense, (a_dense, a_div)
     # and on the metric suite: item diversity up, ILD up
-    ev_dense = M.evaluate_sets([r.item_indices for r in dense], [r.row_embeddings for r in dense], q, cat)
-    ev_div = M.evaluate_sets([r.item_indices for r in div], [r.row_embeddings for r in div], q, cat)
-    assert ev_div.means["diversity"] > ev_dense.means["diversity"]
+    ev_dense = M_metrics.evaluate_sets(
+        [r.item_indices for r in dense], [r.row_embeddings for r in dense], q, cat
+    )
+    ev_div = M_metrics.evaluate_sets([r.item_indices for r in div], [r.row_embeddings for r in div], q, cat)
+    assert ev_div.means["row_diversity"] > ev_dense.means["row_diversity"]
+    assert ev_div.means["vendi"] > ev_dense.means["vendi"]
     assert ev_div.means["ild"] > ev_dense.means["ild"]
-    # rows are the query for every non-fan-out baseline: alignment of rows is perfect for both
-    assert ev_div.means["alignment"] == pytest.approx(1.0) == ev_dense.means["alignment"]
+    # the item-level cost is visible: the diversified items are less relevant to the query
+    assert ev_div.means["item_relevance"] < ev_dense.means["item_relevance"]
+    # rows are the query for every non-fan-out baseline: alignment of rows is 1 for both by construction
+    assert ev_div.means["row_alignment"] == pytest.approx(1.0) == ev_dense.means["row_alignment"]
 
 
 @pytest.mark.parametrize("name", ["mmr", "dpp"])
@@ -160,6 +166,22 @@ def test_no_duplicates_pool_membership_and_determinism(world, name: str) -> None
     for r1, r2 in zip(res, again, strict=True):
         np.testing.assert_array_equal(r1.item_indices, r2.item_indices)
         np.testing.assert_array_equal(r1.candidates, r2.candidates)
+
+
+@pytest.mark.parametrize("name", ["dense", "mmr", "dpp"])
+def test_candidates_fill_the_fair_union(world, name: str) -> None:
+    """With K candidates per row every baseline's round-robin union holds exactly K distinct items; the
+    dense baseline's is exactly its top K."""
+    cat, enc, queries = world
+    big_k = M.fair_budget(len(cat.ids), 10, share=0.1)  # 32 items of 320
+    assert big_k == 30
+    res = B.get_baseline(name, catalog=cat, encoder=enc).retrieve(queries, 10, n_candidates=big_k)
+    top = cat.search(enc.encode(queries), big_k)[1].numpy()
+    for r, t in zip(res, top, strict=True):
+        union = M.round_robin_union(r.candidates, big_k)
+        assert union.size == big_k == len(set(union.tolist()))
+        if name == "dense":
+            np.testing.assert_array_equal(union, t)
 
 
 def test_dpp_fills_when_kernel_rank_runs_out() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from r4t_fast import Catalog
-from r4t_fast.catalog import CatalogError
+from r4t_fast.data.catalog import CatalogError
 
 
 def _clustered(n: int, d: int, seed: int = 0, clusters: int = 20) -> torch.Tensor:

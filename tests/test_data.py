@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from r4t_fast import data as D
-from r4t_fast.data import DataError, Dataset, Item, ItemSet, MissingDataError
+from r4t_fast.data import datasets as D
+from r4t_fast.data import splits as S
+from r4t_fast.data.datasets import DataError, Dataset, Item, ItemSet, MissingDataError
 
 # ----------------------------------------------------------------------------------------------
 # Real data (skipped when ../shared/data is absent)
@@ -130,11 +131,11 @@ def test_real_spotify_matches_sets_jsonl(spotify: Dataset) -> None:
 
 
 def test_real_split_is_stable(polyvore: Dataset) -> None:
-    split = D.split_sets(polyvore.query_sets, seed=0)
+    split = S.split_sets(polyvore.query_sets, seed=0)
     assert {k: len(v) for k, v in split.items()} == {"train": 1182, "val": 133, "test": 139}
     shuffled = list(polyvore.query_sets)
     random.Random(1).shuffle(shuffled)
-    assert D.split_sets(shuffled, seed=0) == split
+    assert S.split_sets(shuffled, seed=0) == split
 
 
 def test_load_dataset_env_var_and_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -501,7 +502,7 @@ def test_query_text() -> None:
 
 def test_split_pinned_and_order_independent() -> None:
     ids = [f"set{i}" for i in range(12)]
-    split = D.split_sets(ids, seed=0)
+    split = S.split_sets(ids, seed=0)
     # Pinned: a change of the hashing scheme would silently move sets between splits.
     assert dict(split) == {
         "train": ["set1", "set10", "set11", "set2", "set3", "set4", "set5", "set6", "set7", "set8"],
@@ -509,8 +510,8 @@ def test_split_pinned_and_order_independent() -> None:
         "test": [],
     }
     assert split.seed == 0 and split.ratios == (0.8, 0.1, 0.1)
-    assert D.split_sets(list(reversed(ids)), seed=0) == split
-    assert D.split_sets(ids, seed=1)["test"] == ["set5"]
+    assert S.split_sets(list(reversed(ids)), seed=0) == split
+    assert S.split_sets(ids, seed=1)["test"] == ["set5"]
     assert split.of("set9") == "val"
     with pytest.raises(KeyError):
         split.of("nope")
@@ -520,18 +521,18 @@ def test_split_pinned_and_order_independent() -> None:
 
 def test_split_properties() -> None:
     ids = [f"id-{i}" for i in range(20000)]
-    split = D.split_sets(ids, seed=7, ratios=(0.7, 0.2, 0.1))
+    split = S.split_sets(ids, seed=7, ratios=(0.7, 0.2, 0.1))
     parts = [split["train"], split["val"], split["test"]]
     assert sorted(i for p in parts for i in p) == sorted(ids)
     assert all(p == sorted(p) for p in parts)
     for part, ratio in zip(parts, (0.7, 0.2, 0.1), strict=True):
         assert abs(len(part) / len(ids) - ratio) < 0.015
     # Adding sets never moves existing ones.
-    bigger = D.split_sets(ids + [f"new-{i}" for i in range(100)], seed=7, ratios=(0.7, 0.2, 0.1))
+    bigger = S.split_sets(ids + [f"new-{i}" for i in range(100)], seed=7, ratios=(0.7, 0.2, 0.1))
     assert all(split.of(i) == bigger.of(i) for i in ids[:500])
-    assert D.split_sets(ids[:50], ratios=(1, 0, 0))["train"] == sorted(ids[:50])
+    assert S.split_sets(ids[:50], ratios=(1, 0, 0))["train"] == sorted(ids[:50])
     ds = Dataset("d", [ItemSet("a", "q", "", [Item("x", "t")]), ItemSet("b", None, "", [Item("y", "t")])])
-    assert sorted(i for v in D.split_sets(ds).values() for i in v) == ["a", "b"]
+    assert sorted(i for v in S.split_sets(ds).values() for i in v) == ["a", "b"]
 
 
 @pytest.mark.parametrize(
@@ -546,27 +547,27 @@ def test_split_properties() -> None:
 )
 def test_split_bad_arguments(kwargs: dict[str, Any], exc: type[Exception], fragment: str) -> None:
     with pytest.raises(exc, match=fragment):
-        D.split_sets(["a", "b"], **kwargs)
+        S.split_sets(["a", "b"], **kwargs)
 
 
 def test_split_bad_sets() -> None:
     with pytest.raises(ValueError, match="given more than once, e.g. 'a'"):
-        D.split_sets(["a", "b", "a"])
+        S.split_sets(["a", "b", "a"])
     with pytest.raises(TypeError, match="sets: expected ItemSet or str elements, got int"):
-        D.split_sets([1, 2])  # type: ignore[list-item]
+        S.split_sets([1, 2])  # type: ignore[list-item]
 
 
 def test_split_save_load(tmp_path: Path) -> None:
-    split = D.split_sets([f"s{i}" for i in range(40)], seed=3, ratios=(0.6, 0.2, 0.2))
+    split = S.split_sets([f"s{i}" for i in range(40)], seed=3, ratios=(0.6, 0.2, 0.2))
     path = tmp_path / "sub" / "split.json"
-    D.save_split(split, path)
+    S.save_split(split, path)
     doc = json.loads(path.read_text(encoding="utf-8"))
     assert doc["seed"] == 3 and doc["ratios"] == [0.6, 0.2, 0.2]
     assert doc["counts"] == {k: len(v) for k, v in split.items()}
-    assert D.load_split(path) == split
+    assert S.load_split(path) == split
     assert [p.name for p in path.parent.iterdir()] == ["split.json"]  # no temp files left
     with pytest.raises(TypeError, match="split: expected a Split"):
-        D.save_split(dict(split), path)  # type: ignore[arg-type]
+        S.save_split(dict(split), path)  # type: ignore[arg-type]
 
 
 def _split_doc(**changes: Any) -> str:
@@ -591,10 +592,10 @@ def test_load_split_malformed(tmp_path: Path, content: str, fragment: str) -> No
     path = tmp_path / "split.json"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(DataError, match=str(path).replace(".", r"\.")) as info:
-        D.load_split(path)
+        S.load_split(path)
     assert fragment in str(info.value)
 
 
 def test_load_split_missing(tmp_path: Path) -> None:
     with pytest.raises(MissingDataError, match="split file"):
-        D.load_split(tmp_path / "absent.json")
+        S.load_split(tmp_path / "absent.json")

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from r4t_fast import Catalog
-from r4t_fast.diffusion import EDM, DiffusionConfig, SetDenoiser, get_preset, load_model, save_model
-from r4t_fast.encoders import HashingEncoder
-from r4t_fast.retriever import Retriever
-from r4t_fast.sampler import SAMPLERS, generate_sets, get_sampler, karras_sigmas
+from r4t_fast.data.encoders import HashingEncoder
+from r4t_fast.diffusion.model import EDM, DiffusionConfig, SetDenoiser, get_preset, load_model, save_model
+from r4t_fast.diffusion.retriever import Retriever
+from r4t_fast.diffusion.samplers import SAMPLERS, generate_sets, get_sampler, karras_sigmas
 from r4t_fast.train.diffusion import DiffusionTrainConfig, load_shards, train_diffusion
 
 
@@ -211,11 +211,14 @@ def test_retriever_retrieve_and_round_trip(tmp_path):
     r = _toy_retriever()
     sets = r.retrieve(["red outfit", "blue bag"], k=6, n_candidates=3, seed=0)
     assert len(sets) == 2
-    for s in sets:
+    for s_q, s in zip(["red outfit", "blue bag"], sets, strict=True):
         assert len(s.item_ids) == 6 == len(set(s.item_ids))  # k > L=4: two samples, grounded jointly
         assert s.row_embeddings.shape == (6, 16) and s.candidates.shape == (6, 3)
         assert all(r.catalog.texts[i] == t for i, t in zip(s.item_indices, s.texts, strict=True))
-        assert np.all(np.diff(s.scores) <= 1e-6)  # best-grounded rows first
+        assert np.all(np.diff(s.row_scores) <= 1e-6)  # best-grounded rows first
+        q = r.encoder.encode([s_q])[0]
+        cos = r.catalog.embeddings[s.item_indices].numpy() @ (q / np.linalg.norm(q))
+        np.testing.assert_allclose(s.scores, cos, atol=1e-5)  # scores: cos(item, query), as for baselines
     r.save(tmp_path / "ret")
     r2 = Retriever.from_pretrained(tmp_path / "ret")
     again = r2.retrieve(["red outfit", "blue bag"], k=6, seed=0)
@@ -237,7 +240,8 @@ def test_retriever_bad_inputs():
 
 
 def test_eval_resolves_a_retriever_directory(tmp_path):
-    from r4t_fast.evaluation import EvalData, resolve_method
+    from r4t_fast.data.prepare import EvalData
+    from r4t_fast.eval.evaluation import resolve_method
 
     r = _toy_retriever()
     r.save(tmp_path / "ret")

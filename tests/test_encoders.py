@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from r4t_fast import encoders as E
-from r4t_fast.encoders import CacheError, EmbeddingCache, HashingEncoder, PCAReducer, encode_cached
+from r4t_fast.data import encoders as E
+from r4t_fast.data.encoders import CacheError, EmbeddingCache, HashingEncoder, PCAReducer, encode_cached
 
 _HAS_MINILM = importlib.util.find_spec(E.MINILM_PACKAGE) is not None
 _HAS_ST = importlib.util.find_spec("sentence_transformers") is not None
@@ -40,7 +40,9 @@ def minilm() -> E.SentenceTransformerEncoder:
 @pytest.mark.models
 @requires_minilm
 def test_minilm_offline_embeddings(minilm: E.SentenceTransformerEncoder) -> None:
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    before = os.environ.get("HF_HUB_OFFLINE")
+    E.SentenceTransformerEncoder()  # offline by local_files_only, scoped to the load: env untouched
+    assert os.environ.get("HF_HUB_OFFLINE") == before
     assert (minilm.name, minilm.dim) == ("all-MiniLM-L6-v2", 384)
     assert isinstance(minilm, E.TextEncoder)
     texts = ["red floral summer dress", "a sundress with flowers", "quarterly corporate tax report"]

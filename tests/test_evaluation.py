@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,8 +10,11 @@ import numpy as np
 import pytest
 
 from r4t_fast import cli
-from r4t_fast import evaluation as E
-from r4t_fast.baselines import DenseBaseline
+from r4t_fast import objectives as M
+from r4t_fast.data import prepare as E_prepare
+from r4t_fast.eval import evaluation as E
+from r4t_fast.eval.baselines import DenseBaseline
+from r4t_fast.eval.records import subset_record
 
 COLORS = ["red", "blue", "green", "black", "white", "pink", "beige", "navy"]
 KINDS = ["dress", "jeans", "sneakers", "handbag", "scarf", "jacket", "sandals", "skirt", "hat", "belt"]
@@ -21,15 +25,27 @@ RECORD_KEYS = {
     "method",
     "split",
     "n_queries",
+    "query_ids_sha256",
     "metrics",
     "ci",
     "latency_ms_per_query",
+    "latency_spread_ms_per_query",
+    "flags",
     "machine",
     "versions",
     "command",
     "date",
     "config",
+    "per_query",
 }
+HEADLINE_KEYS = (
+    "recall_at_fair",
+    "hit_at_fair",
+    "fair_budget",
+    "item_relevance",
+    "vendi",
+    "category_coverage",
+)
 
 
 def write_sets(path: Path, n_sets: int = 80, n_untitled: int = 6) -> Path:
@@ -76,23 +92,41 @@ def dense_record(sets_file: Path, cache_dir: Path) -> dict:
     )
 
 
-def check_record(rec: dict, method: str) -> None:
+def check_record(rec: dict, method: str, dataset: str = "mini", budgets=BUDGETS) -> None:
     assert RECORD_KEYS <= set(rec)
-    assert rec["method"] == method and rec["split"] == "test" and rec["dataset"] == "mini"
+    assert rec["method"] == method and rec["split"] == "test" and rec["dataset"] == dataset
     json.dumps(rec, allow_nan=False)  # strict JSON: no NaN/inf anywhere
     m = rec["metrics"]
-    for key in ("recall@20", "hit@20", "recall@50", "hit@50", "mrecall@10", "vendi"):
+    for key in HEADLINE_KEYS + ("mrecall@10", "ild", "recall_at_fair_quota", "fair_union_size"):
         assert key in m, key
-    for key in ("groundedness", "diversity", "alignment", "item_alignment", "composite", "category_coverage"):
+    for b in budgets:
+        assert f"recall@{10 * b}" in m and f"hit@{10 * b}" in m
+    n_items = rec["config"]["catalog"]["n_items"]
+    assert m["fair_budget"] == M.fair_budget(n_items, 10) == rec["config"]["fair_budget"]["K"]
+    # every method supplies enough candidates: its union holds exactly K distinct items
+    assert m["fair_union_size"] == m["fair_budget"] and rec["flags"] == []
+    keys = ["row_groundedness", "row_diversity", "row_alignment", "row_composite", "item_relevance"]
+    keys += ["recall_at_fair", "hit_at_fair"]
+    for key in keys + ([] if m["category_coverage"] is None else ["category_coverage"]):
         assert 0.0 <= m[key] <= 1.0, key
+    assert not {"composite", "groundedness", "alignment", "diversity", "item_alignment"} & set(m)
     assert 1.0 <= m["vendi"] <= 10.0
-    assert m["recall@20"] <= m["recall@50"] + 1e-12 and m["hit@20"] <= m["hit@50"] + 1e-12
-    assert set(rec["ci"]) == set(m)
+    for small, big in zip(budgets, budgets[1:]):
+        assert m[f"recall@{10 * small}"] <= m[f"recall@{10 * big}"] + 1e-12
+    assert set(rec["ci"]) == set(m) - {"fair_budget"}
     for key, ci in rec["ci"].items():
         if ci is not None:
             assert ci[0] <= m[key] + 1e-9 <= ci[1] + 2e-9, key
-    assert rec["config"]["budgets_per_row"] == list(BUDGETS)
-    assert len(rec["per_query"]["set_id"]) == rec["n_queries"]
+    assert rec["config"]["budgets_per_row"] == list(budgets)
+    assert rec["config"]["n_candidates"] >= m["fair_budget"]
+    ids = rec["per_query"]["set_id"]
+    assert len(ids) == rec["n_queries"]
+    assert rec["query_ids_sha256"] == hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+    for key in HEADLINE_KEYS:
+        if key != "fair_budget":
+            assert len(rec["per_query"][key]) == rec["n_queries"], key
+    cat = rec["config"]["catalog"]
+    assert len(cat["ids_sha256"]) == 64 and len(cat["embeddings_sha256"]) == 64
 
 
 def test_record_schema(dense_record: dict, sets_file: Path) -> None:
@@ -100,12 +134,25 @@ def test_record_schema(dense_record: dict, sets_file: Path) -> None:
     check_record(rec, "dense")
     lat = rec["latency_ms_per_query"]
     assert set(lat) == {"1", "8"} and all(v > 0 for v in lat.values())
+    # >= 8 timed calls per batch size after a warm-up; the number is the median, with its spread
+    for b in ("1", "8"):
+        per = rec["config"]["latency"]["per_batch"][b]
+        assert per["calls"] >= 8 and len(per["batch_ms"]) == per["calls"]
+        assert per["median"] == pytest.approx(float(np.median(np.array(per["batch_ms"]) / int(b))), rel=1e-3)
+        sp = rec["latency_spread_ms_per_query"][b]
+        assert sp["min"] <= sp["p25"] <= lat[b] <= sp["p75"] <= sp["max"]
+    assert rec["config"]["latency"]["min_calls"] >= 8
+    assert "latency_breakdown_ms" not in rec  # only the diffusion retriever has one
+    # the dense baseline's fair union is its top K: recall_at_fair >= the fixed quota's at K
+    m = rec["metrics"]
+    assert m["recall_at_fair"] == pytest.approx(m["recall_at_fair_quota"])
     cfg = rec["config"]
     assert cfg["encoder"].startswith("hashing") and cfg["k"] == 10
     assert cfg["split"]["ratios"] == [0.8, 0.1, 0.1]
     assert Path(cfg["split"]["file"]).is_file() and Path(cfg["catalog"]["dir"]).is_dir()
     # the test split of the synthetic file: every titled set is a query, untitled ones are counted
-    from r4t_fast.data import load_jsonl, split_sets
+    from r4t_fast.data.datasets import load_jsonl
+    from r4t_fast.data.splits import split_sets
 
     ds = load_jsonl(sets_file)
     test_ids = split_sets(ds, seed=0)["test"]
@@ -116,7 +163,7 @@ def test_record_schema(dense_record: dict, sets_file: Path) -> None:
 
 
 def test_cached_catalog_and_split_are_reused(dense_record: dict, sets_file: Path, cache_dir: Path) -> None:
-    data = E.load_eval_data(sets_file, encoder="hashing:32", cache_dir=cache_dir, progress=False)
+    data = E_prepare.load_eval_data(sets_file, encoder="hashing:32", cache_dir=cache_dir, progress=False)
     assert data.catalog_dir == Path(dense_record["config"]["catalog"]["dir"])
     assert str(data.split_path) == dense_record["config"]["split"]["file"]
     rec = E.evaluate("dense", sets_file, data=data, budgets=BUDGETS, latency_batch_sizes=(), progress=False)
@@ -138,14 +185,15 @@ def test_mmr_raises_vendi_over_dense(dense_record: dict, sets_file: Path, cache_
     check_record(rec, "mmr")
     assert rec["config"]["method"]["lambda_"] == 0.3
     assert rec["metrics"]["vendi"] > dense_record["metrics"]["vendi"]
-    # the rows are the raw query for every non-fan-out baseline: alignment is 1
-    assert rec["metrics"]["alignment"] == pytest.approx(1.0)
+    # the rows are the raw query for every non-fan-out baseline: row alignment is 1 by construction
+    assert rec["metrics"]["row_alignment"] == pytest.approx(1.0)
     # ... and the diversified items are less relevant to the query than the dense top-k
-    assert rec["metrics"]["item_alignment"] < dense_record["metrics"]["item_alignment"]
+    assert rec["metrics"]["item_relevance"] < dense_record["metrics"]["item_relevance"]
+    assert rec["query_ids_sha256"] == dense_record["query_ids_sha256"]  # the same queries
 
 
 def test_retriever_object_and_factory(dense_record: dict, sets_file: Path, cache_dir: Path) -> None:
-    data = E.load_eval_data(sets_file, encoder="hashing:32", cache_dir=cache_dir, progress=False)
+    data = E_prepare.load_eval_data(sets_file, encoder="hashing:32", cache_dir=cache_dir, progress=False)
 
     class Wrapped:
         def __init__(self, catalog, encoder) -> None:
@@ -158,6 +206,7 @@ def test_retriever_object_and_factory(dense_record: dict, sets_file: Path, cache
     rec = E.evaluate(Wrapped(data.catalog, data.encoder), sets_file, method_name="r4t-diffusion", **kw)
     assert rec["method"] == "r4t-diffusion"
     assert rec["metrics"] == pytest.approx(dense_record["metrics"])
+    assert "latency_breakdown_ms" not in rec  # not a diffusion Retriever: no breakdown to take
     rec2 = E.evaluate(Wrapped, sets_file, method_name="r4t-diffusion", **kw)
     assert rec2["metrics"] == pytest.approx(dense_record["metrics"])
     with pytest.raises(ValueError, match="method_name"):
@@ -165,10 +214,19 @@ def test_retriever_object_and_factory(dense_record: dict, sets_file: Path, cache
 
 
 def test_limit_and_bad_arguments(sets_file: Path, cache_dir: Path) -> None:
-    data = E.load_eval_data(sets_file, encoder="hashing:32", cache_dir=cache_dir, progress=False)
+    data = E_prepare.load_eval_data(sets_file, encoder="hashing:32", cache_dir=cache_dir, progress=False)
     kw = dict(data=data, budgets=BUDGETS, latency_batch_sizes=(), progress=False)
     rec = E.evaluate("dpp", sets_file, limit=2, **kw)
     assert rec["n_queries"] == 2 and rec["config"]["limit"] == 2
+    full = E.evaluate("dpp", sets_file, **kw)
+    assert rec["query_ids_sha256"] != full["query_ids_sha256"]
+    # scoring on a subset == restricting the full record's per-query values to it
+    sub = subset_record(full, rec["per_query"]["set_id"])
+    assert sub["query_ids_sha256"] == rec["query_ids_sha256"] and sub["n_queries"] == 2
+    assert sub["metrics"] == pytest.approx(rec["metrics"])
+    assert sub["config"]["subset_of"]["query_ids_sha256"] == full["query_ids_sha256"]
+    with pytest.raises(ValueError, match="set_ids: 1 of 1 were not scored"):
+        subset_record(rec, ["nope"])
     with pytest.raises(ValueError, match="split"):
         E.evaluate("dense", sets_file, split="dev", **kw)
     with pytest.raises(ValueError, match="valid choices: dense, dpp, llm-bon, llm-zeroshot, mmr"):
@@ -213,7 +271,28 @@ def test_cli_end_to_end(sets_file: Path, cache_dir: Path, tmp_path: Path, capsys
     assert set(rec["latency_ms_per_query"]) == {"1", "8"}
     assert rec["command"].startswith("r4t eval") and "--method mmr" in rec["command"]
     printed = capsys.readouterr().out
-    assert "recall@50" in printed and f"wrote {out}" in printed
+    assert "recall@50" in printed and "recall_at_fair" in printed and f"wrote {out}" in printed
+
+
+@pytest.mark.parametrize("method", ["dense", "mmr", "dpp"])
+def test_cli_on_any_sets_jsonl_without_categories(method: str, tmp_path: Path) -> None:
+    """`r4t eval --dataset PATH/sets.jsonl --method dense|mmr|dpp --split test --out X.json` on a tiny
+    generated dataset whose items have no category: every headline field is there, coverage is null."""
+    from helpers import sets_jsonl
+
+    data = sets_jsonl(tmp_path / "sets.jsonl", n=40)
+    out = tmp_path / f"{method}.json"
+    argv = ["eval", "--dataset", str(data), "--method", method, "--split", "test", "--out", str(out)]
+    argv += ["--encoder", "hashing:32", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    argv += ["--latency-calls", "8", "--n-boot", "50"]
+    assert cli.main(argv) == 0
+    rec = json.loads(out.read_text())
+    # 40 items: of the default budgets 10, 100, 500 per row only 10 fit in the catalog
+    check_record(rec, method, dataset=data.parent.name, budgets=(10,))  # sets.jsonl: named after its dir
+    m = rec["metrics"]
+    assert m["category_coverage"] is None and rec["ci"]["category_coverage"] is None
+    assert m["fair_budget"] == 10  # 40 items: 3.5 % is 1.4, never below k = 10
+    assert set(rec["latency_ms_per_query"]) == {"1", "8", "64"}
 
 
 def test_cli_llm_methods_with_a_tiny_policy(sets_file: Path, cache_dir: Path, tmp_path: Path) -> None:
@@ -232,13 +311,15 @@ def test_cli_llm_methods_with_a_tiny_policy(sets_file: Path, cache_dir: Path, tm
         "--batch-size",
         "2",
     )
-    assert _eval_cli(sets_file, cache_dir, out, *args, *common) == 0
+    assert _eval_cli(sets_file, cache_dir, out, *args, *common, "--latency-calls", "2") == 0
     rec = json.loads(out.read_text())
     check_record(rec, "llm-zeroshot")
-    assert rec["method_stats"]["n_completions"] == 2
-    assert rec["config"]["latency"]["sample"].startswith("small sample")
+    st = rec["method_stats"]
+    assert st["n_completions"] == 2  # the quality run's (latency calls are not counted)
+    for key in ("usable_subqueries", "no_subquery_rate", "strict_format_failure_rate", "missing_row_rate"):
+        assert key in st, key
     per_batch = rec["config"]["latency"]["per_batch"]
-    assert "source" not in per_batch["1"] and per_batch["2"]["source"].startswith("the quality run")
+    assert per_batch["1"]["calls"] == 2 == per_batch["2"]["calls"]
     assert set(rec["latency_ms_per_query"]) == {"1", "2"}
     assert rec["config"]["method"]["max_new_tokens"] == 4
     out = tmp_path / "folm.json"
@@ -282,3 +363,77 @@ def test_cli_bad_inputs(sets_file: Path, cache_dir: Path, tmp_path: Path, capsys
     assert not out.exists()
     with pytest.raises(SystemExit):
         _eval_cli(sets_file, cache_dir, out, "--method", "dense", "--split", "dev")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the diffusion retriever: same-catalog check and latency breakdown
+# ----------------------------------------------------------------------------------------------------
+def _tiny_retriever(catalog, encoder):
+    import torch
+
+    from r4t_fast.diffusion.model import SetDenoiser, get_preset
+    from r4t_fast.diffusion.retriever import Retriever
+
+    torch.manual_seed(0)
+    model = SetDenoiser(get_preset("tiny", dim=catalog.dim, cond_dim=catalog.dim)).eval()
+    with torch.no_grad():  # zero-initialised output layers would make every sample trivial
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return Retriever(model, catalog, encoder, encoder_spec="hashing:32", steps=2)
+
+
+def test_diffusion_retriever_records_its_latency_breakdown(sets_file: Path, cache_dir: Path) -> None:
+    data = E_prepare.load_eval_data(sets_file, encoder="hashing:32", cache_dir=cache_dir, progress=False)
+    r = _tiny_retriever(data.catalog, data.encoder)
+    rec = E.evaluate(
+        r, sets_file, data=data, budgets=BUDGETS, latency_batch_sizes=(1, 8), latency_calls=8, progress=False
+    )
+    check_record(rec, "r4t-diffusion")
+    brk = rec["latency_breakdown_ms"]
+    assert set(brk) == {"1", "8"}
+    for b, parts in brk.items():
+        assert set(parts) == {"encode", "sample", "ground"} and all(v > 0 for v in parts.values())
+        # the parts are timed apart from retrieve(); together they are about its wall time
+        assert sum(parts.values()) < 3 * rec["latency_ms_per_query"][b] + 1.0
+    assert "generate_sets" in rec["config"]["latency"]["breakdown"]
+
+
+def test_cli_refuses_a_retriever_on_another_catalog(
+    sets_file: Path, cache_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from r4t_fast import Catalog
+
+    data = E_prepare.load_eval_data(sets_file, encoder="hashing:32", cache_dir=cache_dir, progress=False)
+    cat = data.catalog
+    # the evaluation catalog itself: accepted (saved and reloaded bytes are the same)
+    same = tmp_path / "same"
+    _tiny_retriever(cat, data.encoder).save(same)
+    assert (
+        _eval_cli(
+            sets_file, cache_dir, tmp_path / "ok.json", "--method", str(same), "--latency-batches", "none"
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "ok.json").read_text())["method"] == "r4t-diffusion"
+    # other ids (one item fewer)
+    fewer = Catalog(cat.ids[:-1], cat.embeddings[:-1], cat.texts[:-1], cat.categories[:-1])
+    _tiny_retriever(fewer, data.encoder).save(tmp_path / "fewer")
+    out = tmp_path / "x.json"
+    assert _eval_cli(sets_file, cache_dir, out, "--method", str(tmp_path / "fewer")) == 2
+    err = capsys.readouterr().err
+    assert "the retriever's catalog is not the evaluation catalog: item ids differ" in err
+    assert f"retriever: {len(cat) - 1} items" in err and f"evaluation: {len(cat)} items" in err
+    assert err.count("\n") == 1 and not out.exists()
+    # the same ids, other embeddings
+    emb = cat.embeddings.clone()
+    emb[0] = emb[1]
+    moved = Catalog(cat.ids, emb, cat.texts, cat.categories)
+    _tiny_retriever(moved, data.encoder).save(tmp_path / "moved")
+    assert _eval_cli(sets_file, cache_dir, out, "--method", str(tmp_path / "moved")) == 2
+    err = capsys.readouterr().err
+    assert f"embeddings differ (same {len(cat)} item ids" in err and "item ids differ" not in err
+    # the Python API refuses a retriever object on another catalog too
+    with pytest.raises(ValueError, match="embeddings differ"):
+        E.evaluate(
+            _tiny_retriever(moved, data.encoder), sets_file, data=data, latency_batch_sizes=(), progress=False
+        )

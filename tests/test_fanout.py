@@ -14,10 +14,12 @@ import pytest
 
 from helpers import make_tiny_policy
 from r4t_fast import Catalog
-from r4t_fast.baselines import get_baseline
-from r4t_fast.encoders import HashingEncoder
-from r4t_fast.fanout import BestOfNBaseline, LLMFanOutBaseline
-from r4t_fast.llm import GenerationOutput, parse_subqueries
+from r4t_fast.data.encoders import HashingEncoder
+from r4t_fast.eval.baselines import get_baseline
+from r4t_fast.eval.llm_baselines import BestOfNBaseline, LLMFanOutBaseline
+from r4t_fast.fanout.generation import GenerationOutput
+from r4t_fast.fanout.missing import MISSING_ROW_RULE, fill_missing_rows
+from r4t_fast.fanout.parser import parse_subqueries
 
 COLORS = ["red", "blue", "green", "black", "white", "pink"]
 KINDS = ["dress", "jeans", "sneakers", "handbag", "scarf", "jacket", "sandals"]
@@ -86,11 +88,12 @@ def test_scripted_fanout_grounds_distinct_items_and_candidates(world) -> None:
         assert [cat.texts[c] for c in r.candidates[:, 0]] == got
         np.testing.assert_allclose(r.row_embeddings, enc.encode(got), atol=1e-6)
     st = base.stats
-    assert st["n_completions"] == 2 and st["n_format_failures"] == 0 and st["n_fallback_rows"] == 0
+    assert st["n_completions"] == 2 and st["n_strict_format_failures"] == 0 and st["n_missing_rows"] == 0
+    assert st["usable_subqueries"] == 4 and st["no_subquery_rate"] == 0
     assert lm.calls[0]["k"] == 4 and lm.calls[0]["t"] == 0.0
 
 
-def test_short_and_malformed_outputs_fall_back_to_the_raw_query(world) -> None:
+def test_short_and_malformed_outputs_get_the_raw_query_for_missing_rows(world) -> None:
     cat, enc = world
     scripts = {"short": _answer(["pink handbag"], 3), "garbage": "I cannot help with that."}
     lm = ScriptedLM(lambda q, s: scripts[q])
@@ -102,16 +105,64 @@ def test_short_and_malformed_outputs_fall_back_to_the_raw_query(world) -> None:
     np.testing.assert_allclose(garbage.row_embeddings, np.repeat(qe[1:], 3, 0), atol=1e-6)
     # repeated raw-query rows still ground to distinct items
     assert len(set(garbage.item_indices.tolist())) == 3
-    st = base.stats
+    st = base.stats  # one meaning per word (issue 10)
     assert st["n_completions"] == 2
-    assert st["n_format_failures"] == 2  # short list and no list at all
-    assert st["n_parse_failures"] == 1
-    assert st["n_fallback_rows"] == 2 + 3 and st["n_rows"] == 6
-    assert st["fallback_row_rate"] == pytest.approx(5 / 6)
+    assert st["n_strict_format_failures"] == 2  # short list and no list at all break the strict format
+    assert st["strict_format_failure_rate"] == 1.0
+    assert st["n_no_subquery"] == 1 and st["no_subquery_rate"] == 0.5  # only "garbage" has none
+    assert st["usable_subqueries"] == pytest.approx(0.5)  # (1 + 0) / 2 completions
+    assert st["n_missing_rows"] == 2 + 3 and st["n_rows"] == 6
+    assert st["missing_row_rate"] == pytest.approx(5 / 6)
+    assert not {"format_failure_rate", "fallback_row_rate", "parse_failure_rate"} & set(st)
     base.reset_stats()
     assert base.stats["n_completions"] == 0
     fan = base.fan_out(["short"], 3)[0][0]
     assert fan.rows == ["pink handbag", "short", "short"] and fan.n_generated == 1 and not fan.format_ok
+    assert fan.rows == fill_missing_rows(["pink handbag"], "short", 3)
+    assert base.config()["missing_rows"] == MISSING_ROW_RULE
+
+
+def test_the_one_missing_row_rule() -> None:
+    assert fill_missing_rows(["a", "b"], " big   query ", 4) == ["a", "b", "big query", "big query"]
+    assert fill_missing_rows([], "q", 3) == ["q", "q", "q"]
+    assert fill_missing_rows(["a", "b", "c"], "q", 2) == ["a", "b"]
+    assert fill_missing_rows(("a",), "q", 1) == ["a"]
+    with pytest.raises(ValueError, match="^k:"):
+        fill_missing_rows(["a"], "q", 0)
+    with pytest.raises(ValueError, match="^query:"):
+        fill_missing_rows(["a"], "  ", 2)
+    with pytest.raises(ValueError, match="^subqueries:"):
+        fill_missing_rows("abc", "q", 2)
+
+
+def test_rl_reward_uses_the_missing_row_rule(world) -> None:
+    """RewardFunction(missing="query") scores exactly the rows fill_missing_rows builds."""
+    from r4t_fast import objectives
+    from r4t_fast.fanout.rewards import RewardFunction
+
+    cat, enc = world
+    fn = RewardFunction(cat, enc, k=3, missing="query")
+    batch = fn.score([_answer(["pink handbag"], 3)], ["winter  walk"])
+    rows = enc.encode(fill_missing_rows(["pink handbag"], "winter  walk", 3))
+    assert batch.groundedness[0] == pytest.approx(float(objectives.groundedness(rows, cat.embeddings)))
+    q = enc.encode(["winter  walk"])[0]
+    assert batch.alignment[0] == pytest.approx(float(objectives.alignment(rows, q)), abs=1e-6)
+    summary = batch.summary()
+    assert summary["usable_subqueries"] == 1.0 and summary["no_subquery_rate"] == 0.0
+    assert summary["strict_format_failure_rate"] == 1.0  # a short list breaks the strict format
+
+
+def test_synthesis_uses_the_missing_row_rule(world) -> None:
+    """Synthesis pads a short fan-out with the raw query (not by cycling its subqueries)."""
+    from r4t_fast.train.synthesis import SynthesisConfig, synthesize_queries
+
+    cat, enc = world
+    lm = ScriptedLM(lambda q, s: _answer(["pink handbag"], 3))
+    cfg = SynthesisConfig(samples=1, k=3, min_subqueries=1)
+    tensors, counts = synthesize_queries(["winter walk"], lm, enc, cat, cfg, seed=0)
+    assert counts["kept"] == 1
+    want = enc.encode(fill_missing_rows(["pink handbag"], "winter walk", 3))
+    np.testing.assert_allclose(tensors["targets_subqueries"][0].numpy(), want, atol=1e-6)
 
 
 def test_best_of_n_picks_the_highest_composite_reward(world) -> None:
@@ -177,8 +228,8 @@ def test_tiny_llama_policy_end_to_end(world, tiny_policy: Path) -> None:
     assert all(len(set(r.item_indices.tolist())) == 3 for r in res)
     st = base.stats
     assert st["n_completions"] == 2 and st["generated_tokens"] > 0
-    # a random model writes no parseable list in 6 tokens: everything falls back to the raw query
-    assert st["n_fallback_rows"] == 6 and st["n_format_failures"] == 2
+    # a random model writes no parseable list in 6 tokens: every row is the raw query
+    assert st["n_missing_rows"] == 6 and st["n_strict_format_failures"] == 2 and st["n_no_subquery"] == 2
     folm = LLMFanOutBaseline(cat, enc, policy=str(tiny_policy), name="folm", max_new_tokens=4)
     assert folm.name == "folm" and folm.config()["policy"] == str(tiny_policy.resolve())
 

@@ -16,16 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from r4t_fast import llm
-from r4t_fast.llm import (
-    FanOutLM,
-    GenerationOutput,
-    ParseResult,
-    benchmark_latency,
-    build_messages,
-    parse_subqueries,
-    resolve_policy,
-)
+from r4t_fast._internal import publish_dir
+from r4t_fast.fanout import policy as llm
+from r4t_fast.fanout.generation import FanOutLM, GenerationOutput, benchmark_latency
+from r4t_fast.fanout.parser import ParseResult, parse_subqueries
+from r4t_fast.fanout.policy import resolve_policy
+from r4t_fast.fanout.prompt import build_messages
 
 # --------------------------------------------------------------------------------------------------
 # Parser
@@ -267,7 +263,7 @@ def test_resolve_smollm2_converts_once_into_cache(tmp_path: Path, monkeypatch: p
             meta = {"source": src.name, "source_bytes": src.stat().st_size}
             (out / llm._MARKER).write_text(json.dumps(meta))
 
-        llm._publish_dir(target, write, lambda p: llm._conversion_complete(p, src))
+        publish_dir(target, write, lambda p: llm._conversion_complete(p, src))
 
     monkeypatch.setattr(llm, "find_smollm2_gguf", lambda: gguf)
     monkeypatch.setattr(llm, "_convert_smollm2", fake_convert)
@@ -295,7 +291,7 @@ def test_publish_dir_cleans_up_after_failure(tmp_path: Path) -> None:
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        llm._publish_dir(tmp_path / "target", failing, lambda p: False)
+        publish_dir(tmp_path / "target", failing, lambda p: False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from r4t_fast import metrics as M
+from r4t_fast import objectives as M
+from r4t_fast.eval import metrics as M_metrics
+from r4t_fast.eval import stats as M_stats
 
 
 def _rng(seed: int = 0) -> np.random.Generator:
@@ -285,6 +287,58 @@ def test_union_candidates_protocol() -> None:
         M.union_candidates(np.zeros((2, 3)), 1)
 
 
+def test_fair_budget_rounding() -> None:
+    # the multiple of k closest to 3.5 % of the catalog
+    assert M.fair_budget(18_800, 10) == 660  # Polyvore test catalog: 658 -> 660
+    assert M.fair_budget(18_689, 10) == 650  # Spotify: 654.1 -> 650
+    assert M.fair_budget(142_472, 10) == 4990  # the paper's catalog: 4,986.5 -> 4,990 (paper: 5,000)
+    assert M.fair_budget(18_800, 12) == 660  # 658 / 12 = 54.8 -> 55 * 12
+    # halves round up, never below k, never above the catalog
+    assert M.fair_budget(100, 10, share=0.25) == 30  # 2.5 multiples -> 3
+    assert M.fair_budget(100, 10, share=0.24) == 20
+    assert M.fair_budget(40, 10) == 10
+    assert M.fair_budget(25, 10, share=1.0) == 20
+    for k in (1, 5, 10):
+        assert M.fair_budget(10_000, k) % k == 0
+    with pytest.raises(ValueError, match=r"^k: expected an int in \[1, 5\]"):
+        M.fair_budget(5, 10)
+    with pytest.raises(ValueError, match="^n_items"):
+        M.fair_budget(0, 1)
+    with pytest.raises(ValueError, match="^share"):
+        M.fair_budget(100, 10, share=0.0)
+
+
+def test_round_robin_union_by_hand() -> None:
+    cand = np.array([[5, 1, 9], [1, 2, -1], [7, 5, 3]])
+    # row 1's first, row 2's first, row 3's first, then the second column ...; duplicates and -1 skipped
+    assert M.round_robin_union(cand, 5).tolist() == [5, 1, 7, 2, 9]
+    assert M.round_robin_union(cand, 1).tolist() == [5]
+    assert M.round_robin_union(cand, 100).tolist() == [5, 1, 7, 2, 9, 3]  # only 6 distinct: short
+    # dense baseline layout (its ranking column-major): the round-robin union is its top K
+    ranking = np.arange(40)
+    layout = ranking.reshape(4, 10).T  # (k = 10 rows, C = 4)
+    assert M.round_robin_union(layout, 23).tolist() == list(range(23))
+    assert M.round_robin_union(torch.tensor([[3, 4]]), 2).tolist() == [3, 4]
+    with pytest.raises(ValueError, match="^size"):
+        M.round_robin_union(cand, 0)
+    with pytest.raises(ValueError, match="^candidates"):
+        M.round_robin_union(np.zeros((2, 3)), 1)
+
+
+def test_item_relevance_by_hand() -> None:
+    items = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    q = np.array([1.0, 0.0])
+    # cos 1, 0, -1 -> (1 + c) / 2 = 1, 0.5, 0 -> mean 0.5
+    assert float(M.item_relevance(items, q)) == pytest.approx(0.5)
+    assert float(M.item_relevance(items[:2], q)) == pytest.approx(0.75)
+    batch = M.item_relevance(np.stack([items, items]), np.stack([q, -q]), lengths=np.array([2, 3]))
+    np.testing.assert_allclose(batch, [0.75, 0.5])
+    # not normalised inputs: only directions count
+    assert float(M.item_relevance(3.0 * items[:1], 0.5 * q)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="^item_emb"):
+        M.item_relevance(np.zeros(3), q)
+
+
 def test_mrecall_definition() -> None:
     ref = [{1, 2}]
     # |Y| < k: success iff all of Y in the top k
@@ -315,34 +369,34 @@ def test_category_coverage() -> None:
 # ----------------------------------------------------------------------------------------------------
 def test_bootstrap_ci() -> None:
     v = _rng(13).normal(loc=1.0, scale=1.0, size=400)
-    ci = M.bootstrap_ci(v, n_boot=2000, seed=3)
+    ci = M_stats.bootstrap_ci(v, n_boot=2000, seed=3)
     assert ci.mean == pytest.approx(v.mean())
     assert ci.low < ci.mean < ci.high
     half = 1.96 * v.std(ddof=1) / math.sqrt(v.size)  # normal-theory half-width
     assert ci.high - ci.low == pytest.approx(2 * half, rel=0.15)
-    assert ci == M.bootstrap_ci(v, n_boot=2000, seed=3)  # seeded, deterministic
+    assert ci == M_stats.bootstrap_ci(v, n_boot=2000, seed=3)  # seeded, deterministic
     assert ci.excludes_zero
-    const = M.bootstrap_ci(np.full(10, 0.3))
+    const = M_stats.bootstrap_ci(np.full(10, 0.3))
     assert const.low == pytest.approx(0.3) and const.high == pytest.approx(0.3)
     with pytest.raises(ValueError, match="^values: expected finite"):
-        M.bootstrap_ci([1.0, float("nan")])
+        M_stats.bootstrap_ci([1.0, float("nan")])
     with pytest.raises(ValueError, match="^n_boot"):
-        M.bootstrap_ci([1.0], n_boot=0)
+        M_stats.bootstrap_ci([1.0], n_boot=0)
     with pytest.raises(ValueError, match="^alpha"):
-        M.bootstrap_ci([1.0], alpha=1.5)
+        M_stats.bootstrap_ci([1.0], alpha=1.5)
 
 
 def test_paired_bootstrap_ci() -> None:
     rng = _rng(14)
     base = rng.normal(size=300)
     better = base + 0.1 + 0.01 * rng.normal(size=300)  # small, consistent gain: paired test sees it
-    ci = M.paired_bootstrap_ci(better, base)
+    ci = M_stats.paired_bootstrap_ci(better, base)
     assert ci.mean == pytest.approx(np.mean(better - base))
     assert ci.excludes_zero and ci.low > 0
-    same = M.paired_bootstrap_ci(base, base + 0.01 * rng.normal(size=300))
+    same = M_stats.paired_bootstrap_ci(base, base + 0.01 * rng.normal(size=300))
     assert not same.excludes_zero
     with pytest.raises(ValueError, match="^b: expected the same number"):
-        M.paired_bootstrap_ci([1.0, 2.0], [1.0])
+        M_stats.paired_bootstrap_ci([1.0, 2.0], [1.0])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -355,39 +409,90 @@ def test_evaluate_sets_hand_example() -> None:
     rows = np.stack([cat[[0, 1]], cat[[2, 2]]])  # rows are items -> groundedness 1
     queries = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
     refs = [{0, 2}, {2, 3}]
-    res = M.evaluate_sets(items, rows, queries, cat, references=refs, item_categories=cats)
+    res = M_metrics.evaluate_sets(items, rows, queries, cat, references=refs, item_categories=cats)
+    # renamed in issue 10: the OAR terms are row_*, "vendi" is always the Vendi of the k items
     expected_keys = {
-        "recall@2",
-        "hit@2",
+        "recall_at_fair",
+        "hit_at_fair",
+        "fair_union_size",
         "mrecall@2",
         "vendi",
-        "vendi_items",
-        "groundedness",
-        "diversity",
-        "alignment",
-        "composite",
+        "item_relevance",
+        "row_groundedness",
+        "row_diversity",
+        "row_alignment",
+        "row_composite",
         "ild",
         "category_coverage",
     }
     assert set(res.means) == expected_keys == set(res.per_query)
-    assert res.vendi_mode == "items"
-    np.testing.assert_allclose(res.per_query["recall@2"], [0.5, 0.5])
-    np.testing.assert_allclose(res.per_query["hit@2"], [1.0, 1.0])
+    assert res.fair_budget == 2  # fair_budget(4 items, k = 2): never below k
+    # no candidates: the union is the items themselves (query 2 has one distinct item)
+    np.testing.assert_allclose(res.per_query["recall_at_fair"], [0.5, 0.5])
+    np.testing.assert_allclose(res.per_query["hit_at_fair"], [1.0, 1.0])
+    np.testing.assert_allclose(res.per_query["fair_union_size"], [2, 1])
     np.testing.assert_allclose(res.per_query["mrecall@2"], [0.0, 0.0])
-    np.testing.assert_allclose(res.per_query["groundedness"], [1.0, 1.0])
+    np.testing.assert_allclose(res.per_query["row_groundedness"], [1.0, 1.0])
     np.testing.assert_allclose(res.per_query["vendi"], [2.0, 1.0], atol=1e-12)
-    np.testing.assert_allclose(res.per_query["diversity"], [1.0, 0.5], atol=1e-12)
-    np.testing.assert_allclose(res.per_query["alignment"], [0.75, 1.0])  # (1 + mean cos) / 2
+    np.testing.assert_allclose(res.per_query["row_diversity"], [1.0, 0.5], atol=1e-12)
+    np.testing.assert_allclose(res.per_query["row_alignment"], [0.75, 1.0])  # (1 + mean cos) / 2 of rows
+    # item relevance: query 1's items have cos 1 and 0 with it, query 2's both cos 1
+    np.testing.assert_allclose(res.per_query["item_relevance"], [0.75, 1.0])
     np.testing.assert_allclose(res.per_query["ild"], [1.0, 0.0], atol=1e-12)
     np.testing.assert_allclose(res.per_query["category_coverage"], [0.5, 1.0])  # None is ignored
     np.testing.assert_allclose(
-        res.per_query["composite"], [0.6 * 1 + 0.2 * 1 + 0.2 * 0.75, 0.6 + 0.2 * 0.5 + 0.2 * 1.0]
+        res.per_query["row_composite"], [0.6 * 1 + 0.2 * 1 + 0.2 * 0.75, 0.6 + 0.2 * 0.5 + 0.2 * 1.0]
     )
-    assert res.means["recall@2"] == pytest.approx(0.5)
-    ci = res.ci("composite")
-    assert ci.low <= res.means["composite"] <= ci.high
+    assert res.means["recall_at_fair"] == pytest.approx(0.5)
+    ci = res.ci("row_composite")
+    assert ci.low <= res.means["row_composite"] <= ci.high
     with pytest.raises(ValueError, match="^key: unknown metric"):
         res.ci("recall@5000")
+    # the names before issue 10 still resolve, with a DeprecationWarning, and are never listed
+    with pytest.warns(DeprecationWarning, match="row_composite"):
+        np.testing.assert_allclose(res.per_query["composite"], res.per_query["row_composite"])
+    with pytest.warns(DeprecationWarning):
+        assert res.means["vendi_items"] == res.means["vendi"]
+    with pytest.raises(KeyError):
+        res.per_query["no such metric"]
+
+
+def test_evaluate_sets_fair_union_and_fixed_quota_by_hand() -> None:
+    """Two overlapping rows: the fixed quota (K / L per row) loses items to the overlap, the fair union
+    (round-robin, K distinct) does not."""
+    cat = np.eye(6)
+    items = np.array([[0, 4]])
+    rows = cat[[0, 4]][None]
+    query = cat[:1]
+    cand = [np.array([[0, 1, 2, 3], [0, 1, 4, 5]])]
+    ref = [{4, 5}]
+    res = M_metrics.evaluate_sets(items, rows, query, cat, references=ref, candidates=cand, fair_k=4)
+    # fixed quota b = 4 / 2 = 2: {0, 1} from both rows -> 2 items, none of the reference
+    np.testing.assert_allclose(res.per_query["recall_at_fair_quota"], [0.0])
+    np.testing.assert_allclose(res.per_query["hit_at_fair_quota"], [0.0])
+    # round robin: 0, (0), 1, (1), 2, 4 -> {0, 1, 2, 4}: one of the two reference items
+    np.testing.assert_allclose(res.per_query["recall_at_fair"], [0.5])
+    np.testing.assert_allclose(res.per_query["hit_at_fair"], [1.0])
+    np.testing.assert_allclose(res.per_query["fair_union_size"], [4])
+    # default budget: all C = 4 candidates per row, K = 2 * 4
+    np.testing.assert_allclose(res.per_query["recall@8"], [1.0])
+    # asking for more distinct items than the rows hold: the union is short, and says so
+    short = M_metrics.evaluate_sets(items, rows, query, cat, references=ref, candidates=cand, fair_k=10)
+    np.testing.assert_allclose(short.per_query["fair_union_size"], [6])
+    assert "recall_at_fair_quota" not in short.per_query  # 10 / 2 = 5 > 4 candidates per row
+
+
+def test_evaluate_sets_category_less_dataset() -> None:
+    """Items without any category: category_coverage is nan for every query (null in a record)."""
+    cat = np.eye(3)
+    items = np.array([[0, 1]])
+    for cats in (None, [None, None, None]):
+        res = M_metrics.evaluate_sets(
+            items, cat[[0, 1]][None], cat[:1], cat, references=[{0, 2}], item_categories=cats
+        )
+        assert np.isnan(res.per_query["category_coverage"]).all()
+        assert math.isnan(res.means["category_coverage"])
+        assert res.means["recall_at_fair"] == pytest.approx(0.5)
 
 
 def test_evaluate_sets_candidates_runs_and_ragged() -> None:
@@ -400,7 +505,7 @@ def test_evaluate_sets_candidates_runs_and_ragged() -> None:
     cands = [rng.integers(0, 300, size=(10, 50)) for _ in range(q)]
     refs = [set(rng.choice(300, size=4, replace=False).tolist()) for _ in range(q)]
     runs = [rng.normal(size=(5, 10, 8)) for _ in range(q)]
-    res = M.evaluate_sets(
+    res = M_metrics.evaluate_sets(
         items,
         rows,
         queries,
@@ -411,36 +516,42 @@ def test_evaluate_sets_candidates_runs_and_ragged() -> None:
         run_row_embeddings=runs,
         mrecall_k=5,
     )
-    assert {"recall@200", "hit@200", "mrecall@5", "vendi"} <= set(res.means)
-    assert res.vendi_mode == "runs"
+    assert {"recall@200", "hit@200", "mrecall@5", "vendi", "vendi_runs"} <= set(res.means)
     expected = M.recall_at_k([M.union_candidates(c, 20) for c in cands], refs)
     np.testing.assert_allclose(res.per_query["recall@200"], expected)
-    np.testing.assert_allclose(res.per_query["vendi"], [float(M.vendi_over_runs(r)) for r in runs])
+    # vendi is always the Vendi of the k items; the paper's Vendi over runs is vendi_runs
+    np.testing.assert_allclose(res.per_query["vendi_runs"], [float(M.vendi_over_runs(r)) for r in runs])
+    np.testing.assert_allclose(res.per_query["vendi"], [float(M.vendi_score(cat[i])) for i in items])
+    fair = M.fair_budget(300, 10)
+    assert res.fair_budget == fair == 10
+    expected = M.recall_at_k([M.round_robin_union(c, fair) for c in cands], refs)
+    np.testing.assert_allclose(res.per_query["recall_at_fair"], expected)
     # ragged sets: the 7-row set is scored on its 7 rows only
-    assert res.per_query["groundedness"][1] == pytest.approx(float(M.groundedness(rows[1], cat)))
-    assert res.per_query["diversity"][1] == pytest.approx(float(M.diversity(cat[items[1]])))
-    assert "category_coverage" not in res.means
+    assert res.per_query["row_groundedness"][1] == pytest.approx(float(M.groundedness(rows[1], cat)))
+    assert res.per_query["row_diversity"][1] == pytest.approx(float(M.diversity(cat[items[1]])))
+    assert np.isnan(res.per_query["category_coverage"]).all()  # no categories given
     with pytest.raises(ValueError, match="^budget_per_row"):
-        M.evaluate_sets(items, rows, queries, cat, references=refs, budget_per_row=3)
+        M_metrics.evaluate_sets(items, rows, queries, cat, references=refs, budget_per_row=3)
     with pytest.raises(ValueError, match="^query_embeddings"):
-        M.evaluate_sets(items, rows, queries[:2], cat)
+        M_metrics.evaluate_sets(items, rows, queries[:2], cat)
     with pytest.raises(ValueError, match=r"^item_indices\[0\]: expected ids < 300"):
-        M.evaluate_sets([[300]], rows[:1], queries[:1], cat)
+        M_metrics.evaluate_sets([[300]], rows[:1], queries[:1], cat)
 
 
 def test_evaluate_sets_without_references_has_only_oar_keys() -> None:
     cat = np.eye(3)
-    res = M.evaluate_sets([[0, 1, -1]], [cat[:2]], cat[:1], cat)  # -1 (no item) is ignored
+    res = M_metrics.evaluate_sets([[0, 1, -1]], [cat[:2]], cat[:1], cat)  # -1 (no item) is ignored
     assert set(res.means) == {
         "vendi",
-        "vendi_items",
-        "groundedness",
-        "diversity",
-        "alignment",
-        "composite",
+        "item_relevance",
+        "row_groundedness",
+        "row_diversity",
+        "row_alignment",
+        "row_composite",
         "ild",
     }
-    assert res.means["diversity"] == pytest.approx(1.0)
+    assert res.means["row_diversity"] == pytest.approx(1.0)
+    assert res.fair_budget is None
 
 
 def test_evaluate_sets_accepts_torch_and_float16_catalog() -> None:
@@ -450,8 +561,8 @@ def test_evaluate_sets_accepts_torch_and_float16_catalog() -> None:
     items = torch.tensor([[0, 1, 2], [3, 4, 5]])
     rows = torch.from_numpy(emb[[0, 1, 2, 3, 4, 5]].reshape(2, 3, 8)).float()
     queries = torch.from_numpy(_unit(rng.normal(size=(2, 8)))).float()
-    res = M.evaluate_sets(items, rows, queries, cat16, references=[{0}, {9}])
-    ref = M.evaluate_sets(items.numpy(), rows.numpy(), queries.numpy(), emb, references=[{0}, {9}])
+    res = M_metrics.evaluate_sets(items, rows, queries, cat16, references=[{0}, {9}])
+    ref = M_metrics.evaluate_sets(items.numpy(), rows.numpy(), queries.numpy(), emb, references=[{0}, {9}])
     for key in ref.means:
-        assert res.means[key] == pytest.approx(ref.means[key], abs=2e-3), key
-    assert res.means["groundedness"] == pytest.approx(1.0, abs=1e-3)
+        assert res.means[key] == pytest.approx(ref.means[key], abs=2e-3, nan_ok=True), key
+    assert res.means["row_groundedness"] == pytest.approx(1.0, abs=1e-3)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from r4t_fast import ops
-from r4t_fast import reference as ref
+from r4t_fast.kernels import reference as ref
 
 
 def _randn(*shape, g):

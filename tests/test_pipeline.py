@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import make_tiny_policy, sets_jsonl
-from r4t_fast.pipeline import PRESETS, run_pipeline
+from r4t_fast.pipeline import PIPELINE_PRESETS, run_pipeline
 
 ANSWER = '<queries>["red scarf", "black boots", "blue jacket"]</queries><|im_end|>'
 
@@ -19,7 +19,7 @@ def _parrot_policy(path: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from r4t_fast.llm import build_messages
+    from r4t_fast.fanout.prompt import build_messages
 
     make_tiny_policy(path)
     tok = AutoTokenizer.from_pretrained(path)
@@ -95,4 +95,4 @@ def test_pipeline_bad_arguments(tmp_path: Path) -> None:
         run_pipeline("polyvore", tmp_path, preset="big")
     with pytest.raises(ValueError, match="methods: unknown"):
         run_pipeline("polyvore", tmp_path, preset="smoke", methods=("bm25",))
-    assert set(PRESETS) == {"cpu-small", "smoke"}
+    assert set(PIPELINE_PRESETS) == {"cpu-small", "smoke"}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from r4t_fast import cli
-from r4t_fast import report as R
+from r4t_fast.eval import report as R
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

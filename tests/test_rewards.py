@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from r4t_fast import ops
-from r4t_fast import rewards as R
-from r4t_fast.encoders import HashingEncoder
+from r4t_fast.data.encoders import HashingEncoder
+from r4t_fast.fanout import rewards as R
 
 ITEMS = [
     "red wool scarf",

@@ -160,7 +160,7 @@ def test_step_logger_resume_and_plot(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 def test_train_rl_smoke_resume_and_load(tmp_path: Path) -> None:
     from r4t_fast.cli import main
-    from r4t_fast.llm import FanOutLM
+    from r4t_fast.fanout.generation import FanOutLM
 
     policy = make_tiny_policy(tmp_path / "tiny-policy")
     data = sets_jsonl(tmp_path / "sets.jsonl")

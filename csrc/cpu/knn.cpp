@@ -1,316 +1,326 @@
-// Exact fused top-k (inner product or L2) on the CPU.
+// Exact fused top-k (inner product or L2) on the CPU: the driver. The per-ISA compute bodies live in
+// knn_impl.h (GEMM path and direct path; see its header comment), compiled here once per instruction set:
+// x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA + F16C) and the baseline, chosen at runtime from the CPU's
+// features (R4T_SIMD=baseline|x86-64-v3|x86-64-v4 in the environment, or set_cpu_simd, overrides).
 //
-// Algorithm: the catalog is split into one contiguous chunk per thread. Each thread walks its chunk in
-// tiles of `tile_rows` catalog rows; a tile is packed (transposed into 16-row panels, fp16 converted to
-// fp32, squared norms computed for L2) so that a 6x16 register-blocked micro-kernel computes query x
-// catalog dot products from L1/L2. Each 6x16 score block is folded into per-query running top-k heaps
-// with a vector max quick-reject against the heap threshold; the B x N score matrix never exists.
-// Finally the per-thread heaps are merged. Queries are processed in chunks of at most kQueryChunk so
-// the per-thread heaps stay O(kQueryChunk * k). Batches of fewer than 6 queries use a direct
-// dot-product path (no packing). Peak extra memory: threads * (tile + kQueryChunk * k) + queries copy.
-//
-// SIMD: the hot loops use GCC vector extensions inside functions compiled twice with target_clones
-// (x86-64-v3 = AVX2+FMA+F16C, and the baseline); the loader picks the clone for this CPU at runtime.
+// Plan of one call (knn_cpu_plan):
+//   keff      = min(k, number of allowed rows): heaps and merge buffers scale with keff, never with k; the
+//               output slots keff..k-1 are written as sentinels (id -1, score -inf for IP / +inf for L2).
+//   threads   = min(requested, allowed rows / 256, B * allowed * d / 4M): small searches stay on the
+//               calling thread (waking a team costs more than the work).
+//   path      = direct when B < W (the vector width in floats), else GEMM.
+//   chunking  = queries in chunks of at most 4096, fewer when T * chunk * keff heap entries would
+//               exceed 256 MiB.
+//   rows      = each thread owns a contiguous range of catalog rows holding an equal share of the
+//               allowed rows; per-thread heaps are merged per query at the end.
+// Scores: IP = <q, c>; L2 = sum((q - c)^2) accumulated directly (no norm expansion, so no cancellation for
+// near-identical vectors; the GEMM path then costs two vector operations per multiply-add). The CUDA
+// kernel uses the same formulas. Ties and non-finite scores: see knn_detail.h (Entry).
+// No exception is thrown inside a parallel region: all scratch is allocated before the regions.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
-#include <type_traits>
+#include <string>
+#include <utility>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define R4T_X86_DISPATCH 1
+#include <immintrin.h>
+#endif
+
 #include "common.h"
+#include "cpu/knn_detail.h"
 #include "kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define R4T_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define R4T_CLONES
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector types only cross always_inline boundaries
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // false positive in _mm512_cvtph_ps (GCC 12)
 #endif
-#define R4T_INLINE inline __attribute__((always_inline))
 
 namespace r4t {
+
+#if defined(R4T_X86_DISPATCH)
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+#define R4T_ISA_NS isa_v4
+#define R4T_ISA_NAME "x86-64-v4"
+#define R4T_W 16
+#define R4T_NR 8
+#define R4T_NVMAX 3
+#define R4T_DR 8
+#define R4T_F16 2
+#include "cpu/knn_impl.h"
+#undef R4T_ISA_NS
+#undef R4T_ISA_NAME
+#undef R4T_W
+#undef R4T_NR
+#undef R4T_NVMAX
+#undef R4T_DR
+#undef R4T_F16
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+#define R4T_ISA_NS isa_v3
+#define R4T_ISA_NAME "x86-64-v3"
+#define R4T_W 8
+#define R4T_NR 6
+#define R4T_NVMAX 2
+#define R4T_DR 4
+#define R4T_F16 1
+#include "cpu/knn_impl.h"
+#undef R4T_ISA_NS
+#undef R4T_ISA_NAME
+#undef R4T_W
+#undef R4T_NR
+#undef R4T_NVMAX
+#undef R4T_DR
+#undef R4T_F16
+#pragma GCC pop_options
+#endif
+
+#define R4T_ISA_NS isa_base
+#define R4T_ISA_NAME "baseline"
+#define R4T_W 4
+#define R4T_NR 6
+#define R4T_NVMAX 2
+#define R4T_DR 4
+#define R4T_F16 0
+#include "cpu/knn_impl.h"
+#undef R4T_ISA_NS
+#undef R4T_ISA_NAME
+#undef R4T_W
+#undef R4T_NR
+#undef R4T_NVMAX
+#undef R4T_DR
+#undef R4T_F16
+
 namespace {
 
-constexpr int MR = 6;                     // queries per micro-tile
-constexpr int NR = 16;                    // catalog rows per packed panel
-constexpr int64_t kQueryChunk = 4096;     // queries per outer chunk (bounds heap memory)
-constexpr int64_t kTileBytes = 192 * 1024;  // packed tile size target (fits L2)
+using knn_detail::Entry;
+using knn_detail::IsaInfo;
+using knn_detail::Job;
+using knn_detail::QBlock;
+using knn_detail::Slice;
 
-typedef float v8sf __attribute__((vector_size(32)));
+constexpr int64_t kQueryChunk = 4096;
+constexpr int64_t kHeapBudgetBytes = int64_t(1) << 28;  // per query chunk, all threads
+constexpr int64_t kTileBytes = 1 << 20;                 // GEMM path: catalog tile per thread (L2)
+constexpr int64_t kQueryBlockL1Bytes = 32 * 1024;       // K-blocking: a query block's feature slice
+constexpr int64_t kWorkPerThread = int64_t(1) << 22;    // multiply-adds per extra thread
 
-struct Entry {
-  float key;
-  int64_t id;
+// Compiled ISAs, best first, and whether this CPU runs them.
+struct IsaEntry {
+  IsaInfo info;
+  const char* description;
+  bool supported;
 };
 
-// a ranks strictly below b: smaller key, or equal key and larger id (id -1 = sentinel, ranks last).
-R4T_INLINE bool worse(const Entry& a, const Entry& b) {
-  if (a.key != b.key) return a.key < b.key;
-  return static_cast<uint64_t>(a.id) > static_cast<uint64_t>(b.id);
-}
-R4T_INLINE bool better(const Entry& a, const Entry& b) { return worse(b, a); }
-
-// Heap of k entries whose root is the worst entry kept so far.
-R4T_INLINE void heap_push(Entry* h, int64_t k, float key, int64_t id) {
-  Entry e{key, id};
-  if (!worse(h[0], e)) return;
-  std::pop_heap(h, h + k, better);
-  h[k - 1] = e;
-  std::push_heap(h, h + k, better);
-}
-
-template <typename T>
-R4T_INLINE float load_elem(const T* p, int64_t i);
-template <>
-R4T_INLINE float load_elem<float>(const float* p, int64_t i) {
-  return p[i];
-}
-template <>
-R4T_INLINE float load_elem<uint16_t>(const uint16_t* p, int64_t i) {
-#if defined(__FLT16_MANT_DIG__)
-  _Float16 h;
-  std::memcpy(&h, p + i, sizeof h);
-  return static_cast<float>(h);
+std::vector<IsaEntry> make_isas() {
+  std::vector<IsaEntry> v;
+#if defined(R4T_X86_DISPATCH)
+  __builtin_cpu_init();
+  v.push_back({isa_v4::info(), "x86-64-v4 (AVX-512F/BW/DQ/VL, FMA, F16C)", __builtin_cpu_supports("x86-64-v4") != 0});
+  v.push_back({isa_v3::info(), "x86-64-v3 (AVX2, FMA, F16C)", __builtin_cpu_supports("x86-64-v3") != 0});
+  v.push_back({isa_base::info(), "x86-64 (SSE2 baseline)", true});
 #else
-  return half_to_float(p[i]);
+  v.push_back({isa_base::info(), "portable (128-bit vectors, compiler lowering)", true});
 #endif
+  return v;
 }
 
-R4T_INLINE float hmax(v8sf v) {
-  float m = v[0];
-  for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+const std::vector<IsaEntry>& isas() {
+  static const std::vector<IsaEntry> v = make_isas();
+  return v;
 }
 
-// Sum of squares of n floats with independent vector accumulators (no serial dependency chain).
-R4T_INLINE float sum_squares(const float* x, int64_t n) {
-  v8sf a0 = {}, a1 = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    v8sf x0, x1;
-    std::memcpy(&x0, x + i, sizeof x0);
-    std::memcpy(&x1, x + i + 8, sizeof x1);
-    a0 += x0 * x0;
-    a1 += x1 * x1;
-  }
-  a0 += a1;
-  float s = 0.f;
-  for (int j = 0; j < 8; ++j) s += a0[j];
-  for (; i < n; ++i) s += x[i] * x[i];
-  return s;
-}
-
-// Pack catalog rows [0, nt) of `cat` (row stride cs) into panels of NR rows: out[p][kk][j]. Rows past nt
-// are zero. For L2, half_norm[r] = 0.5 * ||c_r||^2 (0 for IP). `row` is d floats of scratch.
-template <typename T>
-R4T_INLINE void pack_tile(const T* cat, int64_t cs, int64_t nt, int64_t d, bool l2, float* out,
-                          float* half_norm, float* row) {
-  const int64_t panels = (nt + NR - 1) / NR;
-  for (int64_t p = 0; p < panels; ++p) {
-    float* dst = out + p * NR * d;
-    for (int j = 0; j < NR; ++j) {
-      const int64_t r = p * NR + j;
-      if (r < nt) {
-        const T* src = cat + r * cs;
-        for (int64_t kk = 0; kk < d; ++kk) row[kk] = load_elem<T>(src, kk);
-        for (int64_t kk = 0; kk < d; ++kk) dst[kk * NR + j] = row[kk];
-        half_norm[r] = l2 ? 0.5f * sum_squares(row, d) : 0.f;
-      } else {
-        for (int64_t kk = 0; kk < d; ++kk) dst[kk * NR + j] = 0.f;
-        half_norm[r] = 0.f;
+int detected_isa() {
+  static const int best = []() {
+    const auto& v = isas();
+    const char* env = std::getenv("R4T_SIMD");
+    if (env != nullptr && *env != '\0') {
+      for (size_t i = 0; i < v.size(); ++i) {
+        if (v[i].supported && std::string(env) == v[i].info.name) return static_cast<int>(i);
       }
     }
-  }
-}
-
-// 6 x 16 block of dot products: q (MR rows, contiguous, row stride d) against one packed panel.
-R4T_INLINE void micro_kernel(const float* q, const float* panel, int64_t d, v8sf acc[MR][2]) {
-  v8sf c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {};
-  v8sf c30 = {}, c31 = {}, c40 = {}, c41 = {}, c50 = {}, c51 = {};
-  const float* q0 = q;
-  const float* q1 = q + d;
-  const float* q2 = q + 2 * d;
-  const float* q3 = q + 3 * d;
-  const float* q4 = q + 4 * d;
-  const float* q5 = q + 5 * d;
-  for (int64_t kk = 0; kk < d; ++kk) {
-    v8sf b0, b1;
-    std::memcpy(&b0, panel + kk * NR, sizeof b0);
-    std::memcpy(&b1, panel + kk * NR + 8, sizeof b1);
-    float a;
-    a = q0[kk];
-    c00 += a * b0;
-    c01 += a * b1;
-    a = q1[kk];
-    c10 += a * b0;
-    c11 += a * b1;
-    a = q2[kk];
-    c20 += a * b0;
-    c21 += a * b1;
-    a = q3[kk];
-    c30 += a * b0;
-    c31 += a * b1;
-    a = q4[kk];
-    c40 += a * b0;
-    c41 += a * b1;
-    a = q5[kk];
-    c50 += a * b0;
-    c51 += a * b1;
-  }
-  acc[0][0] = c00;
-  acc[0][1] = c01;
-  acc[1][0] = c10;
-  acc[1][1] = c11;
-  acc[2][0] = c20;
-  acc[2][1] = c21;
-  acc[3][0] = c30;
-  acc[3][1] = c31;
-  acc[4][0] = c40;
-  acc[4][1] = c41;
-  acc[5][0] = c50;
-  acc[5][1] = c51;
-}
-
-struct ChunkArgs {
-  const float* q;  // contiguous padded queries, (nq_pad, d)
-  int64_t nq;      // real queries in this chunk
-  const void* cat; // catalog base (row 0)
-  int64_t cs;
-  int64_t n0, n1;  // catalog rows [n0, n1) for this thread
-  int64_t d, k;
-  bool l2;
-  Entry* heaps;         // (nq, k)
-  float* packed;        // tile_rows_pad * d
-  float* half_norm;     // tile_rows_pad
-  int64_t tile_rows;
-  float* row;           // d floats of scratch
-};
-
-template <typename T>
-R4T_INLINE void process_chunk_impl(const ChunkArgs& a) {
-  const T* cat = static_cast<const T*>(a.cat);
-  const int64_t d = a.d, k = a.k;
-  for (int64_t t0 = a.n0; t0 < a.n1; t0 += a.tile_rows) {
-    const int64_t nt = std::min(a.tile_rows, a.n1 - t0);
-    pack_tile<T>(cat + t0 * a.cs, a.cs, nt, d, a.l2, a.packed, a.half_norm, a.row);
-    const int64_t panels = (nt + NR - 1) / NR;
-    for (int64_t qb = 0; qb < a.nq; qb += MR) {
-      const int mq = static_cast<int>(std::min<int64_t>(MR, a.nq - qb));
-      const float* qp = a.q + qb * d;
-      for (int64_t p = 0; p < panels; ++p) {
-        v8sf acc[MR][2];
-        micro_kernel(qp, a.packed + p * NR * d, d, acc);
-        const int64_t base = p * NR;
-        const int valid = static_cast<int>(std::min<int64_t>(NR, nt - base));
-        if (a.l2) {
-          v8sf h0, h1;
-          std::memcpy(&h0, a.half_norm + base, sizeof h0);
-          std::memcpy(&h1, a.half_norm + base + 8, sizeof h1);
-          for (int i = 0; i < MR; ++i) {
-            acc[i][0] -= h0;
-            acc[i][1] -= h1;
-          }
-        }
-        for (int i = 0; i < mq; ++i) {
-          Entry* h = a.heaps + (qb + i) * k;
-          const float thr = h[0].key;
-          v8sf m = acc[i][0] > acc[i][1] ? acc[i][0] : acc[i][1];
-          if (!(hmax(m) > thr) && valid == NR) continue;
-          for (int j = 0; j < valid; ++j) {
-            const float s = acc[i][j >> 3][j & 7];
-            if (s > h[0].key) heap_push(h, k, s, t0 + base + j);
-          }
-        }
-      }
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (v[i].supported) return static_cast<int>(i);
     }
-  }
+    return static_cast<int>(v.size()) - 1;
+  }();
+  return best;
 }
 
-// Direct path for tiny batches: one pass over the catalog rows, no packing.
-template <typename T>
-R4T_INLINE void process_direct_impl(const ChunkArgs& a) {
-  const T* cat = static_cast<const T*>(a.cat);
-  const int64_t d = a.d, k = a.k;
-  float* row = a.row;
-  for (int64_t n = a.n0; n < a.n1; ++n) {
-    const T* src = cat + n * a.cs;
-    const float* rp;
-    if constexpr (std::is_same<T, float>::value) {
-      rp = src;
-    } else {
-      for (int64_t kk = 0; kk < d; ++kk) row[kk] = load_elem<T>(src, kk);
-      rp = row;
-    }
-    const float hn = a.l2 ? 0.5f * sum_squares(rp, d) : 0.f;
-    for (int64_t i = 0; i < a.nq; ++i) {
-      const float* q = a.q + i * d;
-      v8sf s0 = {}, s1 = {};
-      int64_t kk = 0;
-      for (; kk + 16 <= d; kk += 16) {
-        v8sf x0, x1, y0, y1;
-        std::memcpy(&x0, q + kk, sizeof x0);
-        std::memcpy(&x1, q + kk + 8, sizeof x1);
-        std::memcpy(&y0, rp + kk, sizeof y0);
-        std::memcpy(&y1, rp + kk + 8, sizeof y1);
-        s0 += x0 * y0;
-        s1 += x1 * y1;
-      }
-      v8sf s = s0 + s1;
-      float dot = 0.f;
-      for (int j = 0; j < 8; ++j) dot += s[j];
-      for (; kk < d; ++kk) dot += q[kk] * rp[kk];
-      const float key = dot - hn;
-      Entry* h = a.heaps + i * k;
-      if (key > h[0].key) heap_push(h, k, key, n);
-    }
-  }
+std::atomic<int> g_isa_override{-1};
+
+const IsaEntry& active() {
+  const int o = g_isa_override.load(std::memory_order_relaxed);
+  return isas()[static_cast<size_t>(o >= 0 ? o : detected_isa())];
 }
 
-R4T_CLONES void process_chunk_f32(const ChunkArgs& a) { process_chunk_impl<float>(a); }
-R4T_CLONES void process_chunk_f16(const ChunkArgs& a) { process_chunk_impl<uint16_t>(a); }
-R4T_CLONES void process_direct_f32(const ChunkArgs& a) { process_direct_impl<float>(a); }
-R4T_CLONES void process_direct_f16(const ChunkArgs& a) { process_direct_impl<uint16_t>(a); }
+int64_t count_allowed(const uint8_t* allowed, int64_t N) {
+  if (allowed == nullptr) return N;
+  int64_t c = 0;
+  for (int64_t i = 0; i < N; ++i) c += allowed[i] != 0;
+  return c;
+}
+
+// Row ranges [b[t], b[t+1]) holding about equal numbers of allowed rows.
+std::vector<int64_t> split_rows(const uint8_t* allowed, int64_t N, int64_t n_allowed, int T) {
+  std::vector<int64_t> b(static_cast<size_t>(T) + 1, N);
+  b[0] = 0;
+  if (allowed == nullptr) {
+    const int64_t per = (N + T - 1) / T;
+    for (int t = 1; t < T; ++t) b[t] = std::min(N, t * per);
+    return b;
+  }
+  int64_t seen = 0;
+  int t = 1;
+  for (int64_t i = 0; i < N && t < T; ++i) {
+    seen += allowed[i] != 0;
+    while (t < T && seen * T >= n_allowed * t) b[t++] = i + 1;
+  }
+  return b;
+}
 
 }  // namespace
 
-const char* cpu_simd_level() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2, FMA, F16C)";
-  return "x86-64 (SSE2 baseline)";
-#else
-  return "portable (compiler auto-vectorisation)";
-#endif
+KnnPlan knn_cpu_plan(const KnnParams& p) {
+  check(p.B >= 0 && p.N >= 0 && p.d > 0 && p.k > 0,
+        "knn: invalid sizes (B=" + std::to_string(p.B) + ", N=" + std::to_string(p.N) +
+            ", d=" + std::to_string(p.d) + ", k=" + std::to_string(p.k) + ")");
+  const IsaEntry& isa = active();
+  const IsaInfo& I = isa.info;
+  KnnPlan plan;
+  plan.isa = I.name;
+  plan.n_allowed = count_allowed(p.allowed, p.N);
+  plan.keff = std::min(p.k, plan.n_allowed);
+  const int64_t work = p.B * plan.n_allowed * p.d;
+  plan.threads = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>({max_threads(p.num_threads), plan.n_allowed / 256, work / kWorkPerThread})));
+  plan.direct = p.B < I.W;
+  const int64_t lanes = int64_t(I.NVMAX) * I.W;
+  int64_t chunk = kQueryChunk;
+  if (plan.keff > 0) {
+    chunk = std::min(chunk, kHeapBudgetBytes / (int64_t(sizeof(Entry)) * plan.threads * plan.keff));
+  }
+  chunk = std::max<int64_t>(chunk, plan.direct ? 1 : I.W);
+  if (!plan.direct) chunk = chunk >= lanes ? chunk / lanes * lanes : chunk / I.W * I.W;
+  plan.query_chunk = std::min(chunk, std::max<int64_t>(p.B, 1));
+  plan.tile_rows = std::max<int64_t>(I.NR, kTileBytes / (4 * p.d) / I.NR * I.NR);
+  const int64_t nkb = std::max<int64_t>(1, (lanes * 4 * p.d + kQueryBlockL1Bytes - 1) / kQueryBlockL1Bytes);
+  plan.kc = plan.direct ? p.d : (p.d + nkb - 1) / nkb;
+  return plan;
 }
 
 void knn_cpu(const KnnParams& p) {
-  check(p.B >= 0 && p.N >= 0 && p.d > 0 && p.k > 0, "knn: invalid sizes");
   check(p.queries != nullptr || p.B == 0, "knn: queries is null");
-  const int64_t B = p.B, N = p.N, d = p.d, k = p.k;
+  check(p.metric == Metric::IP || p.metric == Metric::L2,
+        "metric: expected IP or L2, got " + std::to_string(static_cast<int>(p.metric)));
+  check(p.catalog_dtype == DType::F32 || p.catalog_dtype == DType::F16,
+        "catalog_dtype: expected F32 or F16, got " + std::to_string(static_cast<int>(p.catalog_dtype)));
+  const KnnPlan plan = knn_cpu_plan(p);
+  if (p.B == 0) return;
+  check(p.out_scores != nullptr && p.out_ids != nullptr, "knn: null output pointer");
+  check(p.N == 0 || p.catalog != nullptr, "knn: catalog is null");
+  const int64_t B = p.B, N = p.N, d = p.d, k = p.k, keff = plan.keff;
   const bool l2 = p.metric == Metric::L2;
-  const bool f16 = p.catalog_dtype == DType::F16;
-  if (B == 0) return;
-
-  // Threads: at most one per ~4M multiply-adds (and per 256 catalog rows), so small searches stay on
-  // the calling thread: waking a team costs more than the work, and far more on a loaded machine.
-  const int64_t work = B * N * d;
-  const int64_t by_work = std::max<int64_t>(1, work / (int64_t{1} << 22));
-  const int T = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>({max_threads(p.num_threads), (N + 255) / 256, by_work})));
-  const int64_t tile_rows = std::max<int64_t>(NR, (kTileBytes / (4 * d)) / NR * NR);
-  const bool direct = B < MR;
-  const Entry sentinel{-std::numeric_limits<float>::infinity(), -1};
-
-  for (int64_t qc0 = 0; qc0 < B; qc0 += kQueryChunk) {
-    const int64_t nq = std::min(kQueryChunk, B - qc0);
-    const int64_t nq_pad = (nq + MR - 1) / MR * MR;
-    std::vector<float> qbuf(static_cast<size_t>(nq_pad * d), 0.f);
-    std::vector<float> qnorm(static_cast<size_t>(nq), 0.f);
-    for (int64_t i = 0; i < nq; ++i) {
-      const float* src = p.queries + (qc0 + i) * p.q_stride;
-      for (int64_t kk = 0; kk < d; ++kk) qbuf[i * d + kk] = src[kk];
-      qnorm[i] = l2 ? sum_squares(src, d) : 0.f;
+  const float sentinel_score = l2 ? std::numeric_limits<float>::infinity() : -std::numeric_limits<float>::infinity();
+  if (keff == 0) {  // nothing to search (every row filtered out)
+    for (int64_t i = 0; i < B * k; ++i) {
+      p.out_ids[i] = -1;
+      p.out_scores[i] = sentinel_score;
     }
-    std::vector<Entry> heaps(static_cast<size_t>(T) * nq * k, sentinel);
+    return;
+  }
+  const IsaInfo& I = active().info;
+  const int T = plan.threads;
+  const int64_t W = I.W, lanes = int64_t(I.NVMAX) * W;
+  const int64_t dpad = (d + W - 1) / W * W;
+  const int64_t chunk = plan.query_chunk;
+  const int64_t chunk_pad = (chunk + lanes - 1) / lanes * lanes + lanes;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+
+  // Scratch, all allocated here (never inside a parallel region).
+  const int64_t tile_rows = plan.direct ? I.DR : plan.tile_rows;
+  const std::vector<int64_t> bounds = split_rows(p.allowed, N, plan.n_allowed, T);
+  std::vector<Entry> heaps(static_cast<size_t>(T * chunk * keff));
+  std::vector<float> thr(static_cast<size_t>(T * chunk_pad));
+  std::vector<int64_t> ids(static_cast<size_t>(T * (tile_rows + I.NR)));
+  std::vector<const float*> ptrs(static_cast<size_t>(T * (tile_rows + I.NR)));
+  std::vector<float> tile(p.catalog_dtype == DType::F16 ? static_cast<size_t>(T * tile_rows * dpad) : 0);
+  std::vector<float> cbuf(plan.direct || plan.kc == d ? 0 : static_cast<size_t>(T * (tile_rows + I.NR) * lanes));
+  std::vector<float> zero(static_cast<size_t>(dpad), 0.f);
+  std::vector<float> qbuf(static_cast<size_t>(plan.direct ? chunk * dpad : chunk_pad * d));
+  std::vector<QBlock> blocks;
+  const int merge_threads = max_threads(p.num_threads);
+  std::vector<Entry> merge(static_cast<size_t>(merge_threads) * T * keff);
+  std::vector<Slice> slices(static_cast<size_t>(T));
+
+  Job J;
+  J.cat = p.catalog;
+  J.cs = p.c_stride;
+  J.f16 = p.catalog_dtype == DType::F16;
+  J.l2 = l2;
+  J.allowed = p.allowed;
+  J.d = d;
+  J.dpad = dpad;
+  J.keff = keff;
+  J.direct = plan.direct;
+  J.tile_rows = tile_rows;
+  J.kc = plan.kc;
+
+  for (int64_t qc0 = 0; qc0 < B; qc0 += chunk) {
+    const int64_t nq = std::min(chunk, B - qc0);
+    J.nq = nq;
+    int64_t nq_pad = nq;
+    if (plan.direct) {
+      for (int64_t i = 0; i < nq; ++i) {
+        const float* src = p.queries + (qc0 + i) * p.q_stride;
+        float* dst = qbuf.data() + i * dpad;
+        std::copy(src, src + d, dst);
+        std::fill(dst + d, dst + dpad, 0.f);
+      }
+      J.qrow = qbuf.data();
+    } else {
+      blocks.clear();
+      int64_t off = 0;
+      for (int64_t q0 = 0; q0 < nq; q0 += lanes) {
+        const int64_t nb = std::min(lanes, nq - q0);
+        const int nv = static_cast<int>((nb + W - 1) / W);
+        blocks.push_back({q0, nb, nv, off});
+        const int64_t bl = nv * W;
+        float* dst = qbuf.data() + off;
+        for (int64_t f = 0; f < d; ++f) {
+          for (int64_t l = 0; l < bl; ++l) dst[f * bl + l] = l < nb ? p.queries[(qc0 + q0 + l) * p.q_stride + f] : 0.f;
+        }
+        off += bl * d;
+        nq_pad = q0 + bl;
+      }
+      J.qT = qbuf.data();
+      J.blocks = blocks.data();
+      J.nblocks = static_cast<int>(blocks.size());
+    }
+    for (int t = 0; t < T; ++t) {
+      Slice& S = slices[static_cast<size_t>(t)];
+      S.n0 = bounds[static_cast<size_t>(t)];
+      S.n1 = bounds[static_cast<size_t>(t) + 1];
+      S.heaps = heaps.data() + t * chunk * keff;
+      S.thr = thr.data() + t * chunk_pad;
+      S.ids = ids.data() + t * (tile_rows + I.NR);
+      S.ptrs = ptrs.data() + t * (tile_rows + I.NR);
+      S.tile = tile.empty() ? nullptr : tile.data() + t * tile_rows * dpad;
+      S.cbuf = cbuf.empty() ? nullptr : cbuf.data() + t * (tile_rows + I.NR) * lanes;
+      S.zero = zero.data();
+      std::fill(S.heaps, S.heaps + nq * keff, Entry{nan, -1});
+      std::fill(S.thr, S.thr + nq, nan);
+      std::fill(S.thr + nq, S.thr + std::max(nq, nq_pad) + W, inf);
+    }
 
 #if defined(R4T_WITH_OPENMP)
 #pragma omp parallel num_threads(T) if (T > 1)
@@ -321,51 +331,93 @@ void knn_cpu(const KnnParams& p) {
 #else
       const int tid = 0;
 #endif
-      // Contiguous catalog chunk per thread, aligned to panels.
-      const int64_t per = ((N + T - 1) / T + NR - 1) / NR * NR;
-      const int64_t n0 = std::min(N, tid * per), n1 = std::min(N, n0 + per);
-      std::vector<float> packed(static_cast<size_t>(direct ? 0 : tile_rows * d));
-      std::vector<float> row(static_cast<size_t>(d));
-      std::vector<float> half_norm(static_cast<size_t>(tile_rows + NR), 0.f);
-      ChunkArgs a{qbuf.data(), nq,     p.catalog, p.c_stride,       n0,        n1,       d, k, l2,
-                  heaps.data() + static_cast<size_t>(tid) * nq * k, packed.data(), half_norm.data(), tile_rows,
-                  row.data()};
-      if (n0 < n1) {
-        if (direct) {
-          f16 ? process_direct_f16(a) : process_direct_f32(a);
-        } else {
-          f16 ? process_chunk_f16(a) : process_chunk_f32(a);
-        }
-      }
+      const Slice& S = slices[static_cast<size_t>(tid)];
+      if (S.n0 < S.n1) I.worker(J, S);
     }
 
-    // Merge the per-thread heaps of each query and write sorted results.
+    // Merge the per-thread heaps of each query; write keff sorted results, then the sentinels.
 #if defined(R4T_WITH_OPENMP)
-#pragma omp parallel for num_threads(max_threads(p.num_threads)) schedule(static) if (nq * T * k > (1 << 16))
+#pragma omp parallel for num_threads(merge_threads) schedule(static) if (nq * T * keff > (1 << 16))
 #endif
     for (int64_t i = 0; i < nq; ++i) {
-      std::vector<Entry> all;
-      all.reserve(static_cast<size_t>(T * k));
+#if defined(R4T_WITH_OPENMP)
+      Entry* all = merge.data() + static_cast<size_t>(omp_get_thread_num()) * T * keff;
+#else
+      Entry* all = merge.data();
+#endif
       for (int t = 0; t < T; ++t) {
-        const Entry* h = heaps.data() + (static_cast<size_t>(t) * nq + i) * k;
-        all.insert(all.end(), h, h + k);
+        const Entry* h = slices[static_cast<size_t>(t)].heaps + i * keff;
+        std::copy(h, h + keff, all + t * keff);
       }
-      std::partial_sort(all.begin(), all.begin() + k, all.end(), better);
+      std::partial_sort(all, all + keff, all + T * keff, knn_detail::better);
       float* os = p.out_scores + (qc0 + i) * k;
       int64_t* oi = p.out_ids + (qc0 + i) * k;
-      for (int64_t j = 0; j < k; ++j) {
-        const Entry& e = all[static_cast<size_t>(j)];
+      for (int64_t j = 0; j < keff; ++j) {
+        const Entry& e = all[j];
         oi[j] = e.id;
-        if (e.id < 0) {
-          os[j] = l2 ? std::numeric_limits<float>::infinity() : -std::numeric_limits<float>::infinity();
-        } else if (l2) {
-          os[j] = std::max(0.f, qnorm[i] - 2.f * e.key);
-        } else {
-          os[j] = e.key;
-        }
+        os[j] = e.id < 0 ? sentinel_score : (l2 ? -e.key : e.key);
+      }
+      for (int64_t j = keff; j < k; ++j) {
+        oi[j] = -1;
+        os[j] = sentinel_score;
       }
     }
   }
+}
+
+const char* cpu_simd_level() { return active().description; }
+
+std::vector<std::string> cpu_simd_clones() {
+  std::vector<std::string> out;
+  for (const auto& e : isas()) out.push_back(std::string(e.info.name) + (e.supported ? "" : " (unsupported here)"));
+  return out;
+}
+
+void set_cpu_simd(const std::string& name) {
+  if (name.empty() || name == "auto") {
+    g_isa_override.store(-1);
+    return;
+  }
+  const auto& v = isas();
+  std::string valid;
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (name == v[i].info.name) {
+      check(v[i].supported, std::string("simd: this CPU does not support ") + name);
+      g_isa_override.store(static_cast<int>(i));
+      return;
+    }
+    valid += std::string(valid.empty() ? "" : ", ") + v[i].info.name;
+  }
+  throw ValueError("simd: expected 'auto' or one of " + valid + ", got '" + name + "'");
+}
+
+double cpu_peak_flops(int num_threads, double seconds) {
+  const IsaInfo& I = active().info;
+  const int T = max_threads(num_threads);
+  volatile double sink = 0.0;
+  // Calibrate on one thread, then run all threads together for about `seconds`.
+  int64_t iters = 1 << 16;
+  for (;;) {
+    const auto t0 = std::chrono::steady_clock::now();
+    sink = sink + I.fma_loop(iters);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (dt > 0.02 || iters > (int64_t(1) << 40)) {
+      iters = std::max<int64_t>(iters, static_cast<int64_t>(static_cast<double>(iters) * seconds / dt));
+      break;
+    }
+    iters *= 4;
+  }
+  std::vector<double> sinks(static_cast<size_t>(T), 0.0);
+  const auto t0 = std::chrono::steady_clock::now();
+#if defined(R4T_WITH_OPENMP)
+#pragma omp parallel num_threads(T)
+  sinks[static_cast<size_t>(omp_get_thread_num())] = I.fma_loop(iters);
+#else
+  sinks[0] = I.fma_loop(iters);
+#endif
+  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  for (double s : sinks) sink = sink + s;
+  return static_cast<double>(T) * static_cast<double>(iters) * 24.0 * I.W * 2.0 / dt;
 }
 
 }  // namespace r4t

@@ -1,7 +1,9 @@
 // Set-level kernels on the CPU: greedy grounding without repeats, and Vendi / mean-cosine statistics.
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -9,55 +11,73 @@
 
 namespace r4t {
 
+namespace {
+
+// Score a ranks strictly before score b in the greedy order; NaN ranks after every other score (the
+// same total order as knn, see cpu/knn_detail.h), so std::sort gets a strict weak ordering.
+inline bool score_first(float a, float b, bool hib) {
+  if (a != a || b != b) return a == a && b != b;
+  return hib ? a > b : a < b;
+}
+
+}  // namespace
+
 void ground_cpu(const GroundParams& p) {
-  check(p.S >= 0 && p.L > 0 && p.C > 0, "ground: invalid sizes");
+  check(p.S >= 0 && p.L > 0 && p.C > 0, "ground: invalid sizes (S=" + std::to_string(p.S) + ", L=" +
+                                            std::to_string(p.L) + ", C=" + std::to_string(p.C) + ")");
+  check(p.L <= INT32_MAX, "ground: L must fit in int32, got " + std::to_string(p.L));
   const int64_t L = p.L, C = p.C;
   const float worst = p.higher_is_better ? -std::numeric_limits<float>::infinity()
                                          : std::numeric_limits<float>::infinity();
+  ParallelErrors errors;
 #if defined(R4T_WITH_OPENMP)
-#pragma omp parallel for num_threads(max_threads(p.num_threads)) schedule(dynamic, 16)
+#pragma omp parallel for num_threads(max_threads(p.num_threads)) schedule(dynamic, 16) if (p.S * L * C > 4096)
 #endif
   for (int64_t s = 0; s < p.S; ++s) {
-    struct Pair {
-      float score;
-      int32_t row;
-      int64_t id;
-    };
-    std::vector<Pair> pairs;
-    pairs.reserve(static_cast<size_t>(L * C));
-    const float* sc = p.cand_scores + s * L * C;
-    const int64_t* id = p.cand_ids + s * L * C;
-    for (int64_t r = 0; r < L; ++r) {
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t item = id[r * C + c];
-        if (item >= 0) pairs.push_back({sc[r * C + c], static_cast<int32_t>(r), item});
+    errors.run([&]() {
+      struct Pair {
+        float score;
+        int32_t row;
+        int64_t id;
+      };
+      std::vector<Pair> pairs;
+      pairs.reserve(static_cast<size_t>(L * C));
+      const float* sc = p.cand_scores + s * L * C;
+      const int64_t* id = p.cand_ids + s * L * C;
+      for (int64_t r = 0; r < L; ++r) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t item = id[r * C + c];
+          if (item >= 0) pairs.push_back({sc[r * C + c], static_cast<int32_t>(r), item});
+        }
       }
-    }
-    const bool hib = p.higher_is_better;
-    std::sort(pairs.begin(), pairs.end(), [hib](const Pair& a, const Pair& b) {
-      if (a.score != b.score) return hib ? a.score > b.score : a.score < b.score;
-      if (a.row != b.row) return a.row < b.row;
-      return a.id < b.id;
+      const bool hib = p.higher_is_better;
+      std::sort(pairs.begin(), pairs.end(), [hib](const Pair& a, const Pair& b) {
+        if (score_first(a.score, b.score, hib)) return true;
+        if (score_first(b.score, a.score, hib)) return false;
+        if (a.row != b.row) return a.row < b.row;
+        return a.id < b.id;
+      });
+      int64_t* oi = p.out_ids + s * L;
+      float* os = p.out_scores + s * L;
+      for (int64_t r = 0; r < L; ++r) {
+        oi[r] = -1;
+        os[r] = worst;
+      }
+      std::vector<int64_t> used;
+      used.reserve(static_cast<size_t>(L));
+      int64_t open = L;
+      for (const Pair& q : pairs) {
+        if (open == 0) break;
+        if (oi[q.row] >= 0) continue;
+        if (std::find(used.begin(), used.end(), q.id) != used.end()) continue;
+        oi[q.row] = q.id;
+        os[q.row] = q.score;
+        used.push_back(q.id);
+        --open;
+      }
     });
-    int64_t* oi = p.out_ids + s * L;
-    float* os = p.out_scores + s * L;
-    for (int64_t r = 0; r < L; ++r) {
-      oi[r] = -1;
-      os[r] = worst;
-    }
-    std::vector<int64_t> used;
-    used.reserve(static_cast<size_t>(L));
-    int64_t open = L;
-    for (const Pair& q : pairs) {
-      if (open == 0) break;
-      if (oi[q.row] >= 0) continue;
-      if (std::find(used.begin(), used.end(), q.id) != used.end()) continue;
-      oi[q.row] = q.id;
-      os[q.row] = q.score;
-      used.push_back(q.id);
-      --open;
-    }
   }
+  errors.rethrow();
 }
 
 namespace {
@@ -99,16 +119,18 @@ void jacobi_eigenvalues(std::vector<double>& a, int64_t n, std::vector<double>& 
 void set_stats_cpu(const SetStatsParams& p) {
   check(p.S >= 0 && p.L > 0 && p.d > 0, "set_stats: invalid sizes");
   const int64_t L = p.L, d = p.d;
+  ParallelErrors errors;
 #if defined(R4T_WITH_OPENMP)
-#pragma omp parallel for num_threads(max_threads(p.num_threads)) schedule(dynamic, 8)
+#pragma omp parallel for num_threads(max_threads(p.num_threads)) schedule(dynamic, 8) if (p.S * L * L * d > 65536)
 #endif
   for (int64_t s = 0; s < p.S; ++s) {
+    errors.run([&]() {
     int64_t n = L;
     if (p.lengths != nullptr) n = std::max<int64_t>(0, std::min<int64_t>(L, p.lengths[s]));
     if (n == 0) {
       p.out_vendi[s] = 0.f;
       p.out_mean_cos[s] = 0.f;
-      continue;
+      return;
     }
     const float* x = p.x + s * L * d;
     std::vector<double> inv(static_cast<size_t>(n));
@@ -137,7 +159,9 @@ void set_stats_cpu(const SetStatsParams& p) {
     for (double l : lam)
       if (l > 1e-15) h -= l * std::log(l);
     p.out_vendi[s] = static_cast<float>(std::exp(h));
+    });
   }
+  errors.rethrow();
 }
 
 }  // namespace r4t

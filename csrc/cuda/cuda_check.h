@@ -5,15 +5,18 @@
 //   R4T_CUDA_CHECK_LAUNCH(kernel);         every launch (cudaGetLastError right after it)
 //
 // A failure throws std::runtime_error naming the CUDA error, its description, the failing call and the
-// file:line, e.g. "CUDA error cudaErrorInvalidValue (invalid argument) in `cudaMallocAsync(...)` at
+// file:line, e.g. "CUDA error cudaErrorInvalidValue (invalid argument) in `cudaSetDevice(...)` at
 // csrc/cuda/knn.cu:412". Errors raised asynchronously by a running kernel surface at the caller's next
 // synchronising call (we never synchronise: everything runs on the caller's stream).
 #pragma once
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
+
+#include "common.h"
 
 namespace r4t {
 namespace cuda_detail {
@@ -26,28 +29,6 @@ namespace cuda_detail {
 }
 
 }  // namespace cuda_detail
-
-// Device-memory workspace allocated with cudaMallocAsync on `stream` and released with cudaFreeAsync on
-// the same stream when it goes out of scope (also when a later check throws), so kernels queued before
-// the release still see valid memory (stream order).
-class AsyncBuffer {
- public:
-  AsyncBuffer(size_t bytes, cudaStream_t stream);
-  ~AsyncBuffer() {
-    if (ptr_ != nullptr) (void)cudaFreeAsync(ptr_, stream_);  // never throw from a destructor
-  }
-  AsyncBuffer(const AsyncBuffer&) = delete;
-  AsyncBuffer& operator=(const AsyncBuffer&) = delete;
-  template <typename T>
-  T* as(size_t byte_offset = 0) const {
-    return reinterpret_cast<T*>(static_cast<unsigned char*>(ptr_) + byte_offset);
-  }
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
-
 }  // namespace r4t
 
 #define R4T_CUDA_CHECK(call)                                                              \
@@ -65,11 +46,60 @@ class AsyncBuffer {
                                            __LINE__);                                     \
   } while (0)
 
-inline r4t::AsyncBuffer::AsyncBuffer(size_t bytes, cudaStream_t stream) : stream_(stream) {
-  if (bytes > 0) R4T_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, stream));
-}
-
 namespace r4t {
+
+// Makes `device` (the tensors' device index, from the caller) current for the scope of a launch and
+// restores the previous device afterwards, so a call with tensors on cuda:1 runs there whatever the
+// thread's current device is. device < 0 keeps the current device.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (device < 0) return;
+    R4T_CUDA_CHECK(cudaGetDevice(&prev_));
+    if (prev_ != device) {
+      R4T_CUDA_CHECK(cudaSetDevice(device));
+      restore_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (restore_) (void)cudaSetDevice(prev_);  // never throw from a destructor
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+  bool restore_ = false;
+};
+
+// Device scratch handed down by the caller (allocated with torch's caching allocator on the caller's
+// stream, so it stays valid for everything queued on that stream). Carves aligned sub-buffers.
+class Workspace {
+ public:
+  Workspace(void* ptr, size_t bytes) : base_(static_cast<unsigned char*>(ptr)), bytes_(bytes) {}
+  template <typename T>
+  T* take(size_t count) {
+    const size_t off = (used_ + 255) / 256 * 256;
+    const size_t need = off + count * sizeof(T);
+    if (need > bytes_ || (count > 0 && base_ == nullptr)) {
+      throw ValueError("workspace: " + std::to_string(bytes_) + " bytes given, " + std::to_string(need) +
+                       " needed (allocate the size that *_workspace_bytes reports)");
+    }
+    used_ = need;
+    return reinterpret_cast<T*>(base_ + off);
+  }
+  // Bytes that take() calls for these counts would need (the same alignment rule).
+  static size_t bytes_for(std::initializer_list<size_t> sizes) {
+    size_t used = 0;
+    for (size_t b : sizes) used = (used + 255) / 256 * 256 + b;
+    return used;
+  }
+
+ private:
+  unsigned char* base_;
+  size_t bytes_;
+  size_t used_ = 0;
+};
 
 // Properties of the current device that the launchers size their grids and shared memory with.
 struct DeviceProps {

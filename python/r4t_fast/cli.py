@@ -13,13 +13,17 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("r4t_fast.demo", "small retrieval demo on a real catalog (dense kNN + set grounding)"),
-    "eval": ("r4t_fast.evaluation", "evaluate a method on a dataset split; writes a JSON record"),
-    "report": ("r4t_fast.report", "render evaluation records into a Markdown table and plots"),
+    "demo": ("r4t_fast.eval.demo", "small retrieval demo on a real catalog (dense kNN + set grounding)"),
+    "eval": ("r4t_fast.eval.evaluation", "evaluate a method on a dataset split; writes a JSON record"),
+    "report": ("r4t_fast.eval.report", "render evaluation records into a Markdown table and plots"),
     "train-rl": ("r4t_fast.train.rl", "stage 1: GRPO-tune a fan-out policy on set-level rewards"),
     "synthesize": ("r4t_fast.train.synthesis", "stage 2: sample the tuned policy into (query, set) pairs"),
     "train-diffusion": ("r4t_fast.train.diffusion", "stage 3: train the set diffusion retriever"),
-    "retrieve": ("r4t_fast.retriever", "retrieve sets for queries with a trained diffusion retriever"),
+    "distill": ("r4t_fast.train.distill", "distil a diffusion model into a 1-4 step consistency model"),
+    "retrieve": (
+        "r4t_fast.diffusion.retriever",
+        "retrieve sets for queries with a trained diffusion retriever",
+    ),
     "pipeline": ("r4t_fast.pipeline", "run RL -> synthesis -> diffusion -> evaluation end to end"),
 }
 
@@ -45,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(load=cmd)
     args = parser.parse_args(argv)
     if args.version:
-        import r4t_fast
+        from r4t_fast._version import __version__
+        from r4t_fast.kernels._backend import build_info
 
-        print(f"r4t_fast {r4t_fast.__version__}", r4t_fast.build_info())
+        print(f"r4t_fast {__version__}", build_info())
         return 0
     if args.command is None:
         parser.print_help()

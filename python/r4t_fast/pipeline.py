@@ -8,9 +8,16 @@ Stages and their outputs under ``--out``:
 2. ``synthesis/``  the tuned policy sampled on the training queries (:mod:`r4t_fast.train.synthesis`).
 3. ``diffusion/``  the set diffusion model trained on those pairs, saved with its catalog as a
    :class:`~r4t_fast.Retriever` directory (load with ``Retriever.from_pretrained``).
-4. ``eval/``       one ``r4t eval`` record per method on the test split: ``r4t-diffusion``, ``folm``
-   (the tuned policy), ``llm-zeroshot`` (the base policy), ``dense`` and ``mmr``.
-5. ``report/``     ``report.md`` + plots (quality per method, latency against batch size).
+4. ``eval/``       one ``r4t eval`` record per method on the test split, by default ``dense``, ``mmr``,
+   ``dpp``, ``llm-zeroshot`` (the base policy), ``folm`` (the tuned policy) and ``r4t-diffusion``. The
+   LLM methods are slow, so they are scored on the first ``eval.llm_limit`` test queries; every other
+   method is scored on all of them *and* on that subset (``eval/same-queries/<method>.json``, its
+   per-query values restricted to the LLM methods' queries: :func:`r4t_fast.eval.records.subset_record`),
+   so all methods are compared on the same queries.
+5. ``report/``     ``report.md`` + plots. It leads with one table: the item-level metrics
+   (``recall_at_fair``, ``hit_at_fair``, ``item_relevance``, ``vendi``, ``category_coverage``, ``ild``) and
+   ms/query at batch 8 of every method on the same queries, the best value per column in bold, then
+   paired differences with 95% bootstrap CIs; the records on every test query follow as an appendix.
 
 Each stage is skipped when its output exists (``--force`` reruns everything), so a killed pipeline
 resumes where it stopped; ``pipeline.json`` records the preset, settings, commands and stage times.
@@ -27,10 +34,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "run_pipeline"]
+from r4t_fast.diffusion.samplers import SAMPLING_DEFAULTS
+
+__all__ = ["DEFAULT_METHODS", "LLM_EVAL_METHODS", "PIPELINE_PRESETS", "PRESETS", "run_pipeline"]
+
+DEFAULT_METHODS = ("dense", "mmr", "dpp", "llm-zeroshot", "folm", "r4t-diffusion")
+"""What the pipeline evaluates by default: the non-fan-out baselines, the LLM fan-outs and R4T-Diffusion."""
+LLM_EVAL_METHODS = frozenset({"llm-zeroshot", "folm", "llm-bon"})
+"""Methods scored on the first ``eval.llm_limit`` test queries only (every other method also on those)."""
+_VALID_METHODS = frozenset(DEFAULT_METHODS) | LLM_EVAL_METHODS
+
+MMR_VAL_CHOICE: dict[str, Any] = {"lambda_": 0.5}
+DPP_VAL_CHOICE: dict[str, Any] = {"theta": 0.5}
+"""MMR / DPP settings chosen on the validation splits (benchmarks/results/eval/val-sweep/README.md)."""
 
 # Budgets per preset. cpu-small: the whole job in well under an hour on a 2-core CPU.
-PRESETS: dict[str, dict[str, Any]] = {
+PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
     "cpu-small": {
         "encoder": "minilm",
         "policy": "smollm2",
@@ -62,10 +81,17 @@ PRESETS: dict[str, dict[str, Any]] = {
             "warmup": 100,
             "ema": 0.995,
         },
-        # w = 0: same validation quality as 0.1 at half the network calls; < 16 Heun steps leave rows
-        # noisy (benchmarks/results/pipeline/polyvore/val-sweep/).
-        "retriever": {"steps": 16, "sampler": "heun", "guidance": 0.0},
-        "eval": {"llm_limit": 48, "limit": None, "llm_batch_size": 16, "llm_max_new_tokens": 128},
+        # the one set of sampling defaults (chosen on validation; see SamplingDefaults)
+        "retriever": {k: v for k, v in SAMPLING_DEFAULTS.as_dict().items() if k != "seed"},
+        "eval": {
+            "llm_limit": 48,
+            "limit": None,
+            "llm_batch_size": 16,
+            "llm_max_new_tokens": 128,
+            "latency_calls": 8,
+            # chosen on the validation splits (benchmarks/results/eval/val-sweep/)
+            "method_kwargs": {"mmr": MMR_VAL_CHOICE, "dpp": DPP_VAL_CHOICE},
+        },
     },
     # For tests and a first look: minutes, meaningless numbers.
     "smoke": {
@@ -88,10 +114,23 @@ PRESETS: dict[str, dict[str, Any]] = {
             "queries_per_shard": 3,
         },
         "diffusion": {"preset": "tiny", "steps": 20, "batch_size": 16, "warmup": 5, "log_every": 5},
-        "retriever": {"steps": 4, "sampler": "heun", "guidance": 0.1},
-        "eval": {"llm_limit": 3, "limit": 3, "llm_batch_size": 4, "llm_max_new_tokens": 32},
+        "retriever": {
+            "steps": 4,
+            "sampler": SAMPLING_DEFAULTS.sampler,
+            "guidance": SAMPLING_DEFAULTS.guidance,
+        },
+        "eval": {
+            "llm_limit": 3,
+            "limit": 3,
+            "llm_batch_size": 4,
+            "llm_max_new_tokens": 32,
+            "latency_calls": 1,
+            "latency_batches": [1, 8],
+        },
     },
 }
+
+PRESETS = PIPELINE_PRESETS  # deprecated name (0.1); model presets are r4t_fast.diffusion.MODEL_PRESETS
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -112,7 +151,7 @@ def run_pipeline(
     force: bool = False,
     skip_rl: bool = False,
     rl_policy: str | None = None,
-    methods: tuple[str, ...] = ("r4t-diffusion", "folm", "llm-zeroshot", "dense", "mmr"),
+    methods: tuple[str, ...] = DEFAULT_METHODS,
     threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -122,13 +161,12 @@ def run_pipeline(
     the RL stage again (recorded in ``pipeline.json``). ``threads``: torch CPU threads (on a shared
     machine, 1 avoids oversubscription).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset: unknown {preset!r}; valid choices: {sorted(PRESETS)}")
-    valid_methods = {"r4t-diffusion", "folm", "llm-zeroshot", "dense", "mmr", "dpp", "llm-bon"}
-    bad = set(methods) - valid_methods
+    if preset not in PIPELINE_PRESETS:
+        raise ValueError(f"preset: unknown {preset!r}; valid choices: {sorted(PIPELINE_PRESETS)}")
+    bad = set(methods) - _VALID_METHODS
     if bad:
-        raise ValueError(f"methods: unknown {sorted(bad)}; valid choices: {sorted(valid_methods)}")
-    cfg = _merge(PRESETS[preset], overrides or {})
+        raise ValueError(f"methods: unknown {sorted(bad)}; valid choices: {sorted(_VALID_METHODS)}")
+    cfg = _merge(PIPELINE_PRESETS[preset], overrides or {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
@@ -142,16 +180,16 @@ def run_pipeline(
 
     import torch
 
-    from .evaluation import load_eval_data
+    from r4t_fast.data.prepare import load_eval_data
 
     if threads:
         torch.set_num_threads(int(threads))
     if rl_policy is not None and not (Path(rl_policy) / "config.json").is_file():
         raise FileNotFoundError(f"rl_policy: {rl_policy} is not a model directory (no config.json)")
-    from .retriever import Retriever
-    from .train import rl as rl_mod
-    from .train.diffusion import DiffusionTrainConfig, load_shards, train_diffusion
-    from .train.synthesis import SynthesisConfig, synthesize
+    from r4t_fast.diffusion.retriever import Retriever
+    from r4t_fast.train import rl as rl_mod
+    from r4t_fast.train.diffusion import DiffusionTrainConfig, load_shards, train_diffusion
+    from r4t_fast.train.synthesis import SynthesisConfig, synthesize
 
     def stage(name: str, fn) -> Any:
         t = time.perf_counter()
@@ -232,12 +270,18 @@ def run_pipeline(
     stage("diffusion", do_dif)
 
     # 4. evaluation ---------------------------------------------------------------------------------
-    from .evaluation import evaluate
+    from r4t_fast.eval.evaluation import evaluate
+    from r4t_fast.eval.records import subset_record
 
     ev_dir = out / "eval"
     ev_dir.mkdir(exist_ok=True)
+    same_dir = ev_dir / "same-queries"
     e = cfg["eval"]
     llm_kw = {"batch_size": e["llm_batch_size"], "max_new_tokens": e["llm_max_new_tokens"]}
+    lat_kw: dict[str, Any] = {"latency_calls": e.get("latency_calls")}
+    if e.get("latency_batches") is not None:
+        lat_kw["latency_batch_sizes"] = tuple(e["latency_batches"])
+    method_kwargs = e.get("method_kwargs") or {}
 
     def do_eval():
         done = {}
@@ -251,6 +295,7 @@ def run_pipeline(
                 "split": "test",
                 "progress": progress,
                 "command": record["command"],
+                **lat_kw,
             }
             if m == "r4t-diffusion":
                 rec = evaluate(
@@ -260,46 +305,67 @@ def run_pipeline(
                     limit=e["limit"],
                     **kw,
                 )
-            elif m == "folm":
+            elif m in LLM_EVAL_METHODS:
+                policy = folm if m == "folm" else cfg["policy"]
                 rec = evaluate(
-                    "folm",
+                    m,
                     data.dataset,
-                    method_name="folm",
+                    method_name=m,
                     limit=e["llm_limit"],
-                    method_kwargs={"policy": folm, **llm_kw},
-                    **kw,
-                )
-            elif m == "llm-zeroshot":
-                rec = evaluate(
-                    "llm-zeroshot",
-                    data.dataset,
-                    limit=e["llm_limit"],
-                    method_kwargs={"policy": cfg["policy"], **llm_kw},
-                    **kw,
-                )
-            elif m == "llm-bon":
-                rec = evaluate(
-                    "llm-bon",
-                    data.dataset,
-                    limit=e["llm_limit"],
-                    method_kwargs={"policy": cfg["policy"], **llm_kw},
+                    method_kwargs={"policy": policy, **llm_kw, **method_kwargs.get(m, {})},
                     **kw,
                 )
             else:
-                rec = evaluate(m, data.dataset, limit=e["limit"], **kw)
+                rec = evaluate(m, data.dataset, limit=e["limit"], method_kwargs=method_kwargs.get(m), **kw)
             path.write_text(json.dumps(rec, indent=2, default=str))
-            done[m] = {k: rec["metrics"].get(k) for k in ("composite", "vendi", "recall@100", "alignment")}
-        return {"methods": done}
+            done[m] = {
+                "n_queries": rec["n_queries"],
+                **{
+                    k: rec["metrics"].get(k)
+                    for k in ("recall_at_fair", "hit_at_fair", "item_relevance", "vendi")
+                },
+            }
+        return {"methods": done, **same_queries()}
+
+    def same_queries() -> dict[str, Any]:
+        """Every method on the same queries: the full records restricted to the smallest record's queries."""
+        recs = {
+            m: json.loads((ev_dir / f"{m}.json").read_text())
+            for m in methods
+            if (ev_dir / f"{m}.json").is_file()
+        }
+        if not recs:
+            return {"headline": [], "appendix": []}
+        smallest = min(recs.values(), key=lambda r: r["n_queries"])
+        ids = list(smallest["per_query"]["set_id"])
+        headline, appendix = [], []
+        for m, rec in recs.items():
+            if rec["query_ids_sha256"] == smallest["query_ids_sha256"]:
+                headline.append(str(ev_dir / f"{m}.json"))
+                continue
+            same_dir.mkdir(exist_ok=True)
+            sub = subset_record(rec, ids)
+            (same_dir / f"{m}.json").write_text(json.dumps(sub, indent=2, default=str))
+            headline.append(str(same_dir / f"{m}.json"))
+            appendix.append(str(ev_dir / f"{m}.json"))
+        return {"headline": headline, "appendix": appendix, "headline_n_queries": len(ids)}
 
     stage("eval", do_eval)
 
     # 5. report -------------------------------------------------------------------------------------
-    from .report import render_report
+    from r4t_fast.eval.report import render_report
 
     def do_report():
-        files = [ev_dir / f"{m}.json" for m in methods if (ev_dir / f"{m}.json").is_file()]
-        paths = render_report(files, out / "report", title=f"R4T pipeline on {dataset} ({record['preset']})")
-        return {"report": str(paths["markdown"])}
+        files = same_queries()
+        n_all = max((json.loads(Path(f).read_text())["n_queries"] for f in files["appendix"]), default=0)
+        paths = render_report(
+            files["headline"],
+            out / "report",
+            title=f"R4T pipeline on {dataset} ({record['preset']})",
+            appendix=files["appendix"] or None,
+            appendix_title=f"Appendix: all {n_all} test queries (the methods fast enough for all of them)",
+        )
+        return {"report": str(paths["markdown"]), **files}
 
     stage("report", do_report)
     record["wall_s"] = round(time.perf_counter() - t_all, 1)
@@ -313,7 +379,7 @@ def run_pipeline(
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="polyvore | spotify | PATH.jsonl")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS), help="budget preset")
+    p.add_argument("--preset", default="cpu-small", choices=sorted(PIPELINE_PRESETS), help="budget preset")
     p.add_argument("--policy", default=None, help="base policy: smollm2 (default) or a local HF model dir")
     p.add_argument("--encoder", default=None, help="text encoder spec (default: the preset's)")
     p.add_argument(

@@ -26,7 +26,15 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..diffusion import EDM, SetDenoiser, clone_for_ema, ema_update, get_preset, save_model, shift_rows
+from r4t_fast.diffusion.model import (
+    EDM,
+    SetDenoiser,
+    clone_for_ema,
+    ema_update,
+    get_preset,
+    save_model,
+    shift_rows,
+)
 
 __all__ = ["DiffusionTrainConfig", "load_shards", "train_diffusion"]
 

@@ -8,10 +8,11 @@ subqueries are embedded and grounded to distinct catalog items. Every sample yie
 * ``targets_items``      (k, D) embeddings of the grounded catalog items   (OAR targets);
 * ``targets_subqueries`` (k, D) embeddings of the subquery texts           (WSCR targets);
 * ``items``              (k,)   catalog rows of the grounded items;
-* ``reward``             ()     the composite OAR reward 0.6·g + 0.2·d + 0.2·a (r4t_fast.metrics).
+* ``reward``             ()     the composite OAR reward 0.6·g + 0.2·d + 0.2·a (r4t_fast.objectives).
 
-A fan-out with fewer than ``k`` usable subqueries is padded by cycling its subqueries (grounding still
-gives distinct items); one with fewer than ``min_subqueries`` is dropped and counted.
+A fan-out with fewer than ``k`` usable subqueries gets the raw query for its missing rows (the one
+missing-row rule, :func:`r4t_fast.fanout.missing.fill_missing_rows`, as in RL and evaluation; grounding
+still gives distinct items); one with fewer than ``min_subqueries`` is dropped and counted.
 
 Output: ``shard-00000.safetensors``, ... (one per chunk of ``queries_per_shard`` queries, written
 atomically), ``space.json`` (encoder and dataset), ``synthesis.json`` (config and counts). A rerun
@@ -65,10 +66,6 @@ class SynthesisConfig:
             raise ValueError(f"min_subqueries: must be <= k ({self.k}), got {self.min_subqueries}")
 
 
-def _pad_cycle(items: list[str], k: int) -> list[str]:
-    return [items[i % len(items)] for i in range(k)]
-
-
 def synthesize_queries(
     queries: list[str],
     lm: Any,
@@ -78,7 +75,9 @@ def synthesize_queries(
     seed: int,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Sample, embed, ground and score fan-outs for ``queries``. Returns (tensors, counts)."""
-    from .. import metrics, ops
+    from r4t_fast import objectives
+    from r4t_fast.fanout.missing import fill_missing_rows
+    from r4t_fast.kernels import ops
 
     gens = lm.generate(
         queries,
@@ -99,7 +98,7 @@ def synthesize_queries(
                 counts["dropped_format"] += 1
                 continue
             keep_q.append(qi)
-            keep_sub.append(_pad_cycle(subs, cfg.k))
+            keep_sub.append(fill_missing_rows(subs, queries[qi], cfg.k))
     counts["kept"] = len(keep_q)
     D = encoder.dim
     if not keep_q:
@@ -118,10 +117,10 @@ def synthesize_queries(
     cat = catalog.embeddings.float()
     item_emb = cat[ids.clamp_min(0)]
     cond = q_emb[torch.tensor(keep_q)]
-    g = metrics.groundedness(s_emb, cat)
-    d = metrics.diversity(item_emb)
-    a = metrics.alignment(s_emb, cond)
-    reward = torch.as_tensor(metrics.composite(g, d, a), dtype=torch.float32)
+    g = objectives.groundedness(s_emb, cat)
+    d = objectives.diversity(item_emb)
+    a = objectives.alignment(s_emb, cond)
+    reward = torch.as_tensor(objectives.composite(g, d, a), dtype=torch.float32)
     return {
         "cond": cond.contiguous(),
         "targets_items": item_emb.contiguous(),
@@ -143,8 +142,9 @@ def synthesize(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run synthesis for the ``cfg.split`` queries of ``dataset`` into ``out_dir`` (resumable)."""
-    from ..evaluation import load_eval_data
-    from ..llm import FanOutLM, resolve_policy
+    from r4t_fast.data.prepare import load_eval_data
+    from r4t_fast.fanout.generation import FanOutLM
+    from r4t_fast.fanout.policy import resolve_policy
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +156,7 @@ def synthesize(
         sets = sets[: cfg.max_queries]
     if not sets:
         raise ValueError(f"dataset: no titled sets in split {cfg.split!r}")
-    from ..data import query_text
+    from r4t_fast.data.datasets import query_text
 
     queries = [query_text(s) for s in sets]
     if lm is None:

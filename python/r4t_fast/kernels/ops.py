@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from . import _backend
-from ._arrays import (
+from r4t_fast.kernels import _backend
+from r4t_fast.kernels._arrays import (
     as_tensor,
     check_matrix,
     check_positive_int,

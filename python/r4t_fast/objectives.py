@@ -1,11 +1,14 @@
-"""Set-retrieval metrics for R4T: WSCR recall/hit, Vendi, the OAR reward properties, CIs.
+"""Set-level objectives of R4T: the OAR terms (groundedness, Vendi diversity, alignment), their composite,
+WSCR coverage of a reference set (recall, hit, MRecall, category coverage) and the item-level metrics
+every method is compared on (item relevance, the fair budget and its round-robin candidate union).
 
-Every function here is pure and computes exactly the formula in its docstring. The embedding metrics
-accept torch tensors or numpy arrays, one set ``(k, d)`` or a batch of sets ``(batch, k, d)``, compute in
-float64 and return the input's library (numpy in -> numpy out, torch in -> torch out on the same device):
-a 0-d result for one set, ``(batch,)`` for a batch. They double as the RL rewards, so they are batched,
-deterministic and not differentiable (inputs are detached). The id metrics (recall, hit, MRecall,
-category coverage) take one id sequence per query and return a ``(queries,)`` float64 numpy array.
+These are the properties a retrieved set is scored on -- the RL reward (``r4t_fast.fanout.rewards``)
+and the evaluation (``r4t_fast.eval.metrics``) both call these functions, so each formula has one home.
+Every function here is pure and computes exactly the formula in its docstring. They accept torch
+tensors or numpy arrays, one set ``(k, d)`` or a batch of sets ``(batch, k, d)``, compute in float64 and
+return the input's library (numpy in -> numpy out, torch in -> torch out on the same device): a 0-d result
+for one set, ``(batch,)`` for a batch. They are batched, deterministic and not differentiable (inputs are
+detached).
 
 Conventions shared with ``r4t_fast.ops.set_stats`` (see ``csrc/params.h``):
 
@@ -34,29 +37,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 __all__ = [
-    "ConfidenceInterval",
-    "SetMetrics",
-    "alignment",
-    "bootstrap_ci",
+    "DEFAULT_WEIGHTS",
+    "FAIR_BUDGET_SHARE",
     "category_coverage",
+    "fair_budget",
+    "hit_at_k",
+    "item_relevance",
+    "mrecall_at_k",
+    "recall_at_k",
+    "round_robin_union",
+    "union_candidates",
+    "alignment",
     "composite",
     "diversity",
-    "evaluate_sets",
     "groundedness",
-    "hit_at_k",
     "intra_list_diversity",
-    "mrecall_at_k",
     "nearest_distance",
-    "paired_bootstrap_ci",
-    "recall_at_k",
-    "union_candidates",
     "vendi_over_runs",
     "vendi_score",
 ]
@@ -67,11 +69,14 @@ T = TypeVar("T")
 DEFAULT_WEIGHTS: tuple[float, float, float] = (0.6, 0.2, 0.2)
 """The paper's OAR reward weights (groundedness, diversity, alignment)."""
 
+FAIR_BUDGET_SHARE = 0.035
+"""Share of the catalog the fair candidate budget covers: the paper's 5,000 of 142,472 Polyvore items."""
+
 
 # ----------------------------------------------------------------------------------------------------
 # input handling
 # ----------------------------------------------------------------------------------------------------
-def _describe(x: Any) -> str:
+def describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"torch.{str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}"
     if isinstance(x, np.ndarray):
@@ -79,18 +84,18 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
-def _to_tensor(x: ArrayLike, name: str) -> tuple[torch.Tensor, bool]:
+def to_tensor(x: ArrayLike, name: str) -> tuple[torch.Tensor, bool]:
     """Return ``(float64 tensor, was_numpy)``; raises a ValueError naming ``name`` on bad input."""
     if isinstance(x, torch.Tensor):
         if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
-            raise ValueError(f"{name}: expected a floating-point array, got {_describe(x)}")
+            raise ValueError(f"{name}: expected a floating-point array, got {describe(x)}")
         return x.detach().to(torch.float64), False
     try:
         arr = np.asarray(x)
     except Exception as exc:  # pragma: no cover - exotic inputs
-        raise ValueError(f"{name}: expected a torch tensor or numpy array, got {_describe(x)}") from exc
+        raise ValueError(f"{name}: expected a torch tensor or numpy array, got {describe(x)}") from exc
     if arr.dtype.kind not in "fiu":
-        raise ValueError(f"{name}: expected a floating-point array, got {_describe(arr)}")
+        raise ValueError(f"{name}: expected a floating-point array, got {describe(arr)}")
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64)), True
 
 
@@ -100,12 +105,12 @@ def _out(t: torch.Tensor, as_numpy: bool) -> Any:
 
 def _as_sets(x: ArrayLike, name: str) -> tuple[torch.Tensor, bool, bool]:
     """``(k, d)`` or ``(batch, k, d)`` -> ``(batch, k, d)`` float64, was_numpy, was_batched."""
-    t, as_np = _to_tensor(x, name)
+    t, as_np = to_tensor(x, name)
     if t.ndim == 2:
         return t.unsqueeze(0), as_np, False
     if t.ndim == 3:
         return t, as_np, True
-    raise ValueError(f"{name}: expected shape (k, dim) or (batch, k, dim), got {_describe(x)}")
+    raise ValueError(f"{name}: expected shape (k, dim) or (batch, k, dim), got {describe(x)}")
 
 
 def _finish(values: torch.Tensor, as_np: bool, batched: bool) -> Any:
@@ -123,7 +128,7 @@ def _lengths_mask(
     lt = torch.as_tensor(np.asarray(lengths) if not isinstance(lengths, torch.Tensor) else lengths)
     lt = lt.to(device=device).reshape(-1)
     if lt.is_floating_point() or lt.numel() != batch:
-        raise ValueError(f"lengths: expected {batch} integers (one per set), got {_describe(lengths)}")
+        raise ValueError(f"lengths: expected {batch} integers (one per set), got {describe(lengths)}")
     if bool(((lt < 1) | (lt > k)).any()):
         raise ValueError(f"lengths: expected values in [1, {k}], got {lt.tolist()}")
     return torch.arange(k, device=device)[None, :] < lt[:, None]
@@ -253,7 +258,7 @@ def vendi_over_runs(run_embeddings: ArrayLike) -> Any:
     >>> round(float(vendi_over_runs(runs)), 6)
     1.0
     """
-    t, as_np = _to_tensor(run_embeddings, "run_embeddings")
+    t, as_np = to_tensor(run_embeddings, "run_embeddings")
     if t.ndim == 3:
         batched = False
         t = t.unsqueeze(0)
@@ -262,10 +267,10 @@ def vendi_over_runs(run_embeddings: ArrayLike) -> Any:
     else:
         raise ValueError(
             "run_embeddings: expected shape (runs, L, dim) or (batch, runs, L, dim), "
-            f"got {_describe(run_embeddings)}"
+            f"got {describe(run_embeddings)}"
         )
     if t.shape[1] < 1 or t.shape[2] < 1:
-        raise ValueError(f"run_embeddings: expected at least one run and one row, got {_describe(t)}")
+        raise ValueError(f"run_embeddings: expected at least one run and one row, got {describe(t)}")
     means = t.mean(dim=2)
     mask = torch.ones(means.shape[:2], dtype=torch.bool, device=means.device)
     return _finish(_vendi(means, mask), as_np, batched)
@@ -274,16 +279,16 @@ def vendi_over_runs(run_embeddings: ArrayLike) -> Any:
 # ----------------------------------------------------------------------------------------------------
 # OAR reward properties
 # ----------------------------------------------------------------------------------------------------
-def _catalog_matrix(catalog: Any, name: str = "catalog") -> torch.Tensor:
+def catalog_matrix(catalog: Any, name: str = "catalog") -> torch.Tensor:
     emb = getattr(catalog, "embeddings", catalog)
     if isinstance(emb, np.ndarray):
         emb = torch.from_numpy(emb)
     if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or not emb.is_floating_point():
         raise ValueError(
-            f"{name}: expected a (N, dim) float array or an object with .embeddings, got {_describe(emb)}"
+            f"{name}: expected a (N, dim) float array or an object with .embeddings, got {describe(emb)}"
         )
     if emb.shape[0] < 1:
-        raise ValueError(f"{name}: expected a non-empty catalog, got {_describe(emb)}")
+        raise ValueError(f"{name}: expected a non-empty catalog, got {describe(emb)}")
     return emb
 
 
@@ -292,7 +297,7 @@ def _nearest_id_ops(q32: torch.Tensor, cat: torch.Tensor) -> torch.Tensor | None
     if cat.dtype not in (torch.float32, torch.float16) or not bool(torch.isfinite(q32).all()):
         return None
     try:
-        from . import ops
+        from r4t_fast.kernels import ops
 
         _, ids = ops.knn(q32.contiguous(), cat, 1, metric="l2")
     except ImportError:  # kernels not built (or no CUDA kernels for a CUDA tensor): use the torch path
@@ -350,10 +355,10 @@ def nearest_distance(rows: ArrayLike, catalog: Any) -> Any:
     >>> nearest_distance(np.array([[3.0, 4.0], [1.0, 0.0]]), np.zeros((1, 2)))
     array([5., 1.])
     """
-    x, as_np = _to_tensor(rows, "rows")
-    cat = _catalog_matrix(catalog)
+    x, as_np = to_tensor(rows, "rows")
+    cat = catalog_matrix(catalog)
     if x.ndim < 1 or x.shape[-1] != cat.shape[1]:
-        raise ValueError(f"rows: expected (..., {cat.shape[1]}) to match catalog, got {_describe(rows)}")
+        raise ValueError(f"rows: expected (..., {cat.shape[1]}) to match catalog, got {describe(rows)}")
     flat = x.reshape(-1, x.shape[-1])
     return _out(_nearest(flat, cat).reshape(x.shape[:-1]), as_np)
 
@@ -386,10 +391,10 @@ def groundedness(
     -1.0
     """
     x, as_np, batched = _as_sets(subquery_emb, "subquery_emb")
-    cat = _catalog_matrix(catalog)
+    cat = catalog_matrix(catalog)
     if x.shape[-1] != cat.shape[1]:
         raise ValueError(
-            f"subquery_emb: expected last dim {cat.shape[1]} to match catalog, got {_describe(subquery_emb)}"
+            f"subquery_emb: expected last dim {cat.shape[1]} to match catalog, got {describe(subquery_emb)}"
         )
     mask = _lengths_mask(lengths, x.shape[0], x.shape[1], x.device, "subquery_emb")
     dist = _nearest(x.reshape(-1, x.shape[-1]), cat).reshape(x.shape[:2])
@@ -424,17 +429,42 @@ def alignment(
     0.75
     """
     x, as_np, batched = _as_sets(subquery_emb, "subquery_emb")
-    q, _ = _to_tensor(query_emb, "query_emb")
+    q, _ = to_tensor(query_emb, "query_emb")
     q = q.to(x.device)
     expected = (x.shape[-1],) if not batched else (x.shape[0], x.shape[-1])
     if tuple(q.shape) != expected:
-        raise ValueError(f"query_emb: expected shape {expected}, got {_describe(query_emb)}")
+        raise ValueError(f"query_emb: expected shape {expected}, got {describe(query_emb)}")
     q = q.reshape(x.shape[0], x.shape[-1])
     mask = _lengths_mask(lengths, x.shape[0], x.shape[1], x.device, "subquery_emb")
     cos = (_unit_rows(x) * _unit_rows(q)[:, None, :]).sum(-1)
     mean_cos = (cos * mask).sum(-1) / mask.sum(-1).to(torch.float64)
     a = (1.0 + mean_cos) / 2.0 if normalize else mean_cos
     return _finish(a, as_np, batched)
+
+
+def item_relevance(item_emb: ArrayLike, query_emb: ArrayLike, *, lengths: ArrayLike | None = None) -> Any:
+    """Item-level relevance of a retrieved set: ``(1/k) sum_i (1 + cos(e(c_i), e(q))) / 2`` in ``[0, 1]``.
+
+    The mean over the ``k`` returned *items* (not the rows a method retrieved with) of the cosine to the
+    query, mapped to ``[0, 1]``: the same formula as the project form of :func:`alignment`, applied to the
+    items, so it means the same for every method family (for dense/MMR/DPP the rows are the raw query and
+    their row alignment is 1 by construction; their item relevance is not).
+
+    Args:
+        item_emb: ``(k, dim)`` or ``(batch, k, dim)`` embeddings of the retrieved catalog items.
+        query_emb: ``(dim,)`` for one set or ``(batch, dim)``.
+        lengths: optional ``(batch,)`` counted items per set.
+
+    >>> import numpy as np
+    >>> float(item_relevance(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([1.0, 0.0])))  # cos 1 and 0
+    0.75
+    >>> float(item_relevance(np.array([[-1.0, 0.0]]), np.array([1.0, 0.0])))
+    0.0
+    """
+    try:
+        return alignment(item_emb, query_emb, normalize=True, lengths=lengths)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("subquery_emb", "item_emb")) from None
 
 
 def composite(g: T, d: T, a: T, weights: Sequence[float] = DEFAULT_WEIGHTS) -> T:
@@ -459,15 +489,15 @@ def composite(g: T, d: T, a: T, weights: Sequence[float] = DEFAULT_WEIGHTS) -> T
 # ----------------------------------------------------------------------------------------------------
 # id-based WSCR metrics
 # ----------------------------------------------------------------------------------------------------
-def _id_list(x: Any, name: str) -> list[Hashable]:
+def id_list(x: Any, name: str) -> list[Hashable]:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     if isinstance(x, np.ndarray):
         if x.ndim != 1:
-            raise ValueError(f"{name}: expected a 1-D id sequence, got {_describe(x)}")
+            raise ValueError(f"{name}: expected a 1-D id sequence, got {describe(x)}")
         return x.tolist()
     if isinstance(x, (str, bytes)) or not isinstance(x, Iterable):
-        raise ValueError(f"{name}: expected a sequence of item ids, got {_describe(x)}")
+        raise ValueError(f"{name}: expected a sequence of item ids, got {describe(x)}")
     return list(x)
 
 
@@ -479,7 +509,7 @@ def _pairs(retrieved: Sequence[Any], reference: Sequence[Any], rname: str) -> No
 
 
 def _ref_set(ref: Any, i: int) -> set[Hashable]:
-    s = set(_id_list(ref, f"reference[{i}]"))
+    s = set(id_list(ref, f"reference[{i}]"))
     if not s:
         raise ValueError(f"reference[{i}]: expected a non-empty reference set, got an empty one")
     return s
@@ -502,7 +532,7 @@ def recall_at_k(retrieved_ids: Sequence[Any], reference: Sequence[Collection[Has
     out = np.empty(len(reference), dtype=np.float64)
     for i, (r, y) in enumerate(zip(retrieved_ids, reference, strict=True)):
         ys = _ref_set(y, i)
-        out[i] = len(ys.intersection(_id_list(r, f"retrieved_ids[{i}]"))) / len(ys)
+        out[i] = len(ys.intersection(id_list(r, f"retrieved_ids[{i}]"))) / len(ys)
     return out
 
 
@@ -537,7 +567,7 @@ def union_candidates(candidates: ArrayLike, budget_per_row: int) -> np.ndarray:
         candidates = candidates.detach().cpu().numpy()
     arr = np.asarray(candidates)
     if arr.ndim != 2 or arr.dtype.kind not in "iu":
-        raise ValueError(f"candidates: expected integer ids of shape (L, C), got {_describe(arr)}")
+        raise ValueError(f"candidates: expected integer ids of shape (L, C), got {describe(arr)}")
     if isinstance(budget_per_row, bool) or not isinstance(budget_per_row, (int, np.integer)):
         raise ValueError(f"budget_per_row: expected a positive int, got {budget_per_row!r}")
     if not 1 <= budget_per_row <= arr.shape[1]:
@@ -547,6 +577,65 @@ def union_candidates(candidates: ArrayLike, budget_per_row: int) -> np.ndarray:
         )
     ids = np.unique(arr[:, :budget_per_row].astype(np.int64))
     return ids[ids >= 0]
+
+
+def round_robin_union(candidates: ArrayLike, size: int) -> np.ndarray:
+    """The fair candidate union: exactly ``size`` distinct items read round-robin over the rows.
+
+    Rows are read column by column -- row 1's first candidate, row 2's first, ..., row L's first, then
+    every row's second, and so on -- skipping ids already taken and ids ``< 0`` (the "no item" sentinel),
+    until ``size`` distinct items are taken. Unlike :func:`union_candidates` (a fixed quota of
+    ``K / L`` per row, which shrinks below ``K`` when rows overlap), every method gets exactly ``K``
+    items, so a fan-out whose rows overlap is not penalised for it. For the dense baseline, whose
+    candidates are its ranking laid out column-major, this is exactly its top ``K``.
+
+    Args:
+        candidates: ``(L, C)`` integer ids, each row ranked best first.
+        size: ``K >= 1``, the number of distinct items wanted.
+
+    Returns:
+        int64 ids in reading order, shape ``(min(size, distinct ids),)``: shorter than ``size`` only when
+        the rows hold fewer distinct items (the caller records and flags that).
+
+    >>> round_robin_union(np.array([[5, 1, 9], [1, 2, -1]]), 3)
+    array([5, 1, 2])
+    >>> round_robin_union(np.array([[5, 1], [5, 1]]), 3)   # identical rows: only 2 distinct items
+    array([5, 1])
+    """
+    if isinstance(candidates, torch.Tensor):
+        candidates = candidates.detach().cpu().numpy()
+    arr = np.asarray(candidates)
+    if arr.ndim != 2 or (arr.size and arr.dtype.kind not in "iu"):
+        raise ValueError(f"candidates: expected integer ids of shape (L, C), got {describe(arr)}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size: expected a positive int, got {size!r}")
+    flat = arr.T.reshape(-1).astype(np.int64)  # column-major: every row's j-th candidate, then j + 1
+    flat = flat[flat >= 0]
+    _, first = np.unique(flat, return_index=True)
+    return flat[np.sort(first)[: int(size)]]
+
+
+def fair_budget(n_items: int, k: int, share: float = FAIR_BUDGET_SHARE) -> int:
+    """The fair candidate budget ``K``: the multiple of ``k`` closest to ``share * n_items``.
+
+    ``K = k * max(1, round(share * n_items / k))`` (halves round up), capped at the largest multiple of
+    ``k`` that fits in the catalog. With ``share = 0.035`` it is the paper's 5,000 of 142k items scaled
+    to the catalog at hand: Polyvore's 142,472 items give 4,990; the project's 18,800-item Polyvore
+    catalog gives 660.
+
+    >>> fair_budget(18_800, 10), fair_budget(142_472, 10), fair_budget(18_689, 10)
+    (660, 4990, 650)
+    >>> fair_budget(40, 10)        # tiny catalog: never below k
+    10
+    """
+    if isinstance(n_items, bool) or not isinstance(n_items, (int, np.integer)) or n_items < 1:
+        raise ValueError(f"n_items: expected a positive int, got {n_items!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_items:
+        raise ValueError(f"k: expected an int in [1, {n_items}] (the catalog size), got {k!r}")
+    if not (isinstance(share, (int, float)) and 0.0 < float(share) <= 1.0):
+        raise ValueError(f"share: expected a float in (0, 1], got {share!r}")
+    multiples = math.floor(float(share) * int(n_items) / int(k) + 0.5 + 1e-9)
+    return int(k) * min(max(1, multiples), int(n_items) // int(k))
 
 
 def mrecall_at_k(
@@ -576,7 +665,7 @@ def mrecall_at_k(
     out = np.empty(len(reference), dtype=np.float64)
     for i, (r, y) in enumerate(zip(retrieved, reference, strict=True)):
         ys = _ref_set(y, i)
-        top = set(_id_list(r, f"retrieved[{i}]")[:k])
+        top = set(id_list(r, f"retrieved[{i}]")[:k])
         frac = len(ys & top) / min(k, len(ys))
         out[i] = frac if soft else float(frac >= 1.0)
     return out
@@ -589,7 +678,8 @@ def category_coverage(
     """Fraction of the reference set's categories present in the retrieved set, per query.
 
     ``cov = |cats(R) ∩ cats(Y)| / |cats(Y)|`` with ``cats`` the set of non-``None`` categories. A query
-    whose reference has no known category gets ``nan`` (``evaluate_sets`` averages with ``nanmean``).
+    whose reference has no known category gets ``nan`` (``evaluate_sets`` averages with ``nanmean``;
+    a dataset whose items have no category at all gets ``null`` in the record).
 
     >>> category_coverage([["top", "shoes", None]], [["top", "bag", "shoes"]])
     array([0.66666667])
@@ -607,260 +697,3 @@ def category_coverage(
             continue
         out[i] = len(ys & {c for c in r if c is not None}) / len(ys)
     return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# confidence intervals
-# ----------------------------------------------------------------------------------------------------
-class ConfidenceInterval(NamedTuple):
-    """A percentile-bootstrap interval around a sample mean (or a mean difference)."""
-
-    mean: float
-    low: float
-    high: float
-    alpha: float
-
-    @property
-    def excludes_zero(self) -> bool:
-        """True when 0 lies strictly outside ``[low, high]``."""
-        return self.low > 0.0 or self.high < 0.0
-
-
-def _vector(x: ArrayLike, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x, dtype=np.float64)
-    if arr.ndim != 1 or arr.size < 1:
-        raise ValueError(f"{name}: expected a non-empty 1-D array of per-query values, got {_describe(arr)}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name}: expected finite values, got {int((~np.isfinite(arr)).sum())} non-finite")
-    return arr
-
-
-def _boot(values: np.ndarray, n_boot: int, seed: int, alpha: float) -> ConfidenceInterval:
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ValueError(f"n_boot: expected a positive int, got {n_boot!r}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha: expected a float in (0, 1), got {alpha!r}")
-    rng = np.random.Generator(np.random.PCG64(seed))
-    n = values.size
-    means = np.empty(n_boot, dtype=np.float64)
-    step = max(1, (1 << 22) // n)  # bound the (boots, n) index block to ~4M entries
-    for s in range(0, n_boot, step):
-        m = min(step, n_boot - s)
-        means[s : s + m] = values[rng.integers(0, n, size=(m, n))].mean(axis=1)
-    low, high = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return ConfidenceInterval(float(values.mean()), float(low), float(high), float(alpha))
-
-
-def bootstrap_ci(
-    values: ArrayLike, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
-) -> ConfidenceInterval:
-    """Percentile bootstrap CI of the mean of per-query values.
-
-    Resamples the ``n`` queries with replacement ``n_boot`` times (numpy PCG64 seeded with ``seed``) and
-    returns the sample mean with the ``alpha/2`` and ``1 - alpha/2`` quantiles of the resampled means.
-
-    >>> ci = bootstrap_ci([1.0, 1.0, 1.0])
-    >>> (ci.mean, ci.low, ci.high)
-    (1.0, 1.0, 1.0)
-    """
-    return _boot(_vector(values, "values"), n_boot, seed, alpha)
-
-
-def paired_bootstrap_ci(
-    a: ArrayLike, b: ArrayLike, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
-) -> ConfidenceInterval:
-    """Paired percentile bootstrap CI of ``mean(a) - mean(b)`` over the same queries.
-
-    The per-query differences ``a_i - b_i`` are resampled jointly (query ``i`` keeps its pair), so the
-    interval reflects the per-query correlation of the two systems. ``ci.excludes_zero`` is the
-    "95% CI excludes zero" test at the default ``alpha = 0.05``.
-
-    >>> ci = paired_bootstrap_ci([0.5, 0.7, 0.9, 0.6], [0.1, 0.2, 0.3, 0.2])
-    >>> round(ci.mean, 3), ci.excludes_zero
-    (0.475, True)
-    """
-    av, bv = _vector(a, "a"), _vector(b, "b")
-    if av.shape != bv.shape:
-        raise ValueError(f"b: expected the same number of queries as a ({av.size}), got {bv.size}")
-    return _boot(av - bv, n_boot, seed, alpha)
-
-
-# ----------------------------------------------------------------------------------------------------
-# the whole suite
-# ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SetMetrics:
-    """Result of ``evaluate_sets``.
-
-    Attributes:
-        means: metric name -> mean over queries (``nanmean`` for ``category_coverage``).
-        per_query: metric name -> ``(queries,)`` float64 values, for bootstrap CIs.
-        vendi_mode: ``"runs"`` when ``vendi`` is the paper's Vendi over runs, ``"items"`` when it is the
-            Vendi of each query's retrieved items (no runs were given).
-    """
-
-    means: dict[str, float]
-    per_query: dict[str, np.ndarray] = field(repr=False)
-    vendi_mode: str = "items"
-
-    def ci(self, key: str, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> ConfidenceInterval:
-        """Bootstrap CI of ``means[key]`` (queries with a ``nan`` value are left out)."""
-        if key not in self.per_query:
-            valid = ", ".join(sorted(self.per_query))
-            raise ValueError(f"key: unknown metric {key!r}; valid choices: {valid}")
-        v = self.per_query[key]
-        return bootstrap_ci(v[np.isfinite(v)], n_boot=n_boot, seed=seed, alpha=alpha)
-
-
-def _pad(seqs: Sequence[Any], name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """List of ``(L_q, dim)`` (or a ``(Q, L, dim)`` array) -> padded float64 ``(Q, Lmax, dim)``, lengths."""
-    if isinstance(seqs, (np.ndarray, torch.Tensor)):
-        t, _ = _to_tensor(seqs, name)
-        if t.ndim != 3:
-            raise ValueError(f"{name}: expected shape (queries, L, dim), got {_describe(seqs)}")
-        return t, torch.full((t.shape[0],), t.shape[1], dtype=torch.int64)
-    parts = [_to_tensor(s, f"{name}[{i}]")[0] for i, s in enumerate(seqs)]
-    for i, p in enumerate(parts):
-        if p.ndim != 2 or p.shape[0] < 1 or p.shape[1] != parts[0].shape[1]:
-            raise ValueError(f"{name}[{i}]: expected shape (L, {parts[0].shape[-1]}), got {_describe(p)}")
-    lengths = torch.tensor([p.shape[0] for p in parts], dtype=torch.int64)
-    out = torch.zeros(len(parts), int(lengths.max()), parts[0].shape[1], dtype=torch.float64)
-    for i, p in enumerate(parts):
-        out[i, : p.shape[0]] = p.cpu()
-    return out, lengths
-
-
-def evaluate_sets(
-    item_indices: Sequence[Any],
-    row_embeddings: Sequence[Any],
-    query_embeddings: ArrayLike,
-    catalog_embeddings: Any,
-    *,
-    references: Sequence[Collection[int]] | None = None,
-    candidates: Sequence[Any] | None = None,
-    budget_per_row: int | None = None,
-    item_categories: Sequence[str | None] | None = None,
-    run_row_embeddings: Sequence[Any] | None = None,
-    mrecall_k: int | None = None,
-    weights: Sequence[float] = DEFAULT_WEIGHTS,
-    normalize: bool = True,
-) -> SetMetrics:
-    """Every set metric for a batch of queries, as means and per-query arrays.
-
-    Args:
-        item_indices: per query, the retrieved catalog row indices, ranked (for fan-out: the top-1 item
-            of each row, as ``ops.ground_sets`` returns them). A ``(Q, k)`` array or a list of 1-D
-            arrays; ids ``< 0`` are ignored.
-        row_embeddings: per query, the ``(L, dim)`` subquery / generated-row embeddings used (the raw
-            query repeated for the no-fan-out baseline). ``(Q, L, dim)`` or a list.
-        query_embeddings: ``(Q, dim)``.
-        catalog_embeddings: ``(N, dim)`` or an object with ``.embeddings``.
-        references: per query, the reference set ``Y`` as catalog row indices (WSCR); enables
-            ``recall@K``, ``hit@K``, ``mrecall@k`` and, with ``item_categories``, ``category_coverage``.
-        candidates: per query, ``(L, C)`` ranked candidate ids per row; with ``budget_per_row`` they
-            define ``R = union_candidates(candidates, budget_per_row)`` and ``K = L * budget_per_row``.
-            Without them ``R`` is the query's retrieved items and ``K`` the largest set size.
-        budget_per_row: ``b`` of the Recall@K protocol (default: ``C``, all candidates).
-        item_categories: ``(N,)`` category per catalog row (``None`` = unknown).
-        run_row_embeddings: per query, ``(runs, L, dim)`` row embeddings of independent runs; when given,
-            ``vendi`` is ``vendi_over_runs`` (the paper's WSCR Vendi), else the Vendi of the items.
-        mrecall_k: ``k`` of ``mrecall@k`` (default: the largest set size).
-        weights: composite weights (groundedness, diversity, alignment).
-        normalize: ``[0, 1]`` forms of groundedness/alignment/diversity (default) or the paper's raw forms.
-
-    Returns:
-        ``SetMetrics`` with keys ``vendi``, ``vendi_items``, ``groundedness``, ``diversity``,
-        ``alignment``, ``composite``, ``ild`` always; ``recall@K``, ``hit@K``, ``mrecall@k`` with
-        references; ``category_coverage`` with references and item categories.
-    """
-    cat = _catalog_matrix(catalog_embeddings, "catalog_embeddings")
-    n_items = cat.shape[0]
-    if isinstance(item_indices, (np.ndarray, torch.Tensor)):
-        if item_indices.ndim != 2:
-            raise ValueError(f"item_indices: expected shape (queries, k), got {_describe(item_indices)}")
-        item_lists = [_id_list(r, f"item_indices[{i}]") for i, r in enumerate(item_indices)]
-    else:
-        item_lists = [_id_list(r, f"item_indices[{i}]") for i, r in enumerate(item_indices)]
-    item_lists = [[int(j) for j in r if int(j) >= 0] for r in item_lists]
-    q = len(item_lists)
-    for i, r in enumerate(item_lists):
-        if not r:
-            raise ValueError(f"item_indices[{i}]: expected at least one valid (>= 0) item id, got none")
-        if max(r) >= n_items:
-            raise ValueError(f"item_indices[{i}]: expected ids < {n_items} (catalog size), got {max(r)}")
-
-    rows, row_len = _pad(row_embeddings, "row_embeddings")
-    qe, _ = _to_tensor(query_embeddings, "query_embeddings")
-    if rows.shape[0] != q:
-        raise ValueError(f"row_embeddings: expected {q} sets (one per query), got {rows.shape[0]}")
-    if qe.shape != (q, rows.shape[-1]):
-        raise ValueError(f"query_embeddings: expected shape ({q}, {rows.shape[-1]}), got {_describe(qe)}")
-
-    items, item_len = _pad(
-        [cat[torch.tensor(r, device=cat.device)].double().cpu() for r in item_lists], "items"
-    )
-    rows = rows.to(cat.device)  # the nearest-item search runs where the catalog lives
-    per: dict[str, np.ndarray] = {}
-    g = groundedness(rows, cat, normalize=normalize, lengths=row_len).cpu().numpy()
-    d = diversity(items, normalize=normalize, lengths=item_len).numpy()
-    a = alignment(rows, qe.to(rows.device), normalize=normalize, lengths=row_len).cpu().numpy()
-    per["groundedness"], per["diversity"], per["alignment"] = g, d, a
-    per["composite"] = composite(g, d, a, weights)
-    per["ild"] = intra_list_diversity(items, lengths=item_len).numpy()
-    per["vendi_items"] = vendi_score(items, lengths=item_len).numpy()
-    mode = "items"
-    per["vendi"] = per["vendi_items"]
-    if run_row_embeddings is not None:
-        if len(run_row_embeddings) != q:
-            raise ValueError(f"run_row_embeddings: expected {q} entries, got {len(run_row_embeddings)}")
-        per["vendi"] = np.array(
-            [
-                float(vendi_over_runs(_to_tensor(r, f"run_row_embeddings[{i}]")[0]))
-                for i, r in enumerate(run_row_embeddings)
-            ]
-        )
-        mode = "runs"
-
-    if references is not None:
-        if len(references) != q:
-            raise ValueError(f"references: expected {q} sets (one per query), got {len(references)}")
-        k_set = max(len(r) for r in item_lists)
-        if candidates is not None:
-            if len(candidates) != q:
-                raise ValueError(f"candidates: expected {q} arrays (one per query), got {len(candidates)}")
-            cand = [np.asarray(c.detach().cpu() if isinstance(c, torch.Tensor) else c) for c in candidates]
-            for i, c in enumerate(cand):
-                if c.ndim != 2:
-                    raise ValueError(f"candidates[{i}]: expected shape (L, C), got {_describe(c)}")
-            b = budget_per_row if budget_per_row is not None else min(c.shape[1] for c in cand)
-            retrieved = [union_candidates(c, b) for c in cand]
-            big_k = max(c.shape[0] for c in cand) * b
-        else:
-            if budget_per_row is not None:
-                raise ValueError("budget_per_row: only meaningful with candidates, got candidates=None")
-            retrieved = item_lists
-            big_k = k_set
-        per[f"recall@{big_k}"] = recall_at_k(retrieved, references)
-        per[f"hit@{big_k}"] = hit_at_k(retrieved, references)
-        mk = mrecall_k if mrecall_k is not None else k_set
-        per[f"mrecall@{mk}"] = mrecall_at_k(item_lists, references, mk)
-        if item_categories is not None:
-            if len(item_categories) != n_items:
-                raise ValueError(
-                    f"item_categories: expected {n_items} entries (one per catalog row), "
-                    f"got {len(item_categories)}"
-                )
-            per["category_coverage"] = category_coverage(
-                [[item_categories[j] for j in r] for r in item_lists],
-                [
-                    [item_categories[int(j)] for j in _id_list(y, f"references[{i}]")]
-                    for i, y in enumerate(references)
-                ],
-            )
-    means = {}
-    for key, v in per.items():
-        finite = v[np.isfinite(v)]
-        means[key] = float(finite.mean()) if finite.size else float("nan")
-    return SetMetrics(means=means, per_query=per, vendi_mode=mode)

@@ -6,22 +6,37 @@ The protocol (WSCR, weakly supervised compositional retrieval):
   about 19k), embedded with the encoder and cached: embeddings in an :class:`EmbeddingCache` under
   ``<cache>/embeddings``, the built :class:`~r4t_fast.Catalog` under ``<cache>/catalogs/<name>-<hash>``
   (the hash covers item ids, texts, categories and the encoder name). ``<cache>`` is ``$R4T_CACHE_DIR``
-  or ``~/.cache/r4t_fast`` (see :func:`r4t_fast.llm.default_cache_dir`).
+  or ``~/.cache/r4t_fast`` (see :mod:`r4t_fast.data.prepare`).
 * **split**: :func:`r4t_fast.data.split_sets` 8:1:1 with ``seed``, saved once under ``<cache>/splits``
   and reloaded afterwards. A set's split depends only on its id and the seed.
 * **queries**: the titles of the split's sets (:func:`r4t_fast.data.query_text`); sets without a usable
   title are skipped and counted (``config.n_skipped_untitled``). ``limit`` keeps the first ``limit``
   titled sets in split order (sorted set ids).
 * **reference**: the set's own items (catalog rows).
-* **metrics** (:func:`r4t_fast.metrics.evaluate_sets`): ``recall@K`` / ``hit@K`` for every per-row budget
-  ``b`` in ``budgets`` (``K = k * b``; for ``k = 10``: ``recall@100``, ``recall@1000``, ``recall@5000``),
-  ``mrecall@k`` of the ``k`` retrieved items, ``vendi`` (Vendi score of the ``k`` retrieved items, in
-  ``[1, k]``), the OAR properties ``groundedness`` / ``diversity`` / ``alignment`` / ``composite`` in
-  their ``[0, 1]`` forms, ``ild`` and ``category_coverage`` (where the catalog has categories). Every
-  metric gets a 95% percentile-bootstrap CI over queries.
-* **latency**: wall time per query of ``retrieve(queries, k)`` (the set only, no Recall candidates) at
-  batch sizes 1, 8 and 64 after one warm-up call, on a small sample for LLM methods (stated in
-  ``config.latency``).
+* **metrics** (:func:`r4t_fast.eval.metrics.evaluate_sets`), the same code for every method. Item-level
+  (the headline, comparable across method families): ``recall_at_fair`` / ``hit_at_fair`` at the fair
+  budget ``fair_budget`` = ``K``, the multiple of ``k`` closest to 3.5 % of the catalog
+  (:func:`r4t_fast.objectives.fair_budget`; Polyvore: 660), on a union of exactly ``K`` distinct
+  candidates read round-robin over the ``k`` rows; ``item_relevance`` = mean ``(1 + cos(item, query))
+  / 2`` over the ``k`` items; ``vendi`` (Vendi score of the ``k`` items, in ``[1, k]``), ``ild``;
+  ``category_coverage`` (``null`` where items have no category). Secondary: the paper's fixed-quota
+  ``recall@K`` / ``hit@K`` for every per-row budget ``b`` in ``budgets`` (``K = k * b``: ``recall@100``,
+  ``recall@1000``, ``recall@5000``) and at the fair budget (``recall_at_fair_quota``), ``mrecall@k``,
+  and the row-based OAR terms ``row_groundedness`` / ``row_diversity`` / ``row_alignment`` /
+  ``row_composite`` (``[0, 1]`` forms), which score the rows a method retrieved *with* (the raw query
+  for dense/MMR/DPP) and compare only fan-outs with fan-outs. Every metric gets a 95%
+  percentile-bootstrap CI over queries, and ``per_query`` keeps the values by set id for paired
+  comparisons. Every method is asked for ``max(max(budgets), K)`` candidates per row, so its union can
+  reach ``K``; one that cannot is flagged (``flags``), never silently scored on fewer items.
+* **identity**: ``query_ids_sha256`` (sha256 of the sorted set ids scored; :mod:`r4t_fast.eval.report`
+  refuses to put records with different hashes in one table) and ``config.catalog`` (item count, ids and
+  float32 embedding checksums). A method that brings its own catalog (a diffusion retriever directory)
+  must bring the evaluation catalog: a mismatch is refused, saying whether the ids or the embeddings
+  differ.
+* **latency** (:mod:`r4t_fast.eval.latency`): median wall time per query of ``retrieve(queries, k)`` (the
+  set only, no Recall candidates) over at least 8 timed calls per batch size (1, 8, 64) after a warm-up,
+  with its spread (``latency_spread_ms_per_query``); the diffusion retriever also records
+  ``latency_breakdown_ms`` {encode, sample, ground} per batch size.
 
 Use it from Python with :func:`evaluate` -- any object with the baselines' ``retrieve`` protocol (or a
 factory ``(catalog, encoder) -> retriever``) and a method name -- or from the shell::
@@ -33,27 +48,40 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
-import math
 import os
-import platform
-import re
 import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .data import Dataset, Split, load_dataset, load_split, query_text, save_split, split_sets
+from r4t_fast._internal import atomic_write_text, check_positive_int
+from r4t_fast.data.datasets import Dataset, query_text
+from r4t_fast.data.prepare import EvalData, build_catalog, dataset_split, load_eval_data
+from r4t_fast.data.splits import SPLIT_NAMES
+from r4t_fast.eval.latency import (
+    DEFAULT_LATENCY_BATCHES,
+    MIN_LATENCY_CALLS,
+    latency_record,
+    measure_latency,
+)
+from r4t_fast.eval.records import (
+    _fair_flags,
+    _jsonable,
+    catalog_fingerprint,
+    catalog_mismatch,
+    environment,
+    format_table,
+    query_ids_sha256,
+)
 
 __all__ = [
     "LLM_METHODS",
+    "check_catalog",
     "METHOD_CHOICES",
     "RECORD_METHODS",
     "EvalData",
@@ -73,184 +101,9 @@ METHOD_CHOICES = ("dense", "mmr", "dpp", "llm-zeroshot", "llm-bon")
 RECORD_METHODS = ("dense", "mmr", "dpp", "llm-zeroshot", "llm-bon", "folm", "r4t-diffusion")
 """Method names used in records (``r4t-diffusion`` is the diffusion retriever of a later stage)."""
 LLM_METHODS = frozenset({"llm-zeroshot", "llm-bon", "folm"})
-"""Methods whose latency is measured on a small sample."""
+"""LLM fan-out methods (their quality-run batches are reused as latency calls where the sizes match)."""
 
 DEFAULT_BUDGETS = (10, 100, 500)
-DEFAULT_LATENCY_BATCHES = (1, 8, 64)
-# calls per batch size (after one warm-up call): cheap methods / LLM methods
-_LATENCY_CALLS = {1: 16, 8: 4, 64: 2}
-_LLM_LATENCY_CALLS = {1: 2, 8: 1, 64: 1}
-_SPLIT_NAMES = ("train", "val", "test")
-
-
-def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    from .llm import default_cache_dir
-
-    return default_cache_dir()
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "dataset"
-
-
-# ----------------------------------------------------------------------------------------------------
-# data: catalog + split, cached
-# ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EvalData:
-    """Everything an evaluation needs besides the method.
-
-    Attributes:
-        dataset: the loaded sets.
-        catalog: ``r4t_fast.Catalog`` of ``dataset.catalog_items`` (row order = that list's order).
-        encoder: the text encoder the catalog was embedded with.
-        split: the 8:1:1 split of the dataset's sets.
-        catalog_dir: where the catalog is cached (``None`` when built in memory only).
-        split_path: where the split is saved (``None`` when not saved).
-    """
-
-    dataset: Dataset
-    catalog: Any
-    encoder: Any
-    split: Split
-    catalog_dir: Path | None = None
-    split_path: Path | None = None
-
-
-def _fingerprint(parts: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def build_catalog(
-    dataset: Dataset,
-    encoder: Any,
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    use_cache: bool = True,
-    progress: bool = True,
-) -> tuple[Any, Path | None]:
-    """The catalog of ``dataset.catalog_items`` embedded with ``encoder``, cached on disk.
-
-    Returns:
-        ``(catalog, catalog_dir)``; ``catalog.embeddings`` is float32 ``(N, encoder.dim)``, unit rows;
-        ``catalog_dir`` is ``None`` when ``use_cache`` is False.
-    """
-    from .catalog import Catalog, CatalogError
-    from .encoders import EmbeddingCache, encode_cached
-
-    items = dataset.catalog_items
-    if not items:
-        raise ValueError(f"dataset: {dataset.name!r} has no items to build a catalog from")
-    key = _fingerprint(
-        [encoder.name, str(encoder.dim)] + [f"{it.item_id}\t{it.text}\t{it.category}" for it in items]
-    )
-    root = _cache_root(cache_dir)
-    cat_dir = root / "catalogs" / f"{_safe(dataset.name)}-{key[:16]}" if use_cache else None
-    if cat_dir is not None and (cat_dir / "manifest.json").is_file():
-        try:
-            cat = Catalog.load(cat_dir)
-            if len(cat) == len(items) and cat.dim == encoder.dim:
-                return cat, cat_dir
-        except CatalogError as exc:
-            print(f"r4t: rebuilding the cached catalog at {cat_dir}: {exc}", file=sys.stderr)
-    texts = [it.text for it in items]
-    cache = EmbeddingCache(root / "embeddings") if use_cache else None
-    emb = encode_cached(encoder, texts, cache, batch_size=128, show_progress=progress)
-    cat = Catalog([it.item_id for it in items], emb, texts, [it.category for it in items])
-    if cat_dir is not None:
-        cat.save(cat_dir)
-    return cat, cat_dir
-
-
-def dataset_split(
-    dataset: Dataset,
-    seed: int = 0,
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    use_cache: bool = True,
-) -> tuple[Split, Path | None]:
-    """The deterministic 8:1:1 split of all of ``dataset``'s sets, saved once and reloaded afterwards.
-
-    The file is ``<cache>/splits/<name>-<hash of the set ids>-seed<seed>.json``; a saved split whose ids
-    do not match the dataset's is recomputed (the assignment of a set never changes: it depends only on
-    its id and the seed).
-    """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed: expected an int, got {seed!r}")
-    ids = sorted(s.set_id for s in dataset.sets)
-    path = None
-    if use_cache:
-        key = _fingerprint(ids)[:16]
-        path = _cache_root(cache_dir) / "splits" / f"{_safe(dataset.name)}-{key}-seed{seed}.json"
-        if path.is_file():
-            try:
-                split = load_split(path)
-                if sorted(split.train + split.val + split.test) == ids and split.seed == seed:
-                    return split, path
-            except ValueError:
-                pass
-    split = split_sets(dataset, seed=seed, ratios=(0.8, 0.1, 0.1))
-    if path is not None:
-        save_split(split, path)
-    return split, path
-
-
-def load_eval_data(
-    dataset: str | os.PathLike[str] | Dataset,
-    *,
-    encoder: Any = "minilm",
-    data_dir: str | os.PathLike[str] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    seed: int = 0,
-    extra_items: bool = True,
-    use_cache: bool = True,
-    progress: bool = True,
-) -> EvalData:
-    """Load a dataset, its cached catalog and its cached split.
-
-    Args:
-        dataset: ``"polyvore"``, ``"spotify"``, a ``sets.jsonl`` path or a loaded ``Dataset``.
-        encoder: an encoder spec for :func:`r4t_fast.encoders.get_encoder` (``"minilm"``, ``"hashing:64"``,
-            a path) or an encoder object.
-        data_dir: where the named datasets live (default: :func:`r4t_fast.data.default_data_dir`).
-        cache_dir: cache root (default ``$R4T_CACHE_DIR`` or ``~/.cache/r4t_fast``).
-        seed: split seed.
-        extra_items: Polyvore only: add the Polyvore-T test items to the catalog (about 10k more items).
-        use_cache: read and write the catalog/split/embedding caches.
-        progress: show the embedding progress bar.
-    """
-    if isinstance(dataset, Dataset):
-        ds = dataset
-    else:
-        if not isinstance(dataset, (str, os.PathLike)):
-            raise ValueError(
-                f"dataset: expected a name, a .jsonl path or a Dataset, got {type(dataset).__name__}"
-            )
-        text = os.fspath(dataset)
-        kwargs: dict[str, Any] = {}
-        if text.lower() == "polyvore" and extra_items:
-            kwargs["include_extra"] = True
-        ds = load_dataset(text, data_dir, **kwargs)
-    if isinstance(encoder, (str, os.PathLike)):
-        from .encoders import get_encoder
-
-        enc = get_encoder(encoder)
-    elif hasattr(encoder, "encode") and hasattr(encoder, "dim") and hasattr(encoder, "name"):
-        enc = encoder
-    else:
-        raise ValueError(
-            "encoder: expected a spec such as 'minilm' or an encoder with .encode/.dim/.name, "
-            f"got {encoder!r}"
-        )
-    catalog, cat_dir = build_catalog(ds, enc, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
-    split, split_path = dataset_split(ds, seed, cache_dir=cache_dir, use_cache=use_cache)
-    return EvalData(ds, catalog, enc, split, cat_dir, split_path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -277,7 +130,7 @@ def resolve_method(
     Raises:
         ValueError: an unknown name (the message lists the valid choices).
     """
-    from .baselines import available_baselines, get_baseline
+    from r4t_fast.eval.baselines import available_baselines, get_baseline
 
     kwargs = dict(method_kwargs or {})
     if isinstance(method, (str, os.PathLike)):
@@ -288,12 +141,12 @@ def resolve_method(
             except TypeError as exc:  # an argument the method's constructor does not take
                 raise ValueError(f"method_kwargs: {sorted(kwargs)} not accepted by {text!r}: {exc}") from exc
         if (Path(text).expanduser() / "retriever.json").is_file():  # a diffusion retriever directory
-            from .retriever import Retriever
+            from r4t_fast.diffusion.retriever import Retriever
 
             name = method_name or "r4t-diffusion"
             return Retriever.from_pretrained(text, encoder=data.encoder, **kwargs), name
         if text == "folm" or _is_policy_dir(text):
-            from .fanout import LLMFanOutBaseline
+            from r4t_fast.eval.llm_baselines import LLMFanOutBaseline
 
             if text != "folm":
                 kwargs["policy"] = text
@@ -340,133 +193,28 @@ def _method_config(retriever: Any) -> dict[str, Any]:
     return _jsonable(out)
 
 
-# ----------------------------------------------------------------------------------------------------
-# latency
-# ----------------------------------------------------------------------------------------------------
-def measure_latency(
-    retriever: Any,
-    queries: Sequence[str],
-    k: int,
-    batch_sizes: Sequence[int] = DEFAULT_LATENCY_BATCHES,
-    calls: dict[int, int] | None = None,
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """Mean wall time per query of ``retriever.retrieve(batch, k)`` at each batch size.
+def check_catalog(retriever: Any, catalog: Any) -> dict[str, Any]:
+    """The evaluation catalog's fingerprint; raises ValueError if ``retriever`` brings another catalog.
 
-    Batches are filled by cycling through ``queries``; one untimed warm-up call (batch 1) runs first.
-    A retriever with an int ``batch_size`` attribute (the LLM baselines' generation batch) has it set to
-    the measured batch size during the measurement, so a batch of ``B`` queries is one forward batch.
-
-    Args:
-        retriever: object with ``retrieve(query_texts, k, *, n_candidates=0)``.
-        queries: the query pool (non-empty).
-        k: set size.
-        batch_sizes: batch sizes to time.
-        calls: timed calls per batch size (default 16 / 4 / 2 for batch 1 / 8 / 64, else 1).
-
-    Returns:
-        ``({str(batch): ms per query}, {str(batch): {"calls", "queries", "batch_ms"}})``.
+    A retriever with its own ``.catalog`` (a diffusion retriever directory) is compared by item ids and
+    by the sha256 of its float32 embeddings (:func:`r4t_fast.eval.records.catalog_fingerprint`); the
+    message says which of the two differs. Retrievers built on ``catalog`` itself pass at no cost.
     """
-    if not queries:
-        raise ValueError("queries: expected at least one query for the latency measurement")
-    calls = dict(_LATENCY_CALLS if calls is None else calls)
-    pool = list(queries)
-    had_bs = isinstance(getattr(retriever, "batch_size", None), int)
-    old_bs = retriever.batch_size if had_bs else None
-    ms: dict[str, float] = {}
-    detail: dict[str, Any] = {}
-    cursor = 0
+    fp = catalog_fingerprint(catalog)
+    own = getattr(retriever, "catalog", None)
+    if own is None or own is catalog:
+        return fp
     try:
-        if had_bs:
-            retriever.batch_size = 1
-        retriever.retrieve(pool[:1], k)
-        for b in batch_sizes:
-            b = int(b)
-            n_calls = max(1, int(calls.get(b, 1)))
-            if had_bs:
-                retriever.batch_size = b
-            times = []
-            for _ in range(n_calls):
-                batch = [pool[(cursor + i) % len(pool)] for i in range(b)]
-                cursor += b
-                t0 = time.perf_counter()
-                retriever.retrieve(batch, k)
-                times.append(time.perf_counter() - t0)
-            mean_s = float(np.mean(times))
-            ms[str(b)] = 1000.0 * mean_s / b
-            detail[str(b)] = {
-                "calls": n_calls,
-                "queries": n_calls * b,
-                "batch_ms": [round(1000.0 * t, 3) for t in times],
-            }
-    finally:
-        if had_bs:
-            retriever.batch_size = old_bs
-    return ms, detail
-
-
-# ----------------------------------------------------------------------------------------------------
-# environment
-# ----------------------------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def environment() -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(machine, versions)`` recorded next to every number (CPU, cores, memory, GPU; package versions)."""
-    import torch
-
-    import r4t_fast
-
-    machine: dict[str, Any] = {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "platform": platform.platform(),
-    }
-    try:
-        machine["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        pass
-    machine["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    try:
-        machine["load_avg_1m"] = round(os.getloadavg()[0], 2)
-    except OSError:  # pragma: no cover
-        pass
-    versions: dict[str, Any] = {"python": sys.version.split()[0], "r4t_fast": r4t_fast.__version__}
-    for pkg in ("torch", "numpy", "transformers", "sentence-transformers", "usearch"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    versions["build_info"] = _jsonable(r4t_fast.build_info())
-    return machine, versions
-
-
-def _jsonable(x: Any) -> Any:
-    """Recursively turn numpy scalars/arrays, paths and tuples into JSON types; nan/inf -> None."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        v = float(x)
-        return v if math.isfinite(v) else None
-    if isinstance(x, Path):
-        return str(x)
-    if x is None or isinstance(x, (bool, int, str)):
-        return x
-    return str(x)
+        theirs = catalog_fingerprint(own)
+    except ValueError:
+        return fp  # not a catalog object (e.g. a test double): nothing to compare
+    why = catalog_mismatch(theirs, fp)
+    if why is not None:
+        raise ValueError(
+            "method: the retriever's catalog is not the evaluation catalog: "
+            f"{why}; train or rebuild the retriever on this dataset's catalog"
+        )
+    return fp
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -485,16 +233,14 @@ def _check_results(results: Sequence[Any], n: int, k: int, dim: int) -> None:
 
 
 def _sets_of_split(data: EvalData, split: str, limit: int | None) -> tuple[list[Any], int]:
-    if split not in _SPLIT_NAMES:
-        raise ValueError(f"split: expected one of {', '.join(_SPLIT_NAMES)}, got {split!r}")
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split: expected one of {', '.join(SPLIT_NAMES)}, got {split!r}")
     by_id = {s.set_id: s for s in data.dataset.sets}
     chosen = [by_id[i] for i in data.split[split] if i in by_id]
     titled = [s for s in chosen if s.query is not None]
     skipped = len(chosen) - len(titled)
     if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit: expected a positive int or None, got {limit!r}")
-        titled = titled[:limit]
+        titled = titled[: check_positive_int(limit, "limit")]
     if not titled:
         raise ValueError(
             f"split: the {split!r} split of {data.dataset.name!r} has no set with a usable title "
@@ -504,11 +250,7 @@ def _sets_of_split(data: EvalData, split: str, limit: int | None) -> tuple[list[
 
 
 def _budgets(budgets: Sequence[int]) -> tuple[int, ...]:
-    out = []
-    for b in budgets:
-        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
-            raise ValueError(f"budgets: expected positive ints (candidates per row), got {budgets!r}")
-        out.append(int(b))
+    out = [check_positive_int(b, f"budgets[{i}]") for i, b in enumerate(budgets)]
     if not out:
         raise ValueError("budgets: expected at least one budget per row, got none")
     return tuple(sorted(set(out)))
@@ -531,7 +273,7 @@ def evaluate(
     data: EvalData | None = None,
     batch_size: int = 64,
     latency_batch_sizes: Sequence[int] = DEFAULT_LATENCY_BATCHES,
-    latency_calls: dict[int, int] | None = None,
+    latency_calls: int | dict[int, int] | None = None,
     n_boot: int = 1000,
     progress: bool = True,
     command: str | None = None,
@@ -546,46 +288,50 @@ def evaluate(
         method_kwargs: passed to the baseline's constructor (e.g. ``{"n": 5}`` for ``llm-bon``).
         encoder: encoder spec or object (must match the retriever's catalog for a retriever object).
         k: items per set (rows per fan-out).
-        budgets: candidates per row for Recall@K/Hit@K (``K = k * b``).
+        budgets: candidates per row for the fixed-quota Recall@K/Hit@K (``K = k * b``).
         limit: evaluate only the first ``limit`` titled sets of the split.
         seed: split seed.
         data_dir, cache_dir: see :func:`load_eval_data`.
         data: pre-loaded :class:`EvalData` (skips loading; ``dataset``/``encoder``/``seed`` are then ignored).
         batch_size: queries per ``retrieve`` call in the quality run.
         latency_batch_sizes: batch sizes for the latency measurement (empty: skip it).
-        latency_calls: timed calls per batch size (default: 16/4/2 for 1/8/64; LLM methods 2/1/1).
+        latency_calls: timed calls per batch size (an int or ``{batch: calls}``; default 8 for every
+            method, :data:`r4t_fast.eval.latency.MIN_LATENCY_CALLS`).
         n_boot: bootstrap resamples for the CIs.
         progress: tqdm progress bars.
         command: the command line stored in the record (default: ``sys.argv``).
 
     Returns:
-        The record: ``dataset``, ``method``, ``split``, ``n_queries``, ``metrics``, ``ci``,
-        ``latency_ms_per_query``, ``machine``, ``versions``, ``command``, ``date``, ``config``, plus
-        ``method_stats`` (LLM format failures and the like, where the method counts them) and
-        ``per_query`` (per-query values by set id, for paired comparisons).
+        The record: ``dataset``, ``method``, ``split``, ``n_queries``, ``query_ids_sha256``, ``metrics``
+        (``fair_budget`` included), ``ci``, ``latency_ms_per_query``, ``latency_spread_ms_per_query``,
+        ``latency_breakdown_ms`` (diffusion retriever only), ``flags``, ``machine``, ``versions``,
+        ``command``, ``date``, ``config``, plus ``method_stats`` (the LLM methods' usable subqueries,
+        no-subquery and strict-format-failure rates) and ``per_query`` (values by set id).
     """
     from tqdm.auto import tqdm
 
-    from . import metrics as M
+    from r4t_fast import objectives as M
+    from r4t_fast.eval.metrics import evaluate_sets
+    from r4t_fast.eval.stats import bootstrap_ci
 
     t_start = time.perf_counter()
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k: expected a positive int, got {k!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    k = check_positive_int(k, "k")
+    batch_size = check_positive_int(batch_size, "batch_size")
     budgets = _budgets(budgets)
     if data is None:
         data = load_eval_data(
             dataset, encoder=encoder, data_dir=data_dir, cache_dir=cache_dir, seed=seed, progress=progress
         )
     retriever, name = resolve_method(method, data, method_name=method_name, method_kwargs=method_kwargs)
-    sets, n_untitled = _sets_of_split(data, split, limit)
     catalog = data.catalog
+    catalog_fp = check_catalog(retriever, catalog)
+    sets, n_untitled = _sets_of_split(data, split, limit)
     if k > len(catalog):
         raise ValueError(f"k: expected an int <= catalog size ({len(catalog)}), got {k}")
     queries = [query_text(s) for s in sets]
     references = [catalog.id_to_index(s.item_ids) for s in sets]
-    n_cand = min(max(budgets), len(catalog))
+    fair_k = M.fair_budget(len(catalog), k)
+    n_cand = min(max(max(budgets), fair_k), len(catalog))
 
     # -- quality run ---------------------------------------------------------------------------------
     if callable(getattr(retriever, "reset_stats", None)):
@@ -611,36 +357,19 @@ def evaluate(
     cands = [np.asarray(r.candidates) for r in results] if has_cands else None
     categories = catalog.categories if any(c is not None for c in catalog.categories) else None
     usable = [b for b in budgets if cands is not None and b <= min(c.shape[1] for c in cands)]
-    sm = M.evaluate_sets(
+    sm = evaluate_sets(
         [np.asarray(r.item_indices) for r in results],
         [np.asarray(r.row_embeddings) for r in results],
         q_emb,
         catalog.embeddings,
         references=references,
-        candidates=cands if usable else None,
-        budget_per_row=usable[0] if usable else None,
+        candidates=cands,
+        budget_per_row=usable if cands is not None else None,
+        fair_k=fair_k,
         item_categories=categories,
         mrecall_k=k,
     )
     per = dict(sm.per_query)
-    # relevance of the retrieved items themselves: (1 + mean_i cos(e(item_i), e(q))) / 2, the alignment
-    # formula applied to the items (``alignment`` proper scores the rows, i.e. the subqueries)
-    per["item_alignment"] = np.array(
-        [
-            float(
-                M.alignment(
-                    catalog.embeddings[np.asarray(r.item_indices)[np.asarray(r.item_indices) >= 0]], q
-                )
-            )
-            for r, q in zip(results, q_emb, strict=True)
-        ]
-    )
-    cand_list = cands if cands is not None else []
-    for b in usable[1:]:
-        union = [M.union_candidates(c, b) for c in cand_list]
-        big_k = max(c.shape[0] for c in cand_list) * b
-        per[f"recall@{big_k}"] = M.recall_at_k(union, references)
-        per[f"hit@{big_k}"] = M.hit_at_k(union, references)
     means: dict[str, float | None] = {}
     ci: dict[str, list[float] | None] = {}
     for key in sorted(per):
@@ -648,59 +377,49 @@ def evaluate(
         fin = v[np.isfinite(v)]
         means[key] = float(fin.mean()) if fin.size else None
         if fin.size >= 2:
-            c = M.bootstrap_ci(fin, n_boot=n_boot, seed=0)
+            c = bootstrap_ci(fin, n_boot=n_boot, seed=0)
             ci[key] = [c.low, c.high]
         else:
             ci[key] = None
+    means["fair_budget"] = fair_k
 
     # -- latency -------------------------------------------------------------------------------------
     is_llm = name in LLM_METHODS or hasattr(retriever, "lm")
-    latency: dict[str, float | None] = {}
-    latency_cfg: dict[str, Any] = {"batch_sizes": list(latency_batch_sizes)}
-    if latency_batch_sizes:
-        calls = latency_calls if latency_calls is not None else (_LLM_LATENCY_CALLS if is_llm else None)
-        # LLM methods: a batch size equal to the run's batch size is timed on the run's full batches
-        # (the Recall candidates cost milliseconds next to seconds of generation)
-        reused = {
-            int(b): [t for n, t in batch_times if n == int(b)]
-            for b in latency_batch_sizes
-            if is_llm and int(b) == batch_size and any(n == int(b) for n, _ in batch_times)
-        }
-        todo = [int(b) for b in latency_batch_sizes if int(b) not in reused]
-        pool = queries[: max(int(b) for b in latency_batch_sizes)]
-        lat, detail = measure_latency(retriever, pool, k, todo, calls) if todo else ({}, {})
-        for b, times in reused.items():
-            lat[str(b)] = 1000.0 * float(np.mean(times)) / b
-            detail[str(b)] = {
-                "calls": len(times),
-                "queries": len(times) * b,
-                "batch_ms": [round(1000.0 * t, 3) for t in times],
-                "source": f"the quality run's full batches (n_candidates={n_cand})",
-            }
-        latency = {str(int(b)): lat[str(int(b))] for b in latency_batch_sizes}
-        latency_cfg.update(
-            {
-                "protocol": "mean wall time of retrieve(batch, k) per query, n_candidates=0, after one "
-                "warm-up call; batches cycle through the first max(batch) evaluated queries",
-                "sample": "small sample (LLM method)" if is_llm else "regular",
-                "query_pool": len(pool),
-                "per_batch": {str(int(b)): detail[str(int(b))] for b in latency_batch_sizes},
-            }
-        )
+    latency, latency_cfg, spread, breakdown = latency_record(
+        retriever,
+        queries,
+        k,
+        latency_batch_sizes,
+        is_llm=is_llm,
+        latency_calls=latency_calls,
+        batch_size=batch_size,
+        batch_times=batch_times,
+        n_cand=n_cand,
+    )
 
     machine, versions = environment()
     cfg: dict[str, Any] = {
         "encoder": getattr(data.encoder, "name", str(data.encoder)),
         "encoder_dim": int(data.encoder.dim),
         "k": k,
+        "fair_budget": {
+            "K": fair_k,
+            "share": M.FAIR_BUDGET_SHARE,
+            "rule": "K = the multiple of k closest to 3.5% of the catalog (r4t_fast.objectives.fair_budget); "
+            "R = exactly K distinct candidates read round-robin over the k rows "
+            "(r4t_fast.objectives.round_robin_union)",
+        },
         "budgets_per_row": list(usable) if usable else [],
-        "recall_protocol": "R = union of the first b candidates of each of the k rows, K = k * b; "
+        "recall_protocol": "recall@K / hit@K and *_at_fair_quota: the paper's fixed quota, R = union of the "
+        "first b candidates of each of the k rows, K = k * b (overlapping rows give |R| < K); "
         "reference = the set's own items",
         "vendi": "Vendi score of the k retrieved items (cosine kernel), in [1, k]",
-        "oar_form": "[0, 1] forms of r4t_fast.metrics; composite = 0.6 g + 0.2 d + 0.2 a",
-        "item_alignment": "(1 + mean cos(item, query)) / 2 over the k retrieved items (relevance of the set)",
+        "item_relevance": "(1 + mean cos(item, query)) / 2 over the k retrieved items",
+        "row_terms": "row_* = the paper's OAR terms on the rows the method retrieved with ([0, 1] forms; "
+        "row_composite = 0.6 g + 0.2 d + 0.2 a); for dense/MMR/DPP the rows are the raw query, so they "
+        "compare fan-outs with fan-outs only",
         "catalog": {
-            "n_items": len(catalog),
+            **catalog_fp,
             "dir": data.catalog_dir,
             "has_categories": categories is not None,
         },
@@ -715,60 +434,44 @@ def evaluate(
         "query": "set title (r4t_fast.data.query_text)",
         "batch_size": batch_size,
         "n_candidates": n_cand if has_cands else 0,
+        "n_boot": n_boot,
         "method": _method_config(retriever),
         "latency": latency_cfg,
         "quality_run_s": round(run_s, 3),
         "total_s": round(time.perf_counter() - t_start, 3),
         "dataset_source": data.dataset.source,
     }
-    record = {
+    record: dict[str, Any] = {
         "dataset": data.dataset.name,
         "method": name,
         "split": split,
         "n_queries": len(queries),
+        "query_ids_sha256": query_ids_sha256(s.set_id for s in sets),
         "metrics": means,
         "ci": ci,
         "latency_ms_per_query": latency,
+        "latency_spread_ms_per_query": spread,
         "machine": machine,
         "versions": versions,
         "command": command if command is not None else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": cfg,
     }
+    if breakdown:
+        record["latency_breakdown_ms"] = breakdown
     if method_stats is not None:
         record["method_stats"] = method_stats
     record["per_query"] = {"set_id": [s.set_id for s in sets], **{key: per[key] for key in sorted(per)}}
+    flags = _fair_flags(record)
+    if not has_cands:
+        flags.append("the method returned no candidate lists: recall/hit are scored on its k items only")
+    record["flags"] = flags
     return _jsonable(record)
 
 
 # ----------------------------------------------------------------------------------------------------
-# printing and CLI
+# CLI
 # ----------------------------------------------------------------------------------------------------
-def format_table(record: dict[str, Any]) -> str:
-    """A plain-text table of one record's metrics (mean and 95% CI) and latency."""
-    lines = [
-        f"{record['method']} on {record['dataset']}/{record['split']} "
-        f"({record['n_queries']} queries, catalog {record['config']['catalog']['n_items']} items)",
-        f"{'metric':<20} {'mean':>9}   95% CI",
-    ]
-    for key, v in record["metrics"].items():
-        c = record["ci"].get(key)
-        mean = "n/a" if v is None else f"{v:.4f}"
-        ci = "" if not c else f"[{c[0]:.4f}, {c[1]:.4f}]"
-        lines.append(f"{key:<20} {mean:>9}   {ci}")
-    lat = record.get("latency_ms_per_query") or {}
-    if lat:
-        parts = ", ".join(f"batch {b}: {ms:.2f}" for b, ms in lat.items() if ms is not None)
-        lines.append(f"latency ms/query: {parts}")
-    stats = record.get("method_stats")
-    if stats:
-        lines.append(
-            f"fan-out: format failures {stats.get('format_failure_rate', 0):.1%}, fallback rows "
-            f"{stats.get('fallback_row_rate', 0):.1%}, mean new tokens {stats.get('mean_new_tokens', 0):.0f}"
-        )
-    return "\n".join(lines)
-
-
 def _int_list(text: str, name: str) -> list[int]:
     if text.strip().lower() in ("", "none", "off"):
         return []
@@ -801,7 +504,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"one of {', '.join(METHOD_CHOICES)}, or a tuned policy directory (evaluated as 'folm')",
     )
     parser.add_argument(
-        "--split", default="test", choices=_SPLIT_NAMES, help="split to evaluate (default test)"
+        "--split", default="test", choices=SPLIT_NAMES, help="split to evaluate (default test)"
     )
     parser.add_argument("--out", required=True, help="where to write the JSON record")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N titled sets")
@@ -828,6 +531,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         type=lambda s: _int_list(s, "--latency-batches"),
         default=list(DEFAULT_LATENCY_BATCHES),
         help="batch sizes for the latency measurement (default 1,8,64; 'none' to skip)",
+    )
+    parser.add_argument(
+        "--latency-calls",
+        type=int,
+        default=MIN_LATENCY_CALLS,
+        help=f"timed calls per latency batch size, after a warm-up (default {MIN_LATENCY_CALLS})",
     )
     parser.add_argument(
         "--policy", default=None, help="LLM methods: policy name or model dir (default smollm2)"
@@ -881,7 +590,7 @@ def _command(args: argparse.Namespace) -> str:
 
 def cli_main(args: argparse.Namespace) -> int:
     """``r4t eval``: evaluate, print the table, write the record. Returns the exit status."""
-    from .data import DataError
+    from r4t_fast.data.datasets import DataError
 
     if args.threads is not None:
         if args.threads < 1:
@@ -891,6 +600,12 @@ def cli_main(args: argparse.Namespace) -> int:
 
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # for OpenMP runtimes loaded later
         torch.set_num_threads(args.threads)
+    if args.latency_calls < 1:
+        print(
+            f"r4t eval: error: --latency-calls: expected a positive int, got {args.latency_calls}",
+            file=sys.stderr,
+        )
+        return 2
     kwargs: dict[str, Any] = dict(args.method_arg)
     llm = args.method in LLM_METHODS or args.method == "folm" or _is_policy_dir(args.method)
     if args.policy is not None:
@@ -932,6 +647,7 @@ def cli_main(args: argparse.Namespace) -> int:
             data=data,
             batch_size=args.batch_size,
             latency_batch_sizes=args.latency_batches,
+            latency_calls=args.latency_calls,
             n_boot=args.n_boot,
             progress=not args.no_progress,
             command=_command(args),
@@ -940,10 +656,7 @@ def cli_main(args: argparse.Namespace) -> int:
         print(f"r4t eval: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(record, indent=1) + "\n")
     print(format_table(record))
     print(f"wrote {out}")
     return 0

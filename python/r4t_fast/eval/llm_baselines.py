@@ -8,17 +8,20 @@ Two baselines of the paper, behind the ``r4t_fast.baselines`` protocol
   tuned policy directory it is the RL-tuned fan-out LM, method name ``folm``
   (``LLMFanOutBaseline(catalog, encoder, policy=MODEL_DIR, name="folm")``).
 * :class:`BestOfNBaseline` (``llm-bon``): samples ``n`` fan-outs per query at a temperature and keeps the
-  one with the best OAR composite reward ``0.6 g + 0.2 d + 0.2 a`` (``r4t_fast.metrics``, ``[0, 1]`` forms).
+  one with the best OAR composite reward ``0.6 g + 0.2 d + 0.2 a`` (``r4t_fast.objectives.composite``,
+  ``[0, 1]`` forms).
 
 Per query, with ``B`` queries, ``k`` rows, embedding width ``d``:
 
 1. the policy writes a completion, parsed by :func:`r4t_fast.llm.parse_subqueries` (at most ``k``
    distinct subqueries);
-2. **fallback**: a completion with fewer than ``k`` usable subqueries (malformed, cut short, duplicates)
-   has its missing rows filled with the *raw query text*, so every set has exactly ``k`` rows; a
-   completion with none is the raw query ``k`` times (then the method degrades to dense retrieval).
-   Fallback rows, format failures (completions that break the strict format, see
-   ``ParseResult.format_ok``) and parse failures (no usable subquery) are counted in :attr:`stats`;
+2. **missing rows**: a completion with fewer than ``k`` usable subqueries (malformed, cut short,
+   duplicates) has its missing rows filled with the *raw query text* -- the one missing-row rule,
+   :func:`r4t_fast.fanout.missing.fill_missing_rows`, shared with RL and synthesis -- so every set has
+   exactly ``k`` rows; a completion with none is the raw query ``k`` times (then the method degrades to
+   dense retrieval). :attr:`stats` counts ``usable_subqueries`` (mean distinct usable subqueries per
+   completion), ``no_subquery_rate`` (completions with none), ``strict_format_failure_rate``
+   (completions that break the strict format, ``ParseResult.format_ok``) and ``missing_row_rate``;
 3. the ``(B, k)`` row texts are embedded by the encoder into ``row_embeddings (B, k, d)``;
 4. rows are grounded to catalog items with :func:`r4t_fast.ops.ground_sets` (each row its nearest item,
    no item twice in a set), giving ``item_indices (B, k)``;
@@ -39,13 +42,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import ops
-from .baselines import RetrievalResult, _EmbeddingBaseline, _positive_int
-from .metrics import DEFAULT_WEIGHTS, alignment, composite, diversity, groundedness
+from r4t_fast._internal import MAX_K, check_positive_int
+from r4t_fast.data.results import RetrievalResult
+from r4t_fast.eval.baselines import _EmbeddingBaseline
+from r4t_fast.fanout.missing import MISSING_ROW_RULE, fill_missing_rows
+from r4t_fast.kernels import ops
+from r4t_fast.objectives import DEFAULT_WEIGHTS, alignment, composite, diversity, groundedness
 
 __all__ = ["BestOfNBaseline", "FanOut", "FanOutStats", "LLMFanOutBaseline"]
-
-_MAX_K = 64  # r4t_fast.llm accepts at most 64 subqueries per completion
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class FanOut:
 
     Attributes:
         rows: ``k`` row texts: the parsed subqueries, then the raw query for every missing row.
-        n_generated: how many rows came from the model (``k - n_generated`` are fallbacks).
+        n_generated: how many rows came from the model (``k - n_generated`` are missing rows).
         format_ok: the completion followed the strict format (``ParseResult.format_ok``).
         text: the raw completion.
         reason: the parser's reason when the format was not followed exactly, else ``None``.
@@ -71,13 +75,17 @@ class FanOut:
 class FanOutStats:
     """Counters over every completion since the last :meth:`LLMFanOutBaseline.reset_stats`.
 
+    One meaning per word (the same words as :meth:`r4t_fast.fanout.rewards.RewardBatch.summary`):
+
     Attributes:
         n_queries: queries fanned out.
         n_completions: completions generated (``n_queries * n`` for best-of-n).
-        n_format_failures: completions that broke the strict format (``not ParseResult.format_ok``).
-        n_parse_failures: completions without a single usable subquery (all rows fell back).
+        n_usable_subqueries: distinct usable subqueries over all completions (each at most ``k``).
+        n_no_subquery: completions without a single usable subquery (every row is the raw query).
+        n_strict_format_failures: completions that broke the strict format (``not ParseResult.format_ok``;
+            they may still hold usable subqueries).
         n_rows: rows built (``n_completions * k``).
-        n_fallback_rows: rows filled with the raw query.
+        n_missing_rows: rows filled with the raw query (the missing-row rule).
         n_truncated: completions cut at ``max_new_tokens``.
         generated_tokens: tokens generated over all completions.
         generate_s: seconds spent in the policy's ``generate`` (tokenisation and parsing included).
@@ -85,21 +93,24 @@ class FanOutStats:
 
     n_queries: int = 0
     n_completions: int = 0
-    n_format_failures: int = 0
-    n_parse_failures: int = 0
+    n_usable_subqueries: int = 0
+    n_no_subquery: int = 0
+    n_strict_format_failures: int = 0
     n_rows: int = 0
-    n_fallback_rows: int = 0
+    n_missing_rows: int = 0
     n_truncated: int = 0
     generated_tokens: int = 0
     generate_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
-        """The counters plus the derived rates (``format_failure_rate``, ``fallback_row_rate``, ...)."""
+        """The counters plus ``usable_subqueries``, ``no_subquery_rate``, ``strict_format_failure_rate``,
+        ``missing_row_rate``, ``truncated_rate`` and ``mean_new_tokens``."""
         out: dict[str, float] = dict(asdict(self))
         n = max(self.n_completions, 1)
-        out["format_failure_rate"] = self.n_format_failures / n
-        out["parse_failure_rate"] = self.n_parse_failures / n
-        out["fallback_row_rate"] = self.n_fallback_rows / max(self.n_rows, 1)
+        out["usable_subqueries"] = self.n_usable_subqueries / n
+        out["no_subquery_rate"] = self.n_no_subquery / n
+        out["strict_format_failure_rate"] = self.n_strict_format_failures / n
+        out["missing_row_rate"] = self.n_missing_rows / max(self.n_rows, 1)
         out["truncated_rate"] = self.n_truncated / n
         out["mean_new_tokens"] = self.generated_tokens / n
         return out
@@ -135,7 +146,7 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
         one_shot: include the worked example in the prompt.
         name: method name for records (default ``"llm-zeroshot"``; use ``"folm"`` for a tuned policy).
 
-    See the module docstring for the fallback rule and the counters in :attr:`stats`.
+    See the module docstring for the missing-row rule and the counters in :attr:`stats`.
     """
 
     name = "llm-zeroshot"
@@ -159,18 +170,15 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
         name: str | None = None,
     ) -> None:
         super().__init__(catalog, encoder)
-        k = _positive_int(k, "k")
-        if k > _MAX_K:
-            raise ValueError(f"k: expected an int in [1, {_MAX_K}], got {k}")
-        self.k = k
+        self.k = check_positive_int(k, "k", upper=MAX_K)
         self.temperature = _check_temperature(temperature, "temperature")
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p: expected a float in (0, 1], got {top_p!r}")
         self.top_p = float(top_p)
         self.repetition_penalty = _check_temperature(repetition_penalty, "repetition_penalty", positive=True)
-        self.max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
-        self.batch_size = _positive_int(batch_size, "batch_size")
-        self.max_sequences = _positive_int(max_sequences, "max_sequences")
+        self.max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.max_sequences = check_positive_int(max_sequences, "max_sequences")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed: expected an int, got {seed!r}")
         self.seed = seed
@@ -183,7 +191,7 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
             self.lm = policy
             self.policy = str(getattr(policy, "model_dir", None) or type(policy).__name__)
         elif isinstance(policy, (str, os.PathLike)):
-            from .llm import FanOutLM
+            from r4t_fast.fanout.generation import FanOutLM
 
             self.lm = FanOutLM(policy, device=device)
             self.policy = str(self.lm.model_dir)
@@ -217,14 +225,14 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
             "max_sequences": self.max_sequences,
             "seed": self.seed,
             "one_shot": self.one_shot,
-            "fallback": "missing rows are filled with the raw query text",
+            "missing_rows": MISSING_ROW_RULE,
         }
 
     # -- fan-out -------------------------------------------------------------------------------------
     def _check_k_llm(self, k: Any, n_candidates: Any) -> tuple[int, int]:
         k, c = self._check_k(k, n_candidates)
-        if k > _MAX_K:
-            raise ValueError(f"k: expected an int in [1, {_MAX_K}] (subqueries per completion), got {k}")
+        if k > MAX_K:
+            raise ValueError(f"k: expected an int in [1, {MAX_K}] (subqueries per completion), got {k}")
         return k, c
 
     def fan_out(
@@ -237,12 +245,11 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
     ) -> list[list[FanOut]]:
         """Generate and parse subqueries: ``out[i][j]`` is sample ``j`` of query ``i``, ``(B, num_samples)``.
 
-        Every :class:`FanOut` has exactly ``k`` rows (missing ones are the raw query). Updates :attr:`stats`.
+        Every :class:`FanOut` has exactly ``k`` rows (missing ones are the raw query, the missing-row
+        rule). Updates :attr:`stats`.
         """
-        k = self.k if k is None else _positive_int(k, "k")
-        if k > _MAX_K:
-            raise ValueError(f"k: expected an int in [1, {_MAX_K}], got {k}")
-        num_samples = _positive_int(num_samples, "num_samples")
+        k = self.k if k is None else check_positive_int(k, "k", upper=MAX_K)
+        num_samples = check_positive_int(num_samples, "num_samples")
         temp = self.temperature if temperature is None else _check_temperature(temperature, "temperature")
         if isinstance(query_texts, str) or not all(isinstance(t, str) and t.strip() for t in query_texts):
             raise ValueError("query_texts: expected a list of non-empty strings")
@@ -271,18 +278,19 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
         return outs
 
     def _rows(self, query: str, gen: Any, k: int) -> FanOut:
-        subqueries = list(gen.subqueries)[:k]
+        subqueries = list(dict.fromkeys(gen.subqueries))[:k]  # distinct, in order
         parse = getattr(gen, "parse", None)
         format_ok = bool(getattr(parse, "format_ok", False))
         st = self._stats
         st.n_completions += 1
         st.n_rows += k
-        st.n_fallback_rows += k - len(subqueries)
-        st.n_format_failures += not format_ok
-        st.n_parse_failures += not subqueries
+        st.n_usable_subqueries += len(subqueries)
+        st.n_missing_rows += k - len(subqueries)
+        st.n_strict_format_failures += not format_ok
+        st.n_no_subquery += not subqueries
         st.n_truncated += not bool(getattr(gen, "finished", True))
         st.generated_tokens += int(getattr(gen, "n_tokens", 0))
-        rows = subqueries + [" ".join(query.split())] * (k - len(subqueries))
+        rows = fill_missing_rows(subqueries, query, k)
         return FanOut(rows, len(subqueries), format_ok, gen.text, getattr(parse, "reason", None))
 
     def _embed_rows(self, fanouts: Sequence[FanOut]) -> np.ndarray:
@@ -335,7 +343,7 @@ class BestOfNBaseline(LLMFanOutBaseline):
 
     For each sample ``s`` of a query ``q`` (rows ``E_s (k, d)``, grounded items ``C_s (k, d)``):
     ``R_s = w_g * groundedness(E_s) + w_d * diversity(C_s) + w_a * alignment(E_s, e(q))`` with the
-    ``[0, 1]`` forms of :mod:`r4t_fast.metrics` and ``weights = (0.6, 0.2, 0.2)`` (the paper's training
+    ``[0, 1]`` forms of :mod:`r4t_fast.objectives` and ``weights = (0.6, 0.2, 0.2)`` (the paper's training
     reward); the first sample with the highest ``R_s`` wins. Samples are drawn at ``temperature``
     (default 0.8; the paper samples at 0.9) with a fixed ``seed``, so results depend on the seed and on
     how queries are batched. The rewards of the last call are in :attr:`last_rewards` ``(B, n)``.
@@ -362,7 +370,7 @@ class BestOfNBaseline(LLMFanOutBaseline):
     ) -> None:
         _check_temperature(temperature, "temperature", positive=True)
         super().__init__(catalog, encoder, policy, k, temperature, **kwargs)
-        self.n = _positive_int(n, "n")
+        self.n = check_positive_int(n, "n")
         composite(0.0, 0.0, 0.0, weights)  # validates the weights
         self.weights = tuple(float(w) for w in weights)
         self.last_rewards: np.ndarray | None = None

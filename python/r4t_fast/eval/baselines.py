@@ -5,10 +5,14 @@ Every baseline turns query texts into one ``RetrievalResult`` per query with ``r
 * ``item_indices (k,)``: the retrieved catalog rows, in selection order;
 * ``row_embeddings (k, dim)``: the embeddings the method retrieved *with* -- the raw query embedding
   repeated ``k`` times for every baseline here (none of them writes subqueries), the subquery or
-  generated-row embeddings for fan-out methods. ``r4t_fast.metrics`` scores groundedness and alignment
+  generated-row embeddings for fan-out methods. ``r4t_fast.objectives`` scores groundedness and alignment
   on these rows and diversity on the items;
 * ``candidates (k, C)`` (only with ``n_candidates = C > 0``): a ranked candidate list per row for the
-  Recall@K protocol (``metrics.union_candidates(candidates, b)`` is ``R`` at budget ``K = k * b``).
+  Recall@K protocol (``metrics.union_candidates(candidates, b)`` is ``R`` at budget ``K = k * b``);
+* ``scores (k,)``: ``cos(item, query)``, the cosine of each retrieved item with the query embedding.
+  This is what ``RetrievalResult.scores`` means for every result type (these baselines, the LLM fan-out
+  baselines, the diffusion retriever's ``RetrievedSet``; see :mod:`r4t_fast.data.results`) -- never a
+  row or grounding score.
 
 The paper's "no fan-out" baseline retrieves ``n * k`` items from the raw query. ``DenseBaseline`` lays
 its top ``k * C`` items out column-major: ``candidates[i, j]`` is the query's rank ``j * k + i`` item, so
@@ -16,8 +20,8 @@ the first ``b`` columns are exactly its top ``k * b`` items for *every* budget `
 and ``DPPBaseline`` seed row ``i`` with their ``i``-th selected item and fill it with that item's ``C``
 nearest catalog neighbours (the item itself first): a diversified set expanded item by item.
 
-The LLM fan-out baselines (``llm-zeroshot``, ``llm-bon``) live in ``r4t_fast.fanout`` and are loaded
-lazily by ``get_baseline``.
+The LLM fan-out baselines (``llm-zeroshot``, ``llm-bon``) live in ``r4t_fast.eval.llm_baselines`` and
+are loaded lazily by ``get_baseline``.
 
 Encoders are any object with ``.dim`` and ``.encode(list[str]) -> np.ndarray (n, dim)`` float32 unit-norm
 rows (rows are re-normalised here). Catalogs are ``r4t_fast.Catalog`` or anything with ``.embeddings``
@@ -30,11 +34,13 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from r4t_fast._internal import check_non_negative_int, check_positive_int, unit_rows
+from r4t_fast.data.results import RetrievalResult
 
 __all__ = [
     "Baseline",
@@ -48,23 +54,6 @@ __all__ = [
     "mmr_select",
     "register_baseline",
 ]
-
-
-@dataclass(frozen=True)
-class RetrievalResult:
-    """One query's retrieved set.
-
-    Attributes:
-        item_indices: ``(k,)`` int64 catalog row indices in selection order (``-1``: no item).
-        row_embeddings: ``(k, dim)`` float32 embeddings the method retrieved with (query or subqueries).
-        candidates: ``(k, C)`` int64 ranked candidate ids per row (``-1`` pads), or ``None``.
-        scores: ``(k,)`` float32 cosine of each item with the query embedding, or ``None``.
-    """
-
-    item_indices: np.ndarray
-    row_embeddings: np.ndarray
-    candidates: np.ndarray | None = None
-    scores: np.ndarray | None = None
 
 
 @runtime_checkable
@@ -81,27 +70,10 @@ class Baseline(Protocol):
 # ----------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return int(value)
-
-
-def _non_negative_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
-    return int(value)
-
-
 def _to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.where(norm > 0, norm, 1.0)
 
 
 class _EmbeddingBaseline:
@@ -145,7 +117,7 @@ class _EmbeddingBaseline:
             raise ValueError(
                 f"encoder.encode: expected shape ({len(query_texts)}, {self._dim}), got {q.shape}"
             )
-        return _unit(q).astype(np.float32)
+        return unit_rows(q).astype(np.float32)
 
     def _search(self, queries: np.ndarray, k: int) -> np.ndarray:
         """Top-``k`` row indices ``(B, k)`` int64; slots past the catalog size hold ``-1``."""
@@ -154,7 +126,7 @@ class _EmbeddingBaseline:
         if callable(search):
             _, ids = search(queries, kk)
         else:
-            from . import ops
+            from r4t_fast.kernels import ops
 
             _, ids = ops.knn(queries, self._emb, kk, metric="ip")
         ids = _to_numpy(ids).astype(np.int64).reshape(queries.shape[0], kk)
@@ -166,13 +138,13 @@ class _EmbeddingBaseline:
         """Unit-norm float64 embeddings of catalog rows ``ids`` (any shape, ids >= 0)."""
         flat = torch.as_tensor(ids.reshape(-1), dtype=torch.int64, device=self._emb.device)
         out = self._emb[flat].to(torch.float64).cpu().numpy()
-        return _unit(out).reshape(*ids.shape, self._dim)
+        return unit_rows(out).reshape(*ids.shape, self._dim)
 
     def _check_k(self, k: Any, n_candidates: Any) -> tuple[int, int]:
-        k = _positive_int(k, "k")
+        k = check_positive_int(k, "k")
         if k > self._n:
             raise ValueError(f"k: expected an int in [1, {self._n}] (catalog size), got {k}")
-        return k, _non_negative_int(n_candidates, "n_candidates")
+        return k, check_non_negative_int(n_candidates, "n_candidates")
 
     def _seeded_candidates(self, items: np.ndarray, n_candidates: int) -> np.ndarray:
         """Row ``i``: the ``n_candidates`` nearest catalog rows of selected item ``i``."""
@@ -226,7 +198,7 @@ def mmr_select(relevance: np.ndarray, similarity: np.ndarray, k: int, lambda_: f
     p = rel.shape[0]
     if rel.ndim != 1 or sim.shape != (p, p):
         raise ValueError(f"similarity: expected shape ({p}, {p}) to match relevance, got {sim.shape}")
-    k = _positive_int(k, "k")
+    k = check_positive_int(k, "k")
     if k > p:
         raise ValueError(f"k: expected an int in [1, {p}] (pool size), got {k}")
     if not 0.0 <= lambda_ <= 1.0:
@@ -269,7 +241,7 @@ def dpp_greedy(kernel: np.ndarray, k: int, *, eps: float = 1e-10) -> np.ndarray:
     lk = np.asarray(kernel, dtype=np.float64)
     if lk.ndim != 2 or lk.shape[0] != lk.shape[1]:
         raise ValueError(f"kernel: expected a square (P, P) matrix, got {lk.shape}")
-    k = _positive_int(k, "k")
+    k = check_positive_int(k, "k")
     p = lk.shape[0]
     k = min(k, p)
     cis = np.zeros((k, p))
@@ -334,7 +306,7 @@ class MMRBaseline(_EmbeddingBaseline):
         if not 0.0 <= float(lambda_) <= 1.0:
             raise ValueError(f"lambda_: expected a float in [0, 1], got {lambda_!r}")
         self.lambda_ = float(lambda_)
-        self.pool = _positive_int(pool, "pool")
+        self.pool = check_positive_int(pool, "pool")
 
     def retrieve(self, query_texts: Sequence[str], k: int, *, n_candidates: int = 0) -> list[RetrievalResult]:
         """MMR-selected ``k`` items per query."""
@@ -373,7 +345,7 @@ class DPPBaseline(_EmbeddingBaseline):
         if not 0.0 <= float(theta) < 1.0:
             raise ValueError(f"theta: expected a float in [0, 1), got {theta!r}")
         self.theta = float(theta)
-        self.pool = _positive_int(pool, "pool")
+        self.pool = check_positive_int(pool, "pool")
 
     def retrieve(self, query_texts: Sequence[str], k: int, *, n_candidates: int = 0) -> list[RetrievalResult]:
         """DPP-selected ``k`` items per query."""
@@ -422,8 +394,8 @@ _REGISTRY: dict[str, Callable[..., Baseline]] = {
     "mmr": MMRBaseline,
     "dpp": DPPBaseline,
     # LLM fan-out baselines: implemented in r4t_fast.fanout, imported only when asked for.
-    "llm-zeroshot": _lazy("r4t_fast.fanout", "LLMFanOutBaseline", "llm-zeroshot"),
-    "llm-bon": _lazy("r4t_fast.fanout", "BestOfNBaseline", "llm-bon"),
+    "llm-zeroshot": _lazy("r4t_fast.eval.llm_baselines", "LLMFanOutBaseline", "llm-zeroshot"),
+    "llm-bon": _lazy("r4t_fast.eval.llm_baselines", "BestOfNBaseline", "llm-bon"),
 }
 
 

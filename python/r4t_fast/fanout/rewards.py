@@ -3,17 +3,17 @@
 A completion is parsed into at most ``k`` subqueries ``q_1..q_n`` (:func:`r4t_fast.llm.parse_subqueries`);
 the subqueries are embedded by a frozen text encoder ``e`` and run against the catalog ``D`` by the
 project's fused kernel (:func:`r4t_fast.ops.knn`, inner product on unit vectors = cosine). The terms are
-the ``[0, 1]`` forms of :mod:`r4t_fast.metrics`, which this module calls rather than re-derives:
+the ``[0, 1]`` forms of :mod:`r4t_fast.objectives`, which this module calls rather than re-derives:
 
 ==============  =====================================================  =====================================
 term            formula (rows ``q_1..q_L`` of one fan-out, see below)  computed by
 ==============  =====================================================  =====================================
-r_ground        ``1 - (1/L) sum_i min_c ||e(q_i) - e(c)||_2 / 2``      :func:`r4t_fast.metrics.groundedness`
-r_div           ``Vendi(e(top1(q_1)), ..., e(top1(q_L))) / L``         :func:`r4t_fast.metrics.diversity`
-r_align         ``(1 + (1/L) sum_i cos(e(q_i), e(q))) / 2``            :func:`r4t_fast.metrics.alignment`
-OAR reward      ``R = s * (lg * r_ground + ld * r_div + la * r_align)``  :func:`r4t_fast.metrics.composite`
+r_ground        ``1 - (1/L) sum_i min_c ||e(q_i) - e(c)||_2 / 2``      :func:`~.objectives.groundedness`
+r_div           ``Vendi(e(top1(q_1)), ..., e(top1(q_L))) / L``         :func:`~.objectives.diversity`
+r_align         ``(1 + (1/L) sum_i cos(e(q_i), e(q))) / 2``            :func:`~.objectives.alignment`
+OAR reward      ``R = s * (lg * r_ground + ld * r_div + la * r_align)``  :func:`~.objectives.composite`
                 ``(lg, ld, la) = (0.6, 0.2, 0.2)``
-WSCR reward     ``R = |Y ∩ R(Q)| / |Y|``, ``R(Q)`` = union of the top   :func:`~r4t_fast.metrics.recall_at_k`,
+WSCR reward     ``R = |Y ∩ R(Q)| / |Y|``, ``R(Q)`` = union of the top   :func:`~.objectives.recall_at_k`,
                 ``b`` items of every row                                ``union_candidates``
 ==============  =====================================================  =====================================
 
@@ -21,21 +21,22 @@ Project decisions where the paper is silent (documented, configurable where it m
 
 * **Missing subqueries** (the completion wrote ``n < k`` usable ones), option ``missing``:
 
-  - ``"query"`` (default): the ``k - n`` missing rows are the raw query, ``L = k``, ``s = 1``. This is
-    the protocol of ``r4t eval`` (:mod:`r4t_fast.fanout`), so the policy is trained on what it is
-    evaluated on. Padding with the query costs diversity (repeated rows share their top-1 item) and
-    buys alignment, so neither short lists nor off-topic filler (e.g. copying the prompt's worked
-    example) pays.
+  - ``"query"`` (default): the ``k - n`` missing rows are the raw query, ``L = k``, ``s = 1``: the one
+    missing-row rule (:func:`r4t_fast.fanout.missing.fill_missing_rows`), shared with ``r4t eval`` and
+    synthesis, so the policy is trained on what it is evaluated on. Padding with the query costs
+    diversity (repeated rows share their top-1 item) and buys alignment, so neither short lists nor
+    off-topic filler (e.g. copying the prompt's worked example) pays.
   - ``"zero"``: rows are the ``n`` written subqueries, ``L = n``, ``s = n / k``: each missing
     subquery contributes 0 to every term. In a committed Spotify run this made copying the one-shot
     example's ten subqueries the best policy (``benchmarks/results/rl/``).
   - ``"ignore"``: ``L = n``, ``s = 1``. Hackable: one subquery earns the maximal ``Vendi / 1 = 1``.
 * **Malformed output scores 0**: a completion without a single usable subquery (``ParseResult.ok`` is
-  False: empty, chatter, no list) gets ``R = 0`` and counts as a *format failure*. Completions that
+  False: empty, chatter, no list) gets ``R = 0`` and counts in ``no_subquery_rate``. Completions that
   parse but break the strict format (``ParseResult.format_ok``) are scored normally and counted
   separately (``strict_format_failure_rate``); ``require_strict_format=True`` zeroes them too.
+  ``usable_subqueries`` is the mean number of usable subqueries per completion.
 * ``top1`` is the dense retriever's best item (one :func:`r4t_fast.ops.knn` call for all subqueries of
-  the batch); groundedness uses the fused nearest-item search of :mod:`r4t_fast.metrics` (one more
+  the batch); groundedness uses the fused nearest-item search of :mod:`r4t_fast.objectives` (one more
   batched call). For unit-norm embeddings both find the same item.
 
 :class:`RewardFunction` wraps all of this as a TRL reward function (``reward_funcs=[fn]``): TRL passes
@@ -54,8 +55,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics
-from .llm import ParseResult, parse_subqueries
+from r4t_fast import objectives
+from r4t_fast._internal import check_choice, check_k, check_positive_int
+from r4t_fast.fanout.missing import fill_missing_rows
+from r4t_fast.fanout.parser import ParseResult, parse_subqueries
 
 __all__ = [
     "MISSING_CHOICES",
@@ -102,22 +105,8 @@ def _catalog_tensor(catalog: Any) -> torch.Tensor:
 
 
 def _check_weights(weights: Sequence[float]) -> tuple[float, float, float]:
-    metrics.composite(0.0, 0.0, 0.0, weights)  # validates: 3 finite numbers, error names `weights`
+    objectives.composite(0.0, 0.0, 0.0, weights)  # validates: 3 finite numbers, error names `weights`
     return (float(weights[0]), float(weights[1]), float(weights[2]))
-
-
-def _check_choice(value: Any, choices: Sequence[str], name: str) -> str:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
-    return str(value)
-
-
-def _check_pos_int(value: Any, name: str, upper: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    if upper is not None and value > upper:
-        raise ValueError(f"{name}: expected an int in [1, {upper}], got {value!r}")
-    return int(value)
 
 
 def completion_text(completion: Any) -> str | None:
@@ -171,9 +160,9 @@ def retrieve_candidates(rows: Any, catalog: Any, budget: int = 1) -> np.ndarray:
     >>> retrieve_candidates(rows, np.eye(2, dtype=np.float32)).tolist()
     [[1], [0]]
     """
-    from . import ops
+    from r4t_fast.kernels import ops
 
-    budget = _check_pos_int(budget, "budget")
+    budget = check_positive_int(budget, "budget")
     cat = _catalog_tensor(catalog)
     r = torch.as_tensor(np.asarray(rows, dtype=np.float32)) if not isinstance(rows, torch.Tensor) else rows
     r = r.detach().to(device=cat.device, dtype=torch.float32)
@@ -211,16 +200,16 @@ def oar_reward(
     *,
     lengths: Any | None = None,
     k: int | None = None,
-    weights: Sequence[float] = metrics.DEFAULT_WEIGHTS,
+    weights: Sequence[float] = objectives.DEFAULT_WEIGHTS,
     missing: str = "zero",
     top1_ids: Any | None = None,
 ) -> OARTerms:
     """OAR composite reward of ``B`` fan-outs: ``R = (n/k) * (lg*r_ground + ld*r_div + la*r_align)``.
 
-    ``r_ground``, ``r_div``, ``r_align`` are :func:`r4t_fast.metrics.groundedness`,
-    :func:`~r4t_fast.metrics.diversity` (of the top-1 retrieved item of each subquery) and
-    :func:`~r4t_fast.metrics.alignment` in their ``[0, 1]`` forms, combined by
-    :func:`~r4t_fast.metrics.composite`; see the module docstring for the formulas.
+    ``r_ground``, ``r_div``, ``r_align`` are :func:`r4t_fast.objectives.groundedness`,
+    :func:`~r4t_fast.objectives.diversity` (of the top-1 retrieved item of each subquery) and
+    :func:`~r4t_fast.objectives.alignment` in their ``[0, 1]`` forms, combined by
+    :func:`~r4t_fast.objectives.composite`; see the module docstring for the formulas.
 
     Args:
         subquery_emb: ``(B, L, d)`` subquery embeddings (padded; the first ``lengths[b]`` rows count).
@@ -245,7 +234,7 @@ def oar_reward(
     0.4854
     """
     weights = _check_weights(weights)
-    missing = _check_choice(missing, OAR_MISSING_CHOICES, "missing")
+    missing = check_choice(missing, OAR_MISSING_CHOICES, "missing")
     x = np.asarray(subquery_emb, dtype=np.float64) if not isinstance(subquery_emb, torch.Tensor) else None
     if x is None:
         x = subquery_emb.detach().cpu().to(torch.float64).numpy()
@@ -259,7 +248,7 @@ def oar_reward(
     )
     if n.shape != (b,) or (n < 1).any() or (n > width).any():
         raise ValueError(f"lengths: expected {b} ints in [1, {width}], got {np.asarray(lengths).tolist()}")
-    k = width if k is None else _check_pos_int(k, "k")
+    k = width if k is None else check_positive_int(k, "k")
     if (n > k).any():
         raise ValueError(f"lengths: expected at most k = {k} subqueries per fan-out, got {int(n.max())}")
     cat = _catalog_tensor(catalog)
@@ -273,11 +262,11 @@ def oar_reward(
     safe = np.where(valid & (top1 >= 0), top1, 0)
     items = cat[torch.from_numpy(safe.reshape(-1)).to(cat.device)].to(torch.float64).cpu().numpy()
     items = items.reshape(b, width, -1)
-    g = metrics.groundedness(x, cat, lengths=n)
-    d = metrics.diversity(items, lengths=n)
-    a = metrics.alignment(x, np.asarray(query_emb, dtype=np.float64), lengths=n)
+    g = objectives.groundedness(x, cat, lengths=n)
+    d = objectives.diversity(items, lengths=n)
+    a = objectives.alignment(x, np.asarray(query_emb, dtype=np.float64), lengths=n)
     scale = n / k if missing == "zero" else np.ones(b)
-    r = scale * metrics.composite(g, d, a, weights)
+    r = scale * objectives.composite(g, d, a, weights)
     return OARTerms(
         reward=np.asarray(r, dtype=np.float64),
         groundedness=np.asarray(g, dtype=np.float64),
@@ -296,8 +285,8 @@ def wscr_coverage(candidates: Sequence[Any], references: Sequence[Any]) -> np.nd
         references: per fan-out, the reference set ``Y`` as catalog rows (non-empty).
 
     Returns:
-        ``(B,)`` float64 (:func:`r4t_fast.metrics.recall_at_k` over
-        :func:`r4t_fast.metrics.union_candidates`).
+        ``(B,)`` float64 (:func:`r4t_fast.objectives.recall_at_k` over
+        :func:`r4t_fast.objectives.union_candidates`).
 
     >>> import numpy as np
     >>> wscr_coverage([np.array([[1, 2], [3, 1]]), np.zeros((0, 2), np.int64)], [{1, 3, 7, 9}, {1}])
@@ -315,9 +304,9 @@ def wscr_coverage(candidates: Sequence[Any], references: Sequence[Any]) -> np.nd
         if arr.shape[0] == 0 or arr.shape[1] == 0:
             retrieved.append(np.zeros(0, dtype=np.int64))
         else:
-            retrieved.append(metrics.union_candidates(arr.astype(np.int64), arr.shape[1]))
+            retrieved.append(objectives.union_candidates(arr.astype(np.int64), arr.shape[1]))
     refs = [[int(j) for j in y] for y in references]
-    return metrics.recall_at_k(retrieved, refs)
+    return objectives.recall_at_k(retrieved, refs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -350,7 +339,8 @@ class RewardBatch:
     subqueries: list[list[str]] = field(repr=False)
 
     def summary(self) -> dict[str, float]:
-        """Batch means for logging: ``reward``, terms over parsed completions, failure rates.
+        """Batch means for logging: ``reward``, terms over parsed completions, ``usable_subqueries``,
+        ``no_subquery_rate`` and ``strict_format_failure_rate``.
 
         Terms with no parsed completion in the batch are ``nan``.
         """
@@ -359,17 +349,22 @@ class RewardBatch:
             v = v[np.isfinite(v)]
             return float(v.mean()) if v.size else float("nan")
 
+        usable = mean(self.n_subqueries.astype(np.float64))
+        no_subquery = float(1.0 - self.parse_ok.mean()) if self.parse_ok.size else float("nan")
         return {
             "reward": mean(self.reward),
             "groundedness": mean(self.groundedness),
             "diversity": mean(self.diversity),
             "alignment": mean(self.alignment),
             "coverage": mean(self.coverage),
-            "n_subqueries": mean(self.n_subqueries.astype(np.float64)),
-            "format_failure_rate": float(1.0 - self.parse_ok.mean()) if self.parse_ok.size else float("nan"),
+            "usable_subqueries": usable,
+            "no_subquery_rate": no_subquery,
             "strict_format_failure_rate": float(1.0 - self.format_ok.mean())
             if self.format_ok.size
             else float("nan"),
+            # deprecated aliases (same values) until train/rl* and steps.jsonl use the names above
+            "n_subqueries": usable,
+            "format_failure_rate": no_subquery,
         }
 
 
@@ -408,7 +403,7 @@ class RewardFunction:
         *,
         task: str = "oar",
         k: int = 10,
-        weights: Sequence[float] = metrics.DEFAULT_WEIGHTS,
+        weights: Sequence[float] = objectives.DEFAULT_WEIGHTS,
         budget_per_row: int = 10,
         missing: str = "query",
         require_strict_format: bool = False,
@@ -416,11 +411,11 @@ class RewardFunction:
         query_key: str = "query",
         reference_key: str = "reference",
     ) -> None:
-        self.task = _check_choice(task, TASK_CHOICES, "task")
-        self.k = _check_pos_int(k, "k", 64)
+        self.task = check_choice(task, TASK_CHOICES, "task")
+        self.k = check_k(k)
         self.weights = _check_weights(weights)
-        self.budget_per_row = _check_pos_int(budget_per_row, "budget_per_row")
-        self.missing = _check_choice(missing, MISSING_CHOICES, "missing")
+        self.budget_per_row = check_positive_int(budget_per_row, "budget_per_row")
+        self.missing = check_choice(missing, MISSING_CHOICES, "missing")
         self.require_strict_format = bool(require_strict_format)
         self._cat = _catalog_tensor(catalog)
         if not callable(getattr(encoder, "encode", None)) or not hasattr(encoder, "dim"):
@@ -445,7 +440,7 @@ class RewardFunction:
 
     # -- scoring -------------------------------------------------------------------------------------
     def _encode(self, texts: list[str]) -> np.ndarray:
-        from .encoders import encode_cached
+        from r4t_fast.data.encoders import encode_cached
 
         if not texts:
             return np.zeros((0, self._cat.shape[1]), dtype=np.float32)
@@ -505,8 +500,8 @@ class RewardFunction:
         g, d, a, cov, reward = nan.copy(), nan.copy(), nan.copy(), nan.copy(), np.zeros(b)
         idx = np.flatnonzero(parse_ok)
         if idx.size:
-            if self.missing == "query":  # the r4t eval protocol: missing rows are the raw query
-                rows_text = {i: subq[i] + [" ".join(queries[i].split())] * (self.k - n[i]) for i in idx}
+            if self.missing == "query":  # the one missing-row rule (r4t_fast.fanout.missing)
+                rows_text = {i: fill_missing_rows(subq[i], queries[i], self.k) for i in idx}
             else:
                 rows_text = {i: subq[i] for i in idx}
             lengths = np.array([len(rows_text[i]) for i in idx], dtype=np.int64)

@@ -19,7 +19,7 @@ class BuildError(ImportError):
 def lib() -> ModuleType:
     """Return the compiled module, with an actionable error if it was not built."""
     try:
-        from . import _C  # type: ignore[attr-defined]
+        from r4t_fast import _C  # type: ignore[attr-defined]
     except ImportError as exc:  # pragma: no cover - exercised only on broken installs
         raise BuildError(
             "r4t_fast._C (the compiled kernels) could not be imported: install the package with "

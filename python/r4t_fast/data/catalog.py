@@ -19,10 +19,8 @@ catalog and shift after a removal.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,8 +29,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import ops
-from ._arrays import as_tensor, check_finite, describe, to_library
+from r4t_fast._internal import atomic_write, atomic_write_text, check_positive_int, sha256_file, unit_rows
+from r4t_fast.kernels import ops
+from r4t_fast.kernels._arrays import as_tensor, check_finite, describe, to_library
 
 __all__ = ["Catalog", "CatalogError"]
 
@@ -45,34 +44,12 @@ class CatalogError(ValueError):
     """A catalog file is missing, truncated, edited or inconsistent."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via ``write(tmp_path)`` then rename into place (same directory, so the rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _normalize(e: torch.Tensor) -> torch.Tensor:
-    norms = e.norm(dim=1, keepdim=True)
-    zero = (norms[:, 0] == 0).nonzero()
+    """``unit_rows(e)``, refusing zero rows (a catalog item must have a direction)."""
+    zero = (e.norm(dim=1) == 0).nonzero()
     if len(zero):
         raise ValueError(f"embeddings: row {int(zero[0, 0])} has zero norm and cannot be L2-normalised")
-    return e / norms
+    return unit_rows(e)
 
 
 class Catalog:
@@ -284,14 +261,13 @@ class Catalog:
             return ops.knn(queries, self.embeddings, k, check_finite=False)
         if q.dim() != 2 or q.dtype != torch.float32 or q.shape[1] != self.dim:
             raise ValueError(f"queries: expected float32 (B, {self.dim}), got {describe(q)}")
-        if int(k) <= 0:
-            raise ValueError(f"k: expected a positive int, got {k!r}")
+        k = check_positive_int(k, "k")
         if self._index is None:
             self.build_index()
         B = q.shape[0]
-        kk = min(int(k), len(self))
-        scores = torch.full((B, int(k)), -float("inf"), dtype=torch.float32)
-        rows = torch.full((B, int(k)), -1, dtype=torch.int64)
+        kk = min(k, len(self))
+        scores = torch.full((B, k), -float("inf"), dtype=torch.float32)
+        rows = torch.full((B, k), -1, dtype=torch.int64)
         if B:
             m = self._index.search(q.detach().cpu().numpy(), kk)
             keys = np.asarray(m.keys, dtype=np.int64).reshape(B, -1)
@@ -313,9 +289,9 @@ class Catalog:
 
         def record(name: str) -> None:
             p = d / name
-            files[name] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            files[name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
 
-        _atomic_write(
+        atomic_write(
             d / "embeddings.safetensors",
             lambda p: save_file({"embeddings": self.embeddings.contiguous()}, str(p)),
         )
@@ -327,12 +303,12 @@ class Catalog:
                     f.write(json.dumps({"id": i, "text": t, "category": c, "meta": m}, ensure_ascii=False))
                     f.write("\n")
 
-        _atomic_write(d / "items.jsonl", write_items)
+        atomic_write(d / "items.jsonl", write_items)
         record("items.jsonl")
         if self.index_kind == "usearch":
             if self._index is None:
                 self.build_index()
-            _atomic_write(d / "index.usearch", lambda p: self._index.save(str(p)))
+            atomic_write(d / "index.usearch", lambda p: self._index.save(str(p)))
             record("index.usearch")
         manifest = {
             "format": "r4t_fast.catalog",
@@ -344,7 +320,7 @@ class Catalog:
             "index_params": self.index_params,
             "files": files,
         }
-        _atomic_write(d / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2)))
+        atomic_write_text(d / "manifest.json", json.dumps(manifest, indent=2))
         return d
 
     @classmethod
@@ -372,7 +348,7 @@ class Catalog:
                 raise CatalogError(
                     f"{p}: size {p.stat().st_size} bytes, manifest says {files[name]['bytes']} (truncated?)"
                 )
-            if verify and _sha256(p) != files[name]["sha256"]:
+            if verify and sha256_file(p) != files[name]["sha256"]:
                 raise CatalogError(f"{p}: checksum mismatch (file edited or corrupt)")
         try:
             emb = load_file(str(d / "embeddings.safetensors"))["embeddings"]

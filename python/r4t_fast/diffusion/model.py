@@ -38,9 +38,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from r4t_fast._internal import atomic_write, atomic_write_text
+
 __all__ = [
     "DiffusionConfig",
     "SetDenoiser",
+    "MODEL_PRESETS",
     "PRESETS",
     "get_preset",
     "EDM",
@@ -115,7 +118,7 @@ class DiffusionConfig:
         return cls(**d)
 
 
-PRESETS: dict[str, dict[str, Any]] = {
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # The paper's model: L = 12, d = 128, hidden 1024, MLP 1024, 16 heads, 6 layers (~54M parameters).
     "paper": dict(set_size=12, dim=128, hidden=1024, mlp=1024, heads=16, layers=6, dropout=0.1),
     # Trains in minutes on a 2-core CPU.
@@ -149,11 +152,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+PRESETS = MODEL_PRESETS  # deprecated name (0.1); ``r4t_fast.pipeline.PIPELINE_PRESETS`` presets whole runs
+
+
 def get_preset(name: str, **overrides: Any) -> DiffusionConfig:
     """A named preset (``paper``, ``cpu-small``, ``tiny``) with optional field overrides."""
-    if name not in PRESETS:
-        raise ValueError(f"preset: unknown {name!r}; valid choices: {sorted(PRESETS)}")
-    return DiffusionConfig.from_dict({**PRESETS[name], **overrides})
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"preset: unknown {name!r}; valid choices: {sorted(MODEL_PRESETS)}")
+    return DiffusionConfig.from_dict({**MODEL_PRESETS[name], **overrides})
 
 
 class _Block(nn.Module):
@@ -343,13 +349,9 @@ def save_model(model: SetDenoiser, path: str | os.PathLike, extra: dict | None =
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = d / ".model.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, d / "model.safetensors")
+    atomic_write(d / "model.safetensors", lambda p: save_file(state, str(p)))
     meta = {"format": "r4t_fast.diffusion", "config": asdict(model.cfg), **(extra or {})}
-    tmp = d / ".config.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, d / "config.json")
+    atomic_write_text(d / "config.json", json.dumps(meta, indent=2))
     return d
 
 

@@ -1,4 +1,4 @@
-"""Curated item sets: the data model, loaders and reproducible splits.
+"""Curated item sets: the data model and the loaders (reproducible splits: :mod:`r4t_fast.data.splits`).
 
 A *set* is one human-curated collection (a Polyvore outfit, a playlist) whose title is the query and
 whose items are the reference answer. Three sources are read:
@@ -51,17 +51,29 @@ the first occurrence.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
 import re
-import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from r4t_fast.data._jsonl import MISSING_PLACEHOLDER as MISSING_PLACEHOLDER  # re-exported
+from r4t_fast.data._jsonl import (
+    DataError,
+    MissingDataError,
+    _expect_object,
+    _get_id,
+    _get_list,
+    _get_opt_str,
+    _get_text,
+    _iter_jsonl,
+    _load_json,
+    _require_file,
+    _resolve_file,
+    _type_name,
+)
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -71,22 +83,17 @@ __all__ = [
     "Item",
     "ItemSet",
     "MissingDataError",
-    "Split",
     "default_data_dir",
     "load_dataset",
     "load_jsonl",
     "load_polyvore",
     "load_spotify",
-    "load_split",
     "query_text",
-    "save_split",
-    "split_sets",
 ]
 
 DATA_DIR_ENV = "R4T_DATA_DIR"
 """Environment variable naming the data directory (holding ``polyvore/`` and ``spotify_editorial/``)."""
 
-MISSING_PLACEHOLDER = "<MISSING>"
 SPOTIFY_ITEM_ID_FORMAT = "{track} -- {artists}"
 SPOTIFY_TEXT_FORMAT = "{track} by {artists} (album: {album})"
 
@@ -118,14 +125,6 @@ DATASETS: dict[str, tuple[str, str, str]] = {
 _DATASET_ALIASES = {"spotify_editorial": "spotify"}
 _UNTITLED = re.compile(r"untitled(\W.*)?", re.IGNORECASE | re.DOTALL)
 _POLYVORE_TID = re.compile(r"[?&]tid=(\d+)")
-
-
-class DataError(ValueError):
-    """A data file is malformed; the message names the file and the line or entry."""
-
-
-class MissingDataError(DataError, FileNotFoundError):
-    """A data file is absent; the message names the expected path and where the file comes from."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,102 +347,6 @@ class _Builder:
             skipped=dict(sorted(self.skipped.items())),
             source=source,
         )
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _get_id(obj: Mapping[str, Any], key: str, where: str) -> str:
-    if key not in obj:
-        raise DataError(f"{where}: missing field {key!r}")
-    value = obj[key]
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise DataError(f"{where}: field {key!r} must be a string or integer, got {_type_name(value)}")
-    value = str(value)
-    if not value.strip():
-        raise DataError(f"{where}: field {key!r} must be non-empty")
-    return value
-
-
-def _get_opt_str(obj: Mapping[str, Any], key: str, where: str, *, allow_int: bool = False) -> str | None:
-    value = obj.get(key)
-    if value is None or isinstance(value, str):
-        return value
-    if allow_int and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    kinds = "a string, integer or null" if allow_int else "a string or null"
-    raise DataError(f"{where}: field {key!r} must be {kinds}, got {_type_name(value)}")
-
-
-def _get_text(obj: Mapping[str, Any], key: str, where: str) -> str | None:
-    """The (required) text field; ``None`` when it is null, blank or the ``<MISSING>`` placeholder."""
-    if key not in obj:
-        raise DataError(f"{where}: missing field {key!r}")
-    value = _get_opt_str(obj, key, where)
-    if value is None:
-        return None
-    stripped = value.strip()
-    if not stripped or stripped.startswith(MISSING_PLACEHOLDER):
-        return None
-    return value
-
-
-def _get_list(obj: Mapping[str, Any], key: str, where: str) -> list[Any]:
-    if key not in obj:
-        raise DataError(f"{where}: missing field {key!r}")
-    value = obj[key]
-    if not isinstance(value, list):
-        raise DataError(f"{where}: field {key!r} must be a list, got {_type_name(value)}")
-    return value
-
-
-def _expect_object(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise DataError(f"{where}: expected a JSON object, got {_type_name(value)}")
-    return value
-
-
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each non-blank line; ``DataError`` naming file and line."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{where}: not valid UTF-8 ({exc.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            yield lineno, _expect_object(obj, where)
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 at byte {exc.start} ({exc.reason})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-
-
-def _require_file(path: Path, source: str) -> Path:
-    if not path.is_file():
-        raise MissingDataError(f"{path}: file not found. Expected {path.name}, from {source}.")
-    return path
-
-
-def _resolve_file(path_or_dir: str | os.PathLike[str], filename: str, source: str) -> Path:
-    path = Path(path_or_dir)
-    if path.is_dir():
-        path = path / filename
-    return _require_file(path, source)
 
 
 def _jsonl_set(where: str, obj: dict[str, Any]) -> tuple[str, str | None, str, list[Item | None]]:
@@ -674,7 +577,7 @@ def default_data_dir() -> Path | None:
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         return Path(env)
-    repo_root = Path(__file__).resolve().parents[2]
+    repo_root = Path(__file__).resolve().parents[3]
     for candidate in (repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
         if candidate.is_dir():
             return candidate
@@ -725,163 +628,3 @@ def load_dataset(
     if key == "polyvore":
         return load_polyvore(path, **kwargs)
     return load_spotify(path, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------
-# Splits
-# ----------------------------------------------------------------------------------------------
-
-SPLIT_NAMES = ("train", "val", "test")
-_SPLIT_FORMAT = "r4t_fast.split/1"
-
-
-@dataclass(frozen=True)
-class Split(Mapping[str, list[str]]):
-    """Set ids per split; a read-only mapping ``{"train", "val", "test"} -> sorted list of set ids``.
-
-    Also records how it was made: ``seed`` and ``ratios`` (train, val, test).
-    """
-
-    train: list[str]
-    val: list[str]
-    test: list[str]
-    seed: int
-    ratios: tuple[float, float, float]
-
-    def __getitem__(self, key: str) -> list[str]:
-        if key not in SPLIT_NAMES:
-            raise KeyError(f"split: unknown split {key!r}; expected one of {', '.join(SPLIT_NAMES)}")
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(SPLIT_NAMES)
-
-    def __len__(self) -> int:
-        return len(SPLIT_NAMES)
-
-    def of(self, set_id: str) -> str:
-        """The name of the split holding ``set_id``; ``KeyError`` if none does."""
-        for name in SPLIT_NAMES:
-            if set_id in getattr(self, name):
-                return name
-        raise KeyError(f"set_id: {set_id!r} is in no split")
-
-
-def _check_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(r) for r in ratios)
-    except (TypeError, ValueError):
-        raise ValueError(f"ratios: expected three numbers (train, val, test), got {ratios!r}") from None
-    if len(values) != 3 or any(not math.isfinite(r) or r < 0 for r in values):
-        raise ValueError(f"ratios: expected three non-negative numbers (train, val, test), got {ratios!r}")
-    if abs(sum(values) - 1.0) > 1e-6:
-        raise ValueError(f"ratios: must sum to 1, got {ratios!r} (sum {sum(values)})")
-    return values  # type: ignore[return-value]
-
-
-def _unit_hash(seed: int, set_id: str) -> float:
-    """A number in [0, 1) from sha256(f"{seed}:{set_id}") (first 8 bytes, big-endian)."""
-    digest = hashlib.sha256(f"{seed}:{set_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def split_sets(
-    sets: Dataset | Iterable[ItemSet | str],
-    seed: int = 0,
-    ratios: Sequence[float] = (0.8, 0.1, 0.1),
-) -> Split:
-    """Split sets into train/val/test by hashing each set id with the seed.
-
-    A set goes to train if ``u < ratios[0]``, to val if ``u < ratios[0] + ratios[1]``, else to test,
-    with ``u = int(sha256(f"{seed}:{set_id}")[:8]) / 2**64``. The assignment of a set depends only on
-    its id and the seed (not on input order or on the other sets), so split sizes follow the ratios
-    only approximately (binomially). Every list is sorted.
-
-    Args:
-        sets: a Dataset, ItemSets or set ids (pass ``dataset.query_sets`` to split only titled sets).
-        seed: integer seed.
-        ratios: (train, val, test) fractions, non-negative, summing to 1.
-
-    Raises:
-        ValueError: bad ratios or seed, or a set id given twice.
-    """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected int, got {type(seed).__name__}")
-    r = _check_ratios(ratios)
-    ids: list[str] = []
-    for s in sets:
-        if isinstance(s, ItemSet):
-            ids.append(s.set_id)
-        elif isinstance(s, str):
-            ids.append(s)
-        else:
-            raise TypeError(f"sets: expected ItemSet or str elements, got {type(s).__name__}")
-    dupes = [k for k, c in Counter(ids).items() if c > 1]
-    if dupes:
-        raise ValueError(f"sets: {len(dupes)} set id(s) given more than once, e.g. {dupes[0]!r}")
-    out: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
-    for set_id in sorted(ids):
-        u = _unit_hash(seed, set_id)
-        name = "train" if u < r[0] else "val" if u < r[0] + r[1] else "test"
-        out[name].append(set_id)
-    return Split(out["train"], out["val"], out["test"], seed=seed, ratios=r)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_split(split: Split, path: str | os.PathLike[str]) -> None:
-    """Write a split as JSON (format tag, seed, ratios, counts and the id lists); atomic replace."""
-    if not isinstance(split, Split):
-        raise TypeError(f"split: expected a Split (from split_sets/load_split), got {type(split).__name__}")
-    doc = {
-        "format": _SPLIT_FORMAT,
-        "method": 'sha256(f"{seed}:{set_id}")[:8] / 2**64 against cumulative ratios',
-        "seed": split.seed,
-        "ratios": list(split.ratios),
-        "counts": {name: len(split[name]) for name in SPLIT_NAMES},
-        **{name: list(split[name]) for name in SPLIT_NAMES},
-    }
-    _atomic_write_text(Path(path), json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
-
-
-def load_split(path: str | os.PathLike[str]) -> Split:
-    """Read a split written by :func:`save_split`.
-
-    Raises:
-        MissingDataError: no such file.
-        DataError: not a split file, or an id listed in two splits.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingDataError(f"path: split file {path} not found")
-    doc = _load_json(path)
-    if not isinstance(doc, dict) or doc.get("format") != _SPLIT_FORMAT:
-        raise DataError(f"{path}: not a split file (expected 'format': {_SPLIT_FORMAT!r})")
-    try:
-        seed = doc["seed"]
-        ratios = _check_ratios(doc["ratios"])
-        lists = {name: doc[name] for name in SPLIT_NAMES}
-    except (KeyError, ValueError) as exc:
-        raise DataError(f"{path}: malformed split file ({exc})") from None
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise DataError(f"{path}: 'seed' must be an integer, got {_type_name(seed)}")
-    for name, ids in lists.items():
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise DataError(f"{path}: {name!r} must be a list of set id strings")
-    counts = Counter(i for ids in lists.values() for i in ids)
-    dupes = [k for k, c in counts.items() if c > 1]
-    if dupes:
-        raise DataError(f"{path}: {len(dupes)} set id(s) listed twice, e.g. {dupes[0]!r}")
-    return Split(
-        sorted(lists["train"]), sorted(lists["val"]), sorted(lists["test"]), seed=seed, ratios=ratios
-    )

@@ -2,7 +2,7 @@
 
     from r4t_fast import Retriever
     r = Retriever.from_pretrained("runs/polyvore/diffusion")
-    sets = r.retrieve(["summer beach outfit", "rainy sunday jazz"], k=10, steps=16, guidance=0.1, seed=0)
+    sets = r.retrieve(["summer beach outfit", "rainy sunday jazz"], k=10, steps=16, guidance=0.0, seed=0)
     sets[0].item_ids, sets[0].texts, sets[0].scores
 
 A retriever directory holds the diffusion model (``config.json`` + ``model.safetensors``, see
@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import ops
-from .baselines import RetrievalResult
-from .catalog import Catalog
-from .diffusion import EDM, SetDenoiser, load_model, save_model
-from .sampler import SAMPLERS, generate_sets
+from r4t_fast._internal import atomic_write_text, unit_rows
+from r4t_fast.data.catalog import Catalog
+from r4t_fast.data.results import RetrievalResult
+from r4t_fast.diffusion.model import EDM, SetDenoiser, load_model, save_model
+from r4t_fast.diffusion.samplers import SAMPLERS, SAMPLING_DEFAULTS, generate_sets
+from r4t_fast.kernels import ops
 
 __all__ = ["Retriever", "RetrievedSet"]
 
@@ -39,11 +40,14 @@ __all__ = ["Retriever", "RetrievedSet"]
 @dataclass(frozen=True)
 class RetrievedSet(RetrievalResult):
     """One query's set: ``item_indices`` (k,) catalog rows, ``item_ids``/``texts`` (k,), ``scores`` (k,)
-    (inner product of each generated row with its item), ``row_embeddings`` (k, d) the generated rows,
-    ``candidates`` (k, C) each row's nearest items when asked for."""
+    the cosine of each item with the query (the meaning of ``scores`` for every ``RetrievalResult``),
+    ``row_scores`` (k,) the grounding score (inner product of each generated row with its item; rows are
+    ranked by it), ``row_embeddings`` (k, d) the generated rows, ``candidates`` (k, C) each row's nearest
+    items when asked for."""
 
     item_ids: tuple[str, ...] = field(default=())
     texts: tuple[str, ...] = field(default=())
+    row_scores: np.ndarray | None = None
 
 
 class Retriever:
@@ -67,10 +71,10 @@ class Retriever:
         encoder: Any = None,
         *,
         encoder_spec: str | None = None,
-        steps: int = 16,
-        sampler: str = "heun",
-        guidance: float = 0.1,
-        seed: int = 0,
+        steps: int = SAMPLING_DEFAULTS.steps,
+        sampler: str = SAMPLING_DEFAULTS.sampler,
+        guidance: float = SAMPLING_DEFAULTS.guidance,
+        seed: int = SAMPLING_DEFAULTS.seed,
         device: str | torch.device = "cpu",
     ) -> None:
         if model.cfg.dim != catalog.dim:
@@ -121,7 +125,7 @@ class Retriever:
         catalog = Catalog.load(d / "catalog")
         spec = meta.get("encoder_spec")
         if encoder is None and spec:
-            from .encoders import get_encoder
+            from r4t_fast.data.encoders import get_encoder
 
             encoder = get_encoder(spec)
         kw = {**meta.get("defaults", {}), **defaults}
@@ -131,10 +135,12 @@ class Retriever:
         d = Path(path)
         save_model(self.model, d, extra=extra)
         self.catalog.save(d / "catalog")
-        meta = {"format": "r4t_fast.retriever", "encoder_spec": self.encoder_spec, "defaults": self.defaults}
-        tmp = d / ".retriever.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, d / "retriever.json")
+        meta = {
+            "format": "r4t_fast.diffusion.retriever",
+            "encoder_spec": self.encoder_spec,
+            "defaults": self.defaults,
+        }
+        atomic_write_text(d / "retriever.json", json.dumps(meta, indent=2))
         return d
 
     def config(self) -> dict[str, Any]:
@@ -202,6 +208,14 @@ class Retriever:
             _, cands = ops.knn(rows.reshape(-1, cfg.dim), self._cat_dev, n_candidates, check_finite=False)
             cands = cands.reshape(B, k, n_candidates).cpu()
         rows = rows.cpu()
+        # scores: cos(item, query), as for every RetrievalResult (catalog rows are unit-norm); None when
+        # the query lives in another space than the items (cond_dim != dim)
+        cos = None
+        if cfg.cond_dim == cfg.dim:
+            qn = unit_rows(q.cpu().float())
+            items = self.catalog.embeddings[ids.clamp_min(0)].float()
+            cos = torch.einsum("bkd,bd->bk", items, qn)
+            cos = torch.where(ids >= 0, cos, torch.full_like(cos, -math.inf))
         out = []
         for b in range(B):
             idx = ids[b].numpy()
@@ -210,7 +224,8 @@ class Retriever:
                     item_indices=idx,
                     row_embeddings=rows[b].numpy(),
                     candidates=None if cands is None else cands[b].numpy(),
-                    scores=scores[b].numpy(),
+                    scores=None if cos is None else cos[b].numpy(),
+                    row_scores=scores[b].numpy(),
                     item_ids=tuple(self.catalog.ids[i] if i >= 0 else "" for i in idx),
                     texts=tuple(self.catalog.texts[i] if i >= 0 else "" for i in idx),
                 )
@@ -258,7 +273,8 @@ def cli_main(args: argparse.Namespace) -> int:
                         "query": q,
                         "item_ids": list(s.item_ids),
                         "texts": list(s.texts),
-                        "scores": [float(x) for x in s.scores],
+                        "scores": None if s.scores is None else [float(x) for x in s.scores],
+                        "row_scores": [float(x) for x in s.row_scores],
                     }
                     for q, s in zip(args.query, sets, strict=True)
                 ],
@@ -268,6 +284,7 @@ def cli_main(args: argparse.Namespace) -> int:
         return 0
     for q, s in zip(args.query, sets, strict=True):
         print(f"\n{q}")
-        for i, (t, sc) in enumerate(zip(s.texts, s.scores, strict=True), 1):
+        shown = s.scores if s.scores is not None else s.row_scores
+        for i, (t, sc) in enumerate(zip(s.texts, shown, strict=True), 1):
             print(f"  {i:2d}. {t}  ({sc:.3f})")
     return 0

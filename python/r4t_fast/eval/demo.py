@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from r4t_fast._internal import check_positive_int
+
 __all__ = ["DEFAULT_QUERIES", "DemoResult", "add_cli_arguments", "cli_main", "run_demo"]
 
 DEFAULT_QUERIES = ("summer beach outfit", "office look for a rainy day", "cozy winter weekend at home")
@@ -59,15 +61,14 @@ def run_demo(
         ``(results, timings)``: one :class:`DemoResult` per (query, method), queries in order, dense first;
         ``timings`` has ``load_s`` (dataset, encoder and catalog) and ``retrieve_ms``.
     """
-    from .baselines import DenseBaseline, MMRBaseline
-    from .data import load_dataset
-    from .encoders import get_encoder
-    from .evaluation import build_catalog
+    from r4t_fast.data.datasets import load_dataset
+    from r4t_fast.data.encoders import get_encoder
+    from r4t_fast.data.prepare import build_catalog
+    from r4t_fast.eval.baselines import DenseBaseline, MMRBaseline
 
     if isinstance(queries, str) or not queries or not all(isinstance(q, str) and q.strip() for q in queries):
         raise ValueError(f"queries: expected a non-empty list of non-empty strings, got {queries!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k: expected a positive int, got {k!r}")
+    k = check_positive_int(k, "k")
     t0 = time.perf_counter()
     name = os.fspath(dataset)
     ds = load_dataset(name, data_dir, **({"include_extra": True} if name.lower() == "polyvore" else {}))
@@ -122,7 +123,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     """``r4t demo``: print dense and MMR items for each intent."""
-    from .data import DataError
+    from r4t_fast.data.datasets import DataError
 
     queries = args.query or list(DEFAULT_QUERIES)
     try:

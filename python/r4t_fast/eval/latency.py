@@ -1,0 +1,291 @@
+"""Latency of a retriever: the median wall time per query of ``retrieve(queries, k)`` over at least
+``MIN_LATENCY_CALLS`` timed calls per batch size, after a warm-up call, with its spread
+(:func:`measure_latency`); where the time of a diffusion query goes (:func:`diffusion_breakdown`); and
+the record's ``latency_*`` fields built from them (:func:`latency_record`, used by
+:func:`r4t_fast.eval.evaluation.evaluate`).
+
+Every method -- dense, MMR, DPP, the LLM fan-outs, the diffusion retriever -- is timed with the same
+protocol, so the numbers compare. The diffusion breakdown times the retriever's three parts separately
+with the retriever's own settings: the text encoder (``retriever.encoder.encode``), the sampler
+(:func:`r4t_fast.diffusion.samplers.generate_sets` with ``retriever.defaults``) and the grounding
+(:func:`r4t_fast.kernels.ops.ground_sets` on the generated rows against the retriever's catalog); the
+ranking of grounded rows and the building of the results are the remainder of ``retrieve``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_LATENCY_BATCHES",
+    "MIN_LATENCY_CALLS",
+    "diffusion_breakdown",
+    "latency_record",
+    "measure_latency",
+]
+
+DEFAULT_LATENCY_BATCHES = (1, 8, 64)
+MIN_LATENCY_CALLS = 8
+"""Timed calls per batch size (after a warm-up call), for every method."""
+
+PROTOCOL = (
+    "median wall time of retrieve(batch, k) per query over >= {calls} timed calls per batch size, "
+    "n_candidates=0, after one untimed warm-up call at that batch size; batches cycle through the "
+    "evaluated queries; spread = p25/p75/min/max of the per-call ms per query"
+)
+
+
+def _sync(device: Any) -> None:
+    try:
+        import torch
+
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+    except (ImportError, RuntimeError, TypeError):  # no torch / not a device: nothing to wait for
+        pass
+
+
+def _spread(ms_per_query: Sequence[float]) -> dict[str, float]:
+    v = np.asarray(ms_per_query, dtype=np.float64)
+    p25, med, p75 = np.quantile(v, [0.25, 0.5, 0.75])
+    return {
+        "median": float(med),
+        "p25": float(p25),
+        "p75": float(p75),
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
+
+
+def _calls(calls: int | dict[int, int] | None, b: int) -> int:
+    if calls is None:
+        return MIN_LATENCY_CALLS
+    if isinstance(calls, dict):
+        return max(1, int(calls.get(b, MIN_LATENCY_CALLS)))
+    return max(1, int(calls))
+
+
+class _Cycle:
+    """Batches of ``b`` queries, cycling through the pool."""
+
+    def __init__(self, pool: Sequence[str]) -> None:
+        if not pool:
+            raise ValueError("queries: expected at least one query for the latency measurement")
+        self.pool = list(pool)
+        self.cursor = 0
+
+    def take(self, b: int) -> list[str]:
+        out = [self.pool[(self.cursor + i) % len(self.pool)] for i in range(b)]
+        self.cursor += b
+        return out
+
+
+def measure_latency(
+    retriever: Any,
+    queries: Sequence[str],
+    k: int,
+    batch_sizes: Sequence[int] = DEFAULT_LATENCY_BATCHES,
+    calls: int | dict[int, int] | None = None,
+    *,
+    prior_times: dict[int, list[float]] | None = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Median wall time per query of ``retriever.retrieve(batch, k)`` at each batch size.
+
+    Per batch size ``B``: one untimed warm-up call, then ``calls`` timed calls (default
+    ``MIN_LATENCY_CALLS``), batches filled by cycling through ``queries``. A retriever with an int
+    ``batch_size`` attribute (the LLM baselines' generation batch) has it set to ``B`` during the
+    measurement, so a batch of ``B`` queries is one forward batch.
+
+    Args:
+        retriever: object with ``retrieve(query_texts, k, *, n_candidates=0)``.
+        queries: the query pool (non-empty).
+        k: set size.
+        batch_sizes: batch sizes to time.
+        calls: timed calls per batch size: an int for all or ``{batch: calls}``.
+        prior_times: ``{batch: [seconds, ...]}`` of calls already timed elsewhere (the quality run's
+            full batches of an LLM method); they count towards ``calls`` and replace the warm-up.
+
+    Returns:
+        ``({str(B): median ms per query}, {str(B): {"calls", "queries", "batch_ms", "median", "p25",
+        "p75", "min", "max"}})`` (the spread in ms per query).
+    """
+    cycle = _Cycle(queries)
+    prior = {int(b): list(v) for b, v in (prior_times or {}).items()}
+    had_bs = isinstance(getattr(retriever, "batch_size", None), int)
+    old_bs = retriever.batch_size if had_bs else None
+    ms: dict[str, float] = {}
+    detail: dict[str, Any] = {}
+    try:
+        for b in (int(x) for x in batch_sizes):
+            n_calls = _calls(calls, b)
+            if had_bs:
+                retriever.batch_size = b
+            times = list(prior.get(b, []))
+            if len(times) < n_calls and not times:
+                retriever.retrieve(cycle.take(b), k)  # warm-up
+            while len(times) < n_calls:
+                batch = cycle.take(b)
+                t0 = time.perf_counter()
+                retriever.retrieve(batch, k)
+                _sync(getattr(retriever, "device", "cpu"))
+                times.append(time.perf_counter() - t0)
+            per_query = [1000.0 * t / b for t in times]
+            sp = _spread(per_query)
+            ms[str(b)] = sp["median"]
+            detail[str(b)] = {
+                "calls": len(times),
+                "queries": len(times) * b,
+                "batch_ms": [round(1000.0 * t, 3) for t in times],
+                **sp,
+            }
+            if prior.get(b):
+                detail[str(b)]["reused_calls"] = len(prior[b])
+    finally:
+        if had_bs:
+            retriever.batch_size = old_bs
+    return ms, detail
+
+
+def is_diffusion_retriever(retriever: Any) -> bool:
+    """True for the diffusion retriever (:class:`r4t_fast.diffusion.retriever.Retriever`)."""
+    try:
+        from r4t_fast.diffusion.retriever import Retriever
+    except ImportError:  # pragma: no cover - the diffusion room is part of the package
+        return False
+    return isinstance(retriever, Retriever)
+
+
+def diffusion_breakdown(
+    retriever: Any,
+    queries: Sequence[str],
+    k: int,
+    batch_sizes: Sequence[int] = DEFAULT_LATENCY_BATCHES,
+    calls: int | dict[int, int] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Where a diffusion query's time goes: median ms per query of encode, sample and ground per batch size.
+
+    For each batch size ``B`` (one warm-up, then ``calls`` timed repetitions): ``encode`` =
+    ``retriever.encoder.encode(batch)``; ``sample`` = :func:`r4t_fast.diffusion.samplers.generate_sets`
+    on the ``B * ceil(k / L)`` conditions with the retriever's ``steps``/``sampler``/``guidance``/``seed``;
+    ``ground`` = :func:`r4t_fast.kernels.ops.ground_sets` of the generated rows against the retriever's
+    catalog. CUDA work is synchronised before each clock read.
+
+    Returns:
+        ``{str(B): {"encode": ms, "sample": ms, "ground": ms}}`` per query.
+    """
+    import torch
+
+    from r4t_fast.diffusion.samplers import generate_sets
+    from r4t_fast.kernels import ops
+
+    if getattr(retriever, "encoder", None) is None:
+        raise ValueError("retriever: the latency breakdown needs a retriever with a text encoder")
+    cfg = retriever.model.cfg
+    opts = retriever.defaults
+    device = retriever.device
+    n_sets = math.ceil(int(k) / cfg.set_size)
+    catalog = retriever.catalog.embeddings.to(device)
+    cycle = _Cycle(queries)
+    out: dict[str, dict[str, float]] = {}
+
+    def once(batch: list[str]) -> tuple[float, float, float]:
+        t0 = time.perf_counter()
+        q = np.asarray(retriever.encoder.encode(batch), dtype=np.float32)
+        cond = torch.from_numpy(q).to(device).repeat_interleave(n_sets, dim=0)
+        _sync(device)
+        t1 = time.perf_counter()
+        rows = generate_sets(
+            retriever.edm,
+            cond,
+            steps=opts["steps"],
+            sampler=opts["sampler"],
+            guidance=opts["guidance"],
+            seed=opts["seed"],
+        )
+        rows = rows.reshape(len(batch), n_sets * cfg.set_size, cfg.dim).float().contiguous()
+        _sync(device)
+        t2 = time.perf_counter()
+        ops.ground_sets(rows, catalog, check_finite=False)
+        _sync(device)
+        t3 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t2
+
+    with torch.no_grad():
+        for b in (int(x) for x in batch_sizes):
+            once(cycle.take(b))  # warm-up
+            parts = np.array([once(cycle.take(b)) for _ in range(_calls(calls, b))])
+            med = np.median(parts, axis=0) * 1000.0 / b
+            out[str(b)] = {"encode": float(med[0]), "sample": float(med[1]), "ground": float(med[2])}
+    return out
+
+
+def latency_record(
+    retriever: Any,
+    queries: Sequence[str],
+    k: int,
+    latency_batch_sizes: Sequence[int],
+    *,
+    is_llm: bool,
+    latency_calls: int | dict[int, int] | None,
+    batch_size: int,
+    batch_times: Sequence[tuple[int, float]],
+    n_cand: int,
+) -> tuple[dict[str, float | None], dict[str, Any], dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """The record's latency fields for ``latency_batch_sizes`` (empty: skipped).
+
+    ``queries`` are the evaluated queries; ``batch_times`` holds ``(queries, seconds)`` per ``retrieve``
+    call of the quality run (batches of ``batch_size`` with ``n_cand`` candidates). For an LLM method,
+    the quality run's full batches at a timed batch size (after its first call, the warm-up) are reused
+    as timed calls: its seconds of generation dwarf the milliseconds of the Recall candidates.
+
+    Returns:
+        ``(latency_ms_per_query, config.latency, latency_spread_ms_per_query, latency_breakdown_ms)``;
+        the breakdown is empty except for the diffusion retriever.
+    """
+    latency: dict[str, float | None] = {}
+    spread: dict[str, dict[str, float]] = {}
+    breakdown: dict[str, dict[str, float]] = {}
+    latency_cfg: dict[str, Any] = {"batch_sizes": [int(b) for b in latency_batch_sizes]}
+    if not latency_batch_sizes:
+        return latency, latency_cfg, spread, breakdown
+    prior: dict[int, list[float]] = {}
+    if is_llm:
+        full = [t for n, t in batch_times if n == batch_size][1:]
+        if int(batch_size) in {int(b) for b in latency_batch_sizes} and full:
+            prior[int(batch_size)] = full
+    lat, detail = measure_latency(
+        retriever, queries, k, latency_batch_sizes, latency_calls, prior_times=prior
+    )
+    for b in latency_batch_sizes:
+        d = detail[str(int(b))]
+        latency[str(int(b))] = lat[str(int(b))]
+        spread[str(int(b))] = {key: d[key] for key in ("p25", "p75", "min", "max")}
+        if d.get("reused_calls"):
+            d["source"] = (
+                f"{d['reused_calls']} of the quality run's full batches (n_candidates={n_cand}) "
+                "plus fresh calls"
+            )
+    n_min = min(d["calls"] for d in detail.values())
+    latency_cfg.update(
+        {
+            "protocol": PROTOCOL.format(calls=n_min),
+            "min_calls": n_min,
+            "query_pool": len(queries),
+            "per_batch": {str(int(b)): detail[str(int(b))] for b in latency_batch_sizes},
+        }
+    )
+    if is_diffusion_retriever(retriever):
+        breakdown = diffusion_breakdown(retriever, queries, k, latency_batch_sizes, latency_calls)
+        latency_cfg["breakdown"] = (
+            "median ms per query of encode (retriever.encoder.encode), sample "
+            "(r4t_fast.diffusion.samplers.generate_sets with the retriever's steps/sampler/guidance/seed) "
+            "and ground (r4t_fast.kernels.ops.ground_sets on the generated rows), timed separately over "
+            "the same number of calls after a warm-up; the rest of retrieve (ranking rows, building "
+            "results) is not in the breakdown"
+        )
+    return latency, latency_cfg, spread, breakdown

@@ -1,0 +1,420 @@
+"""Batched generation with the fan-out language model (FOLM) and per-query latency.
+
+:class:`FanOutLM` generates for many queries at once (left padding, greedy or sampled) and records
+timings; :func:`benchmark_latency` measures per-query latency at several batch sizes. ``torch`` and
+``transformers`` are imported lazily, so importing this module is cheap."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+from r4t_fast._internal import check_k, check_positive_int
+from r4t_fast.fanout.parser import ParseResult, parse_subqueries
+from r4t_fast.fanout.policy import resolve_policy
+from r4t_fast.fanout.prompt import CHATML_END, build_messages
+
+__all__ = ["FanOutLM", "GenerationOutput", "GenerationTiming", "LatencyResult", "benchmark_latency"]
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One completion for one query.
+
+    Attributes:
+        text: the generated text (special tokens removed, prompt excluded).
+        subqueries: the parsed subqueries (see :func:`parse_subqueries`).
+        ok: at least one usable subquery was parsed.
+        n_tokens: generated tokens, counting the end-of-turn token when the model emitted one.
+        finished: the model ended its turn (False: cut at ``max_new_tokens``).
+        parse: the full :class:`ParseResult` (``reason``, ``method``, ``format_ok``...).
+    """
+
+    text: str
+    subqueries: list[str]
+    ok: bool
+    n_tokens: int
+    finished: bool
+    parse: ParseResult
+
+
+@dataclass(frozen=True)
+class GenerationTiming:
+    """Wall-clock cost of one :meth:`FanOutLM.generate` call (tokenisation and parsing included).
+
+    Attributes:
+        n_queries: queries in the call.
+        n_sequences: sequences generated (``n_queries * samples``; greedy generates one per query).
+        batch_size: sequences per forward batch.
+        n_batches: batches run.
+        wall_s: total seconds; ``generate_s``: seconds inside ``model.generate``.
+        generated_tokens: sum of :attr:`GenerationOutput.n_tokens` over the sequences.
+    """
+
+    n_queries: int
+    n_sequences: int
+    batch_size: int
+    n_batches: int
+    wall_s: float
+    generate_s: float
+    generated_tokens: int
+
+    @property
+    def per_query_s(self) -> float:
+        """Amortised seconds per query (``wall_s / n_queries``)."""
+        return self.wall_s / max(self.n_queries, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second of ``model.generate`` time, over all sequences."""
+        return self.generated_tokens / self.generate_s if self.generate_s > 0 else float("nan")
+
+
+def _check_queries(queries: Any) -> list[str]:
+    if isinstance(queries, str):
+        raise TypeError("queries: expected a list of strings, got a single str (wrap it in a list)")
+    if not isinstance(queries, Sequence):
+        raise TypeError(f"queries: expected a list of strings, got {type(queries).__name__}")
+    out = list(queries)
+    for i, q in enumerate(out):
+        if not isinstance(q, str) or not q.strip():
+            raise ValueError(f"queries[{i}]: expected a non-empty string, got {q!r}")
+    return out
+
+
+class FanOutLM:
+    """A causal chat LM that writes ``k`` subqueries per query, batched with left padding.
+
+    Args:
+        model_dir: a local Hugging Face model dir or a policy name (see :func:`resolve_policy`).
+        device: torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+        dtype: floating dtype of the weights (float32 by default; on CPU bfloat16 is several times slower).
+
+    The end-of-turn token ``<|im_end|>`` (ChatML) is the eos and pad token when the vocabulary has it,
+    else the tokenizer's eos; both are passed explicitly to ``generate``. Use :meth:`from_model` to wrap
+    a model already in memory (a PEFT model during training, for instance).
+
+    Example::
+
+        lm = FanOutLM("smollm2")
+        outs = lm.generate(["summer beach outfit"], k=10)
+        outs[0][0].subqueries
+    """
+
+    def __init__(
+        self, model_dir: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: Any = None
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dtype = torch.float32 if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        try:
+            path = resolve_policy(model_dir)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"model_dir: {exc}".replace("model_dir: spec: ", "model_dir: ")) from exc
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        self._setup(model, tokenizer, device)
+        self.model_dir: Path | None = path
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, device: str | torch.device | None = None) -> FanOutLM:
+        """Wrap a loaded causal LM and its tokenizer (no copy; the model is moved only if ``device``)."""
+        self = cls.__new__(cls)
+        if device is None:
+            device = next(model.parameters()).device
+        self._setup(model, tokenizer, device)
+        self.model_dir = None
+        return self
+
+    def _setup(self, model: Any, tokenizer: Any, device: Any) -> None:
+        import torch
+
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(
+                f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}"
+            ) from exc
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("tokenizer: has no chat_template; FanOutLM needs a chat (instruct) model")
+        end_id = (
+            tokenizer.convert_tokens_to_ids(CHATML_END) if CHATML_END in tokenizer.get_vocab() else None
+        )
+        eos_ids = [i for i in (end_id, tokenizer.eos_token_id) if isinstance(i, int)]
+        if not eos_ids:
+            raise ValueError(
+                f"tokenizer: has neither {CHATML_END} nor an eos token; cannot tell where a turn ends"
+            )
+        self.eos_token_ids: list[int] = list(dict.fromkeys(eos_ids))
+        self.pad_token_id: int = self.eos_token_ids[0]
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.last_timing: GenerationTiming | None = None
+
+    def __repr__(self) -> str:
+        name = self.model_dir if self.model_dir is not None else type(self.model).__name__
+        return f"FanOutLM({str(name)!r}, device={str(self.device)!r}, dtype={self.model.dtype})"
+
+    def prompt_text(self, query: str, k: int = 10, *, one_shot: bool = True) -> str:
+        """The chat-templated prompt string for one query (generation prompt included)."""
+        return self.tokenizer.apply_chat_template(
+            build_messages(query, k, one_shot=one_shot), tokenize=False, add_generation_prompt=True
+        )
+
+    def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        encoded = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        return [list(ids) for ids in encoded]
+
+    def _left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)``, both ``(batch, max_len)`` int64, padded on the left."""
+        import torch
+
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row:
+                ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+                mask[i, width - len(row) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _generation_config(self, temperature: float, top_p: float, max_new_tokens: int) -> Any:
+        from transformers import GenerationConfig
+
+        common: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "eos_token_id": self.eos_token_ids,
+            "pad_token_id": self.pad_token_id,
+        }
+        if temperature == 0.0:
+            return GenerationConfig(do_sample=False, **common)
+        return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common)
+
+    @staticmethod
+    def _processors(repetition_penalty: float, prompt_width: int) -> Any:
+        """Completion-only repetition penalty (the prompt's tokens are not penalised), or None."""
+        if repetition_penalty == 1.0:
+            return None
+        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+        return LogitsProcessorList(
+            [RepetitionPenaltyLogitsProcessor(repetition_penalty, prompt_ignore_length=prompt_width)]
+        )
+
+    def generate(
+        self,
+        queries: Sequence[str],
+        k: int = 10,
+        num_samples: int = 1,
+        temperature: float = 0.0,
+        *,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        max_new_tokens: int = 192,
+        batch_size: int = 8,
+        seed: int | None = None,
+        one_shot: bool = True,
+    ) -> list[list[GenerationOutput]]:
+        """Generate and parse subqueries for every query.
+
+        Args:
+            queries: the user queries, ``n`` non-empty strings.
+            k: subqueries asked for (and kept at most) per completion.
+            num_samples: completions per query. Greedy decoding (``temperature == 0``) is deterministic,
+                so it runs once per query and repeats the result ``num_samples`` times.
+            temperature: 0 for greedy decoding, > 0 to sample (pure temperature sampling, ``top_k`` off).
+            top_p: nucleus-sampling mass when sampling.
+            repetition_penalty: CTRL-style penalty on tokens already generated in this completion (the
+                prompt is exempt, so the format tags stay likely); 1 = off.
+            max_new_tokens: cap on generated tokens per completion.
+            batch_size: sequences per forward batch (prompts are sorted by length to limit padding).
+            seed: seeds the sampler (the global torch RNG is left untouched); sampled outputs depend on the
+                seed *and* on how sequences are batched.
+            one_shot: include the worked example in the prompt (see :func:`build_messages`).
+
+        Returns:
+            ``out[i][j]``: sample ``j`` of query ``i``, shape ``(n, num_samples)`` as nested lists.
+            Timings of the call are in :attr:`last_timing`.
+        """
+        import torch
+
+        queries = _check_queries(queries)
+        k = check_k(k)
+        num_samples = check_positive_int(num_samples, "num_samples")
+        max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
+        batch_size = check_positive_int(batch_size, "batch_size")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"temperature: expected a float >= 0 (0 = greedy), got {temperature!r}")
+        if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p: expected a float in (0, 1], got {top_p!r}")
+        if not isinstance(repetition_penalty, (int, float)) or not repetition_penalty > 0:
+            raise ValueError(
+                f"repetition_penalty: expected a float > 0 (1 = off), got {repetition_penalty!r}"
+            )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed: expected an int or None, got {seed!r}")
+
+        t0 = time.perf_counter()
+        greedy = float(temperature) == 0.0
+        per_query = 1 if greedy else num_samples
+        encoded = self._encode([self.prompt_text(q, k, one_shot=one_shot) for q in queries])
+        jobs = [(qi, s) for qi in range(len(queries)) for s in range(per_query)]
+        order = sorted(range(len(jobs)), key=lambda j: -len(encoded[jobs[j][0]]))  # stable: ties keep order
+        config = self._generation_config(float(temperature), float(top_p), max_new_tokens)
+        results: list[GenerationOutput | None] = [None] * len(jobs)
+        generate_s = 0.0
+        n_batches = 0
+        rng_devices: list[int] = []
+        if self.device.type == "cuda":
+            rng_devices = [
+                self.device.index if self.device.index is not None else torch.cuda.current_device()
+            ]
+        with contextlib.ExitStack() as stack:
+            if seed is not None:
+                stack.enter_context(torch.random.fork_rng(devices=rng_devices))
+                torch.manual_seed(seed)
+            stack.enter_context(torch.inference_mode())
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                input_ids, attention_mask = self._left_pad([encoded[jobs[j][0]] for j in batch])
+                t1 = time.perf_counter()
+                out = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=config,
+                    logits_processor=self._processors(float(repetition_penalty), input_ids.shape[1]),
+                )
+                generate_s += time.perf_counter() - t1
+                n_batches += 1
+                new_tokens = out[:, input_ids.shape[1] :].tolist()
+                for j, row in zip(batch, new_tokens, strict=True):
+                    results[j] = self._finish(row, k)
+
+        outputs: list[list[GenerationOutput]] = [[] for _ in queries]
+        for (qi, _), res in zip(jobs, results, strict=True):
+            assert res is not None  # every job ran exactly once (internal invariant, not user input)
+            outputs[qi].append(res)
+        if greedy and num_samples > 1:
+            outputs = [row * num_samples for row in outputs]
+        self.last_timing = GenerationTiming(
+            n_queries=len(queries),
+            n_sequences=len(jobs),
+            batch_size=batch_size,
+            n_batches=n_batches,
+            wall_s=time.perf_counter() - t0,
+            generate_s=generate_s,
+            generated_tokens=sum(r.n_tokens for r in results if r is not None),
+        )
+        return outputs
+
+    def _finish(self, row: list[int], k: int) -> GenerationOutput:
+        """Cut one generated row at its first end token, decode and parse it."""
+        eos = set(self.eos_token_ids)
+        end = next((i for i, tok in enumerate(row) if tok in eos), None)
+        content = row if end is None else row[:end]
+        text = self.tokenizer.decode(content, skip_special_tokens=True)
+        parse = parse_subqueries(text, k)
+        return GenerationOutput(
+            text=text,
+            subqueries=parse.queries,
+            ok=parse.ok,
+            n_tokens=len(row) if end is None else end + 1,
+            finished=end is not None,
+            parse=parse,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Latency
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """Latency of greedy fan-out at one batch size (see :func:`benchmark_latency`).
+
+    Attributes:
+        batch_size: queries per batch.
+        batch_s: mean seconds per batch (the paper's "latency at batch B").
+        per_query_s: ``batch_s / batch_size``.
+        mean_new_tokens: mean generated tokens per sequence.
+        parse_ok_rate: fraction of completions with at least one usable subquery.
+        format_ok_rate: fraction that followed the strict format.
+        batch_times_s: every measured batch.
+    """
+
+    batch_size: int
+    batch_s: float
+    per_query_s: float
+    mean_new_tokens: float
+    parse_ok_rate: float
+    format_ok_rate: float
+    batch_times_s: list[float] = field(default_factory=list)
+
+
+def benchmark_latency(
+    lm: FanOutLM,
+    queries: Sequence[str],
+    batch_sizes: Sequence[int] = (1, 8, 64),
+    *,
+    k: int = 10,
+    max_new_tokens: int = 160,
+    num_batches: int = 1,
+    warmup: bool = True,
+) -> list[LatencyResult]:
+    """Time greedy generation of ``num_batches`` full batches at each batch size.
+
+    Batches are filled by cycling through ``queries`` so every batch has exactly ``batch_size``
+    queries. Generation stops when every sequence has ended or at ``max_new_tokens``, so report
+    ``mean_new_tokens`` next to the times. One small untimed warm-up call runs first with ``warmup``.
+    """
+    queries = _check_queries(queries)
+    if not queries:
+        raise ValueError("queries: expected at least one query, got an empty list")
+    num_batches = check_positive_int(num_batches, "num_batches")
+    results: list[LatencyResult] = []
+    if warmup:
+        lm.generate(queries[:1], k=k, max_new_tokens=min(8, max_new_tokens), batch_size=1)
+    cursor = 0
+    for bs in batch_sizes:
+        bs = check_positive_int(bs, "batch_sizes[i]")
+        times: list[float] = []
+        outs: list[GenerationOutput] = []
+        for _ in range(num_batches):
+            batch = [queries[(cursor + i) % len(queries)] for i in range(bs)]
+            cursor += bs
+            out = lm.generate(batch, k=k, max_new_tokens=max_new_tokens, batch_size=bs)
+            timing = lm.last_timing
+            if timing is None:  # pragma: no cover - generate always sets it
+                raise RuntimeError("lm.last_timing: not set by generate")
+            times.append(timing.wall_s)
+            outs.extend(o[0] for o in out)
+        mean_s = sum(times) / len(times)
+        results.append(
+            LatencyResult(
+                batch_size=bs,
+                batch_s=mean_s,
+                per_query_s=mean_s / bs,
+                mean_new_tokens=sum(o.n_tokens for o in outs) / len(outs),
+                parse_ok_rate=sum(o.ok for o in outs) / len(outs),
+                format_ok_rate=sum(o.parse.format_ok for o in outs) / len(outs),
+                batch_times_s=times,
+            )
+        )
+    return results

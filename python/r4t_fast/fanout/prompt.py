@@ -1,0 +1,114 @@
+"""The fan-out prompt: the paper's instruction plus a one-shot example, in ChatML messages.
+
+The model writes ``k`` search subqueries, optionally after a one-sentence reasoning block::
+
+    <think>one short sentence</think>          (only with think=True)
+    <queries>["...", "...", ...]</queries>
+
+The prompt is sized for small policies and short generation caps. Measured with the SmolLM2-135M
+tokenizer (k = 10, whole chat-templated prompt incl. SmolLM2's template): the worked answer is 47 tokens
+with ``think=False`` and 58 with ``think=True`` (the previous example alone was 108 tokens, and a model
+that imitates its example then needs ~110 of a 112–128-token cap); the whole prompt is 134 / 153 tokens
+(was 250). See ``benchmarks/bench_fanout_format.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from r4t_fast._internal import check_k
+
+CHATML_END = "<|im_end|>"
+"""ChatML end-of-turn token (the GGUF metadata's eos is wrong: pass this token's id explicitly)."""
+
+__all__ = ["CHATML_END", "SYSTEM_PROMPT", "SYSTEM_PROMPT_NO_THINK", "build_messages", "format_answer"]
+
+# --------------------------------------------------------------------------------------------------
+# Prompt
+# --------------------------------------------------------------------------------------------------
+
+_INSTRUCTION = (
+    "You write search queries for a catalog of fashion items and music.\n"
+    "Write {k} queries for the request. They are diverse but on the same topic: "
+    "each adds or changes one to three words of the request.\n"
+    "Answer in this format and nothing else:\n"
+)
+_LIST_RULE = "The JSON list holds exactly {k} different short queries."
+
+#: System message with a reasoning block (``think=True``); ``{k}`` is replaced by the number of subqueries.
+SYSTEM_PROMPT = (
+    _INSTRUCTION + "<think>one short sentence</think>\n" + '<queries>["...", "..."]</queries>\n' + _LIST_RULE
+)
+#: System message without a reasoning block (``think=False``, the default for small constrained policies).
+SYSTEM_PROMPT_NO_THINK = _INSTRUCTION + '<queries>["...", "..."]</queries>\n' + _LIST_RULE
+
+_EXAMPLE_QUERY = "beach day"
+_EXAMPLE_THOUGHT = "Light clothes, sun gear and upbeat songs."
+# Short (2-3 words, 2-4 tokens each) so that an answer that imitates the example stays far below the cap.
+_EXAMPLE_SUBQUERIES = (
+    "beach straw hat",
+    "linen beach shirt",
+    "beach sandals",
+    "beach tote bag",
+    "surf rock songs",
+    "beach sunglasses",
+    "floral sundress",
+    "summer pop playlist",
+    "beach towel",
+    "denim shorts",
+    "reggae beach songs",
+    "white bikini",
+    "beach cover up",
+    "flip flops",
+    "sunscreen",
+    "beach hoop earrings",
+    "tropical house music",
+    "wide brim sun hat",
+    "beach day jazz",
+    "rattan beach bag",
+)
+
+
+def format_answer(queries: Sequence[str], thought: str | None = None) -> str:
+    """An answer in the exact format the parser and the constraint use (``think`` block when ``thought``).
+
+    >>> format_answer(["a b", "c"])
+    '<queries>["a b", "c"]</queries>'
+    >>> format_answer(["a"], thought="x")
+    '<think>x</think>\\n<queries>["a"]</queries>'
+    """
+    body = f"<queries>{json.dumps(list(queries), ensure_ascii=False)}</queries>"
+    return body if thought is None else f"<think>{thought}</think>\n{body}"
+
+
+def build_messages(
+    query: str, k: int = 10, *, one_shot: bool = True, think: bool = True
+) -> list[dict[str, str]]:
+    """Chat messages asking the policy for ``k`` subqueries of ``query``.
+
+    The system message carries the paper's instruction ("diverse but on the same topic; add or change
+    one to three words", exactly ``k`` different queries in ``<queries>[...]</queries>``), preceded by a
+    one-sentence ``<think>...</think>`` block when ``think`` (the paper's format, the default here;
+    :class:`~r4t_fast.fanout.constrained.FanOutConstraint` defaults to ``think=False`` for small
+    policies). With ``one_shot`` (default) a short worked example precedes the query as an earlier
+    user/assistant turn; it has exactly ``k`` items for ``k <= 20`` and is left out above that.
+
+    >>> [m["role"] for m in build_messages("rainy sunday jazz", k=3)]
+    ['system', 'user', 'assistant', 'user']
+    >>> build_messages("rainy sunday jazz", k=3)[-1]["content"]
+    'Request: rainy sunday jazz'
+    >>> build_messages("rainy sunday jazz", k=2, think=False)[2]["content"]
+    '<queries>["beach straw hat", "linen beach shirt"]</queries>'
+    """
+    if not isinstance(query, str) or not query.strip():
+        raise ValueError(f"query: expected a non-empty string, got {query!r}")
+    k = check_k(k)
+    system = SYSTEM_PROMPT if think else SYSTEM_PROMPT_NO_THINK
+    messages = [{"role": "system", "content": system.format(k=k)}]
+    if one_shot and k <= len(_EXAMPLE_SUBQUERIES):
+        messages.append({"role": "user", "content": f"Request: {_EXAMPLE_QUERY}"})
+        thought = _EXAMPLE_THOUGHT if think else None
+        messages.append({"role": "assistant", "content": format_answer(_EXAMPLE_SUBQUERIES[:k], thought)})
+    messages.append({"role": "user", "content": f"Request: {' '.join(query.split())}"})
+    return messages

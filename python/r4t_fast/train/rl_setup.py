@@ -1,0 +1,104 @@
+"""What a ``r4t train-rl`` run is built from: the evaluation data of the dataset, the query rows of a
+split, the TRL training dataset, the reward function, and the versions recorded next to every result.
+
+Shared by training (:mod:`r4t_fast.train.rl`) and the before/after evaluation
+(:mod:`r4t_fast.train.rl_eval`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from r4t_fast._internal import default_cache_dir, package_versions
+from r4t_fast.train.rl_config import RLConfig
+
+__all__ = ["build_train_dataset"]
+
+RECORDED_PACKAGES = ("r4t_fast", "torch", "transformers", "trl", "peft", "accelerate")
+"""Distributions whose versions ``rl_config.json`` and ``before_after.json`` record."""
+
+
+def _load_data(cfg: RLConfig) -> Any:
+    """The dataset, catalog, encoder and split of ``cfg`` (:func:`r4t_fast.data.prepare.load_eval_data`,
+    as ``r4t eval`` loads them)."""
+    from r4t_fast.data.prepare import load_eval_data
+
+    return load_eval_data(
+        cfg.dataset,
+        encoder=cfg.encoder,
+        data_dir=cfg.data_dir,
+        cache_dir=cfg.cache_dir,
+        seed=cfg.split_seed,
+        extra_items=cfg.include_extra_items,
+        progress=False,
+    )
+
+
+def _split_rows(
+    data: Any, splits: Sequence[str], limit: int | None, with_refs: bool = True
+) -> list[dict[str, Any]]:
+    """``{"set_id", "query", "reference"}`` per titled set of ``splits`` (split order, sorted ids)."""
+    from r4t_fast.data.datasets import query_text
+
+    by_id = {s.set_id: s for s in data.dataset.sets}
+    rows = []
+    for name in splits:
+        for set_id in data.split[name]:
+            s = by_id.get(set_id)
+            if s is None or s.query is None:
+                continue
+            row: dict[str, Any] = {"set_id": set_id, "query": query_text(s)}
+            if with_refs:
+                row["reference"] = [int(i) for i in data.catalog.id_to_index(s.item_ids)]
+            rows.append(row)
+    return rows[:limit] if limit is not None else rows
+
+
+def build_train_dataset(cfg: RLConfig, data: Any) -> Any:
+    """The TRL dataset: columns ``prompt`` (chat messages), ``query`` and ``reference`` (catalog rows)."""
+    from datasets import Dataset as HFDataset
+
+    from r4t_fast.fanout.prompt import build_messages
+
+    rows = _split_rows(data, [cfg.train_split], cfg.max_train_queries)
+    if not rows:
+        raise ValueError(f"train_split: the {cfg.train_split!r} split of {cfg.dataset!r} has no titled set")
+    return HFDataset.from_list(
+        [{"prompt": build_messages(r["query"], cfg.k, one_shot=cfg.one_shot), **r} for r in rows]
+    )
+
+
+def _reward_function(cfg: RLConfig, data: Any) -> Any:
+    """The :class:`r4t_fast.fanout.rewards.RewardFunction` of ``cfg`` over ``data``'s catalog."""
+    from r4t_fast.data.encoders import EmbeddingCache
+    from r4t_fast.fanout.rewards import RewardFunction
+
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir is not None else default_cache_dir()
+
+    return RewardFunction(
+        data.catalog,
+        data.encoder,
+        task=cfg.task,
+        k=cfg.k,
+        weights=cfg.weights,
+        budget_per_row=cfg.budget_per_row,
+        missing=cfg.missing,
+        require_strict_format=cfg.require_strict_format,
+        cache=EmbeddingCache(root / "embeddings"),  # the embedding cache r4t eval uses
+    )
+
+
+def _versions() -> dict[str, str]:
+    """Python and :data:`RECORDED_PACKAGES` versions (:func:`r4t_fast._internal.package_versions`), with
+    the machine architecture and CPU count."""
+    versions = package_versions(RECORDED_PACKAGES)
+    return {
+        "python": versions.pop("python"),
+        "machine": platform.machine(),
+        "cpus": str(os.cpu_count()),
+        **versions,
+    }
