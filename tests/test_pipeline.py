@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import make_tiny_policy, sets_jsonl
-from r4t_fast.pipeline import PIPELINE_PRESETS, run_pipeline
+from r4t_fast.pipeline import DEFAULT_METHODS, PIPELINE_PRESETS, run_pipeline
 
 ANSWER = '<queries>["red scarf", "black boots", "blue jacket"]</queries><|im_end|>'
 
@@ -61,6 +61,8 @@ def test_pipeline_smoke_end_to_end_and_resume(tmp_path: Path, monkeypatch) -> No
             "lora_target_modules": ["q_proj", "v_proj"],
         },
         "synthesis": {"k": 3},
+        # every test query for the fast methods, the first 3 for the LLM ones: exercises the same-queries rule
+        "eval": {"limit": None, "llm_limit": 3},
     }
     rec = run_pipeline(
         str(data),
@@ -73,10 +75,26 @@ def test_pipeline_smoke_end_to_end_and_resume(tmp_path: Path, monkeypatch) -> No
     assert set(rec["stages"]) == {"rl", "synthesis", "diffusion", "eval", "report"}
     assert (out / "rl" / "policy").is_dir()
     assert (out / "diffusion" / "retriever.json").is_file()
-    for m in ("r4t-diffusion", "folm", "dense"):
-        r = json.loads((out / "eval" / f"{m}.json").read_text())
-        assert r["method"] == m and r["n_queries"] > 0 and "composite" in r["metrics"]
-    assert (out / "report" / "report.md").read_text().count("r4t-diffusion") >= 1
+    recs = {
+        m: json.loads((out / "eval" / f"{m}.json").read_text()) for m in ("r4t-diffusion", "folm", "dense")
+    }
+    for m, r in recs.items():
+        assert r["method"] == m and r["n_queries"] > 0 and "recall_at_fair" in r["metrics"]
+        assert "row_composite" in r["metrics"] and "composite" not in r["metrics"]
+    assert recs["folm"]["n_queries"] == 3 < recs["dense"]["n_queries"] == recs["r4t-diffusion"]["n_queries"]
+    assert "latency_breakdown_ms" in recs["r4t-diffusion"]
+    # every method is also scored on the LLM methods' queries, and the headline uses those
+    for m in ("dense", "r4t-diffusion"):
+        sub = json.loads((out / "eval" / "same-queries" / f"{m}.json").read_text())
+        assert sub["query_ids_sha256"] == recs["folm"]["query_ids_sha256"] and sub["n_queries"] == 3
+        assert sub["config"]["subset_of"]["query_ids_sha256"] == recs[m]["query_ids_sha256"]
+    md = (out / "report" / "report.md").read_text()
+    head = md[: md.index("## Appendix")]
+    assert "3 queries" in head and "| r4t-diffusion | 3 |" in head and "| folm | 3 |" in head
+    first_table = head[head.index("| method") :].split("\n\n")[0]
+    assert "R@fair" in first_table.splitlines()[0] and "ms/query @8" in first_table.splitlines()[0]
+    assert "Paired differences against **r4t-diffusion**" in head
+    assert f"all {recs['dense']['n_queries']} test queries" in md
     # A second run resumes: every stage is skipped.
     rec2 = run_pipeline(
         str(data),
@@ -96,3 +114,4 @@ def test_pipeline_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="methods: unknown"):
         run_pipeline("polyvore", tmp_path, preset="smoke", methods=("bm25",))
     assert set(PIPELINE_PRESETS) == {"cpu-small", "smoke"}
+    assert DEFAULT_METHODS == ("dense", "mmr", "dpp", "llm-zeroshot", "folm", "r4t-diffusion")

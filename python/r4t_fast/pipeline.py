@@ -44,8 +44,8 @@ LLM_EVAL_METHODS = frozenset({"llm-zeroshot", "folm", "llm-bon"})
 """Methods scored on the first ``eval.llm_limit`` test queries only (every other method also on those)."""
 _VALID_METHODS = frozenset(DEFAULT_METHODS) | LLM_EVAL_METHODS
 
-MMR_VAL_CHOICE: dict[str, Any] = {"lambda_": 0.5}
-DPP_VAL_CHOICE: dict[str, Any] = {"theta": 0.5}
+MMR_VAL_CHOICE: dict[str, Any] = {"lambda_": 0.9}
+DPP_VAL_CHOICE: dict[str, Any] = {"theta": 0.9}
 """MMR / DPP settings chosen on the validation splits (benchmarks/results/eval/val-sweep/README.md)."""
 
 # Budgets per preset. cpu-small: the whole job in well under an hour on a 2-core CPU.
@@ -336,6 +336,12 @@ def run_pipeline(
         }
         if not recs:
             return {"headline": [], "appendix": []}
+        for m, rec in recs.items():
+            if "query_ids_sha256" not in rec or "per_query" not in rec:
+                raise RuntimeError(
+                    f"{ev_dir / f'{m}.json'}: a record from before the same-query rule (issue 10); "
+                    "rerun the evaluation with --force"
+                )
         smallest = min(recs.values(), key=lambda r: r["n_queries"])
         ids = list(smallest["per_query"]["set_id"])
         headline, appendix = [], []

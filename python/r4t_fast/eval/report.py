@@ -192,7 +192,7 @@ def _labels(records: Sequence[dict[str, Any]]) -> list[str]:
 
 def _best(records: Sequence[dict[str, Any]], get: Any, lower: bool = False) -> float | None:
     vals = [v for r in records if (v := get(r)) is not None]
-    if len(vals) < 2:
+    if len(vals) < 2 or min(vals) == max(vals):  # nothing to single out
         return None
     return min(vals) if lower else max(vals)
 
@@ -409,7 +409,8 @@ def _sections(records: Sequence[dict[str, Any]], level: str, reference: str | No
             "",
             "Item-level metrics on the same queries, % with 95% bootstrap CI (Vendi raw, in [1, k]); "
             "R@fair / H@fair: exactly K distinct candidates read round-robin over the k rows, K = the "
-            "multiple of k closest to 3.5% of the catalog; best value per column in bold.",
+            "multiple of k closest to 3.5% of the catalog; ms/query: median at batch 8; best value per "
+            "column in bold.",
             "",
             *_headline(recs),
             "",
