@@ -96,7 +96,7 @@ def test_oar_reward_by_hand(setup) -> None:
             assert getattr(batch, key)[i] == pytest.approx(value, abs=1e-6), (i, key)
         assert batch.n_subqueries[i] == len(sub)
     assert batch.parse_ok.all() and not batch.format_ok.any()  # 3, 2, 1 of k = 4: not strict
-    assert batch.summary()["format_failure_rate"] == 0.0
+    assert batch.summary()["no_subquery_rate"] == 0.0
     assert batch.summary()["strict_format_failure_rate"] == 1.0
 
 
@@ -214,9 +214,9 @@ def test_malformed_completions_score_zero_and_are_counted(setup) -> None:
     assert out[1:] == [0.0] * (len(completions) - 1)
     assert fn.last is not None and fn.last.parse_ok.tolist() == [True] + [False] * (len(completions) - 1)
     assert np.isnan(fn.last.groundedness[1:]).all()
-    assert logged["r4t/format_failure_rate"] == pytest.approx(8 / 9)
+    assert logged["r4t/no_subquery_rate"] == pytest.approx(8 / 9)
     assert logged["r4t/groundedness"] == pytest.approx(fn.last.groundedness[0])
-    assert fn.totals == {"completions": 9, "format_failures": 8, "strict_format_failures": 8}
+    assert fn.totals == {"completions": 9, "no_subquery": 8, "strict_format_failures": 8}
 
 
 def test_lenient_and_strict_format(setup) -> None:

@@ -205,14 +205,14 @@ def test_train_rl_smoke_resume_and_load(tmp_path: Path) -> None:
     assert [r["step"] for r in steps] == [1, 2]
     for key in (
         "reward",
-        "format_failure_rate",
+        "no_subquery_rate",
         "frac_zero_spread_groups",
         "kl",
         "completion_length",
         "loss",
     ):
         assert key in steps[0], key
-    assert steps[0]["format_failure_rate"] == 1.0  # a random model writes no usable subquery
+    assert steps[0]["no_subquery_rate"] == 1.0  # a random model writes no usable subquery
     assert steps[0]["reward"] == 0.0
     assert "soft_ppo/penalty" in steps[1]  # the generation batch of step 1 is reused at step 2
     assert (out / "reward_curve.png").is_file()

@@ -362,9 +362,6 @@ class RewardBatch:
             "strict_format_failure_rate": float(1.0 - self.format_ok.mean())
             if self.format_ok.size
             else float("nan"),
-            # deprecated aliases (same values) until train/rl* and steps.jsonl use the names above
-            "n_subqueries": usable,
-            "format_failure_rate": no_subquery,
         }
 
 
@@ -430,7 +427,7 @@ class RewardFunction:
         self.query_key = query_key
         self.reference_key = reference_key
         self.last: RewardBatch | None = None
-        self.totals: dict[str, int] = {"completions": 0, "format_failures": 0, "strict_format_failures": 0}
+        self.totals: dict[str, int] = {"completions": 0, "no_subquery": 0, "strict_format_failures": 0}
 
     def __repr__(self) -> str:
         return (
@@ -548,7 +545,7 @@ class RewardFunction:
         )
         self.last = batch
         self.totals["completions"] += b
-        self.totals["format_failures"] += int((~parse_ok).sum())
+        self.totals["no_subquery"] += int((~parse_ok).sum())
         self.totals["strict_format_failures"] += int((~format_ok).sum())
         return batch
 

@@ -52,6 +52,7 @@ def _eval_policy(
     """
     from r4t_fast.eval.metrics import evaluate_sets
     from r4t_fast.fanout.generation import FanOutLM
+    from r4t_fast.fanout.missing import fill_missing_rows
     from r4t_fast.kernels import ops
 
     queries = [r["query"] for r in rows]
@@ -71,10 +72,8 @@ def _eval_policy(
     batch = reward_fns["train"].score(texts, queries, refs)
     nk = reward_fns["nk"].score(texts, queries, refs)
     fill = reward_fns["fill"].score(texts, queries, refs)
-    # the protocol of r4t eval / r4t_fast.fanout: missing rows = the raw query, rows grounded without repeats
-    fan_rows = [
-        s + [" ".join(q.split())] * (cfg.k - len(s)) for s, q in zip(batch.subqueries, queries, strict=True)
-    ]
+    # the protocol of r4t eval: the one missing-row rule, rows grounded without repeats
+    fan_rows = [fill_missing_rows(s, q, cfg.k) for s, q in zip(batch.subqueries, queries, strict=True)]
     uniq = list(dict.fromkeys([t for r in fan_rows for t in r] + queries))
     emb = reward_fns["train"]._encode(uniq)
     pos = {t: i for i, t in enumerate(uniq)}
@@ -91,14 +90,14 @@ def _eval_policy(
         "alignment": nk.alignment,
         "vendi_top1": nk.diversity * nk.n_subqueries,
         "coverage": nk.coverage,
-        "n_subqueries": batch.n_subqueries.astype(np.float64),
+        "usable_subqueries": batch.n_subqueries.astype(np.float64),
         "parse_ok": batch.parse_ok.astype(np.float64),
         "format_ok": batch.format_ok.astype(np.float64),
-        "eval_composite": sm.per_query["composite"],
-        "eval_groundedness": sm.per_query["groundedness"],
-        "eval_diversity": sm.per_query["diversity"],
-        "eval_alignment": sm.per_query["alignment"],
-        "eval_vendi": sm.per_query["vendi_items"],
+        "eval_composite": sm.per_query["row_composite"],
+        "eval_groundedness": sm.per_query["row_groundedness"],
+        "eval_diversity": sm.per_query["row_diversity"],
+        "eval_alignment": sm.per_query["row_alignment"],
+        "eval_vendi": sm.per_query["vendi"],
     }
     finished = np.array([o[0].finished for o in outs], dtype=np.float64)
     n_tokens = np.array([o[0].n_tokens for o in outs], dtype=np.float64)
@@ -131,7 +130,7 @@ _TABLE_ROWS = (
     ("eval_groundedness", "groundedness, r4t-eval protocol"),
     ("eval_diversity", "diversity (Vendi / k), r4t-eval protocol"),
     ("coverage", "coverage of the reference set (top-b items per written subquery)"),
-    ("n_subqueries", "usable subqueries parsed (of k)"),
+    ("usable_subqueries", "usable subqueries parsed (of k)"),
     ("parse_ok", "completions with >= 1 usable subquery"),
     ("format_ok", "completions in the strict format"),
 )
@@ -142,8 +141,12 @@ wrote at least one subquery (``n`` / ``n_paired`` in the JSON)."""
 
 def _with_derived(per_query: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = dict(per_query)
-    if "vendi_top1" not in out and "diversity" in out and "n_subqueries" in out:
-        out["vendi_top1"] = np.asarray(out["diversity"], dtype=np.float64) * np.asarray(out["n_subqueries"])
+    if "usable_subqueries" not in out and "n_subqueries" in out:  # records written before the rename
+        out["usable_subqueries"] = out["n_subqueries"]
+    if "vendi_top1" not in out and "diversity" in out and "usable_subqueries" in out:
+        out["vendi_top1"] = np.asarray(out["diversity"], dtype=np.float64) * np.asarray(
+            out["usable_subqueries"]
+        )
     return out
 
 
@@ -390,7 +393,7 @@ def plot_reward_curve(
     ax1.set_title(title or "GRPO reward")
     ax1.grid(alpha=0.3)
     ax1.legend(loc="best", fontsize=8)
-    draw(ax2, "format_failure_rate", "tab:red")
+    draw(ax2, "no_subquery_rate", "tab:red")
     draw(ax2, "frac_zero_spread_groups", "tab:gray")
     ax2.set_ylabel("rate")
     ax2.set_xlabel("optimizer step")

@@ -274,9 +274,9 @@ _ALIASES = {
     "r4t/diversity": "diversity",
     "r4t/alignment": "alignment",
     "r4t/coverage": "coverage",
-    "r4t/format_failure_rate": "format_failure_rate",
+    "r4t/no_subquery_rate": "no_subquery_rate",
     "r4t/strict_format_failure_rate": "strict_format_failure_rate",
-    "r4t/n_subqueries": "n_subqueries",
+    "r4t/usable_subqueries": "usable_subqueries",
     "frac_reward_zero_std": "frac_zero_spread_groups",
     "kl": "kl",
     "completions/mean_length": "completion_length",
@@ -291,7 +291,8 @@ def _step_logger_class() -> type:
 
         Each line has ``step``, ``time`` (unix), ``elapsed_s`` (wall seconds of training so far, summed
         over resumed runs), TRL's keys and short aliases: ``reward``, ``groundedness``, ``diversity``,
-        ``alignment``, ``coverage``, ``format_failure_rate``, ``frac_zero_spread_groups``, ``kl``,
+        ``alignment``, ``coverage``, ``no_subquery_rate``, ``usable_subqueries``,
+        ``frac_zero_spread_groups``, ``kl``,
         ``completion_length``.
         """
 
