@@ -12,6 +12,7 @@ import torch
 from r4t_fast import objectives as M
 from r4t_fast.eval import metrics as M_metrics
 from r4t_fast.eval import stats as M_stats
+from r4t_fast.objectives import terms as M_terms
 
 
 def _rng(seed: int = 0) -> np.random.Generator:
@@ -32,9 +33,11 @@ def _vendi_numpy(x: np.ndarray) -> float:
 
 
 def test_doctests() -> None:
-    result = doctest.testmod(M)
-    assert result.attempted > 20
-    assert result.failed == 0
+    from r4t_fast.objectives import coverage, terms
+
+    results = [doctest.testmod(m) for m in (terms, coverage)]
+    assert sum(r.attempted for r in results) > 20
+    assert sum(r.failed for r in results) == 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,7 +165,7 @@ def test_nearest_distance_matches_brute_force_across_chunks() -> None:
     np.testing.assert_allclose(M.nearest_distance(rows, cat), brute, rtol=1e-12)
     # force many catalog chunks
     flat = torch.from_numpy(rows.reshape(-1, 8))
-    got = M._nearest(flat, torch.from_numpy(cat), chunk_elems=7, use_ops=False).numpy()
+    got = M_terms._nearest(flat, torch.from_numpy(cat), chunk_elems=7, use_ops=False).numpy()
     np.testing.assert_allclose(got, brute.reshape(-1), rtol=1e-12)
 
 

@@ -239,3 +239,35 @@ def format_table(record: dict[str, Any]) -> str:
     for flag in record.get("flags") or []:
         lines.append(f"FLAG: {flag}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading records (report and plots)
+# ----------------------------------------------------------------------------------------------------
+METHOD_ORDER = ("dense", "mmr", "dpp", "llm-zeroshot", "llm-bon", "folm", "r4t-diffusion")
+"""The order methods appear in tables and plots."""
+
+HEADLINE_COLUMNS = (
+    ("recall_at_fair", "R@fair", 100.0, 1),
+    ("hit_at_fair", "H@fair", 100.0, 1),
+    ("item_relevance", "item rel.", 100.0, 1),
+    ("vendi", "Vendi", 1.0, 2),
+    ("category_coverage", "cat. cov.", 100.0, 1),
+    ("ild", "ILD", 100.0, 1),
+)
+"""(metric, column label, scale, digits) of the headline table; higher is better for each."""
+
+
+def sort_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def key(r: dict[str, Any]) -> tuple[str, str, int, str, str]:
+        m = str(r["method"])
+        rank = METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)
+        return (str(r["dataset"]), str(r["split"]), rank, m, str(r.get("_path", "")))
+
+    return sorted(records, key=key)
+
+
+def num(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x) if math.isfinite(x) else None

@@ -27,13 +27,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from r4t_fast.eval.plots import plot_latency, plot_quality
+from r4t_fast.eval.records import HEADLINE_COLUMNS
+from r4t_fast.eval.records import num as _num
+from r4t_fast.eval.records import sort_records as _sorted
 
 __all__ = [
     "HEADLINE_COLUMNS",
@@ -49,16 +53,6 @@ __all__ = [
 ]
 
 _REQUIRED = ("dataset", "method", "split", "n_queries", "metrics")
-_METHOD_ORDER = ("dense", "mmr", "dpp", "llm-zeroshot", "llm-bon", "folm", "r4t-diffusion")
-HEADLINE_COLUMNS = (
-    ("recall_at_fair", "R@fair", 100.0, 1),
-    ("hit_at_fair", "H@fair", 100.0, 1),
-    ("item_relevance", "item rel.", 100.0, 1),
-    ("vendi", "Vendi", 1.0, 2),
-    ("category_coverage", "cat. cov.", 100.0, 1),
-    ("ild", "ILD", 100.0, 1),
-)
-"""(metric, column label, scale, digits) of the headline table; higher is better for each."""
 _ROW_COLUMNS = (
     ("row_groundedness", "row ground.", 100.0, 1),
     ("row_diversity", "row div.", 100.0, 1),
@@ -106,15 +100,6 @@ def load_records(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]
     return _sorted(out)
 
 
-def _sorted(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    def key(r: dict[str, Any]) -> tuple[str, str, int, str, str]:
-        m = str(r["method"])
-        rank = _METHOD_ORDER.index(m) if m in _METHOD_ORDER else len(_METHOD_ORDER)
-        return (str(r["dataset"]), str(r["split"]), rank, m, str(r.get("_path", "")))
-
-    return sorted(records, key=key)
-
-
 def _name(rec: dict[str, Any]) -> str:
     return Path(rec["_path"]).name if "_path" in rec else f"{rec['dataset']}/{rec['method']}"
 
@@ -139,12 +124,6 @@ def group_records(records: Sequence[dict[str, Any]]) -> list[tuple[str, str, lis
             )
         out.append((ds, split, recs))
     return out
-
-
-def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    return float(x) if math.isfinite(x) else None
 
 
 def _fmt(v: float, digits: int) -> str:
@@ -449,117 +428,6 @@ def markdown_report(
     lines += _llm_notes(everything)
     lines += ["## Records", "", *_record_list(everything), ""]
     return "\n".join(lines)
-
-
-def _bar_keys(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
-    keys = [(key, label) for key, label, scale, _ in HEADLINE_COLUMNS if scale == 100.0]
-    return [(k, lab) for k, lab in keys if any(_num(r["metrics"].get(k)) is not None for r in records)]
-
-
-def plot_quality(records: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Grouped bars (metric groups x methods), one panel per dataset, CIs as error bars; saves a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    records = _sorted(list(records))
-    datasets = list(dict.fromkeys(r["dataset"] for r in records))
-    keys = _bar_keys(records)
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(
-        len(datasets), 1, figsize=(max(9.0, 1.3 * len(keys) + 5), 3.6 * len(datasets)), squeeze=False
-    )
-    for ax, ds in zip(axes[:, 0], datasets, strict=True):
-        recs = [r for r in records if r["dataset"] == ds]
-        width = 0.8 / max(len(recs), 1)
-        x = np.arange(len(keys))
-        for j, r in enumerate(recs):
-            vals, lo, hi = [], [], []
-            for key, _ in keys:
-                v = _num(r["metrics"].get(key))
-                v = np.nan if v is None else 100.0 * v
-                ci = (r.get("ci") or {}).get(key)
-                ok = isinstance(ci, list) and len(ci) == 2 and all(_num(c) is not None for c in ci)
-                vals.append(v)
-                lo.append(max(v - 100.0 * ci[0], 0.0) if ok and np.isfinite(v) else 0.0)
-                hi.append(max(100.0 * ci[1] - v, 0.0) if ok and np.isfinite(v) else 0.0)
-            ax.bar(
-                x + (j - (len(recs) - 1) / 2) * width,
-                vals,
-                width,
-                yerr=[lo, hi],
-                capsize=2,
-                label=f"{r['method']} (n={r['n_queries']})",
-                color=colors[r["method"]],
-            )
-        ax.set_xticks(x, [label for _, label in keys])
-        ax.set_ylabel("%")
-        ax.set_ylim(0, 105)
-        ax.set_title(f"{ds} ({recs[0]['split']} split): quality per method, 95% CI")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
-
-
-def plot_latency(records: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path | None:
-    """ms per query against batch size, log-log, one line per (dataset, method); ``None`` if no latency."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [r for r in _sorted(list(records)) if r.get("latency_ms_per_query")]
-    if not records:
-        return None
-    datasets = list(dict.fromkeys(r["dataset"] for r in records))
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    styles = ["-", "--", ":", "-."]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for r in records:
-        pts = sorted(
-            (int(b), v)
-            for b, ms in r["latency_ms_per_query"].items()
-            if (v := _num(ms)) is not None and v > 0
-        )
-        if not pts:
-            continue
-        ls = styles[datasets.index(r["dataset"]) % len(styles)]
-        ax.plot(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            ls,
-            marker="o",
-            color=colors[r["method"]],
-            label=f"{r['method']} / {r['dataset']}",
-        )
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    batches = sorted({int(b) for r in records for b in r["latency_ms_per_query"]})
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.set_xlabel("batch size (queries per call)")
-    ax.set_ylabel("ms per query (log)")
-    mach = records[0].get("machine") or {}
-    where = f"{mach.get('cpu', 'unknown machine')}, {mach.get('cores', '?')} cores"
-    if mach.get("torch_threads"):
-        where += f", {mach['torch_threads']} torch thread(s)"
-    if mach.get("gpu"):
-        where += f", {mach['gpu']}"
-    ax.set_title(f"Latency per query vs batch size ({where})", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
 
 
 def render_report(

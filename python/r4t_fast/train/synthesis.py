@@ -36,6 +36,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from r4t_fast._internal import check_positive_int
+
 __all__ = ["SynthesisConfig", "synthesize"]
 
 
@@ -57,9 +59,7 @@ class SynthesisConfig:
 
     def __post_init__(self) -> None:
         for name in ("samples", "k", "max_new_tokens", "batch_size", "queries_per_shard", "min_subqueries"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+            setattr(self, name, check_positive_int(getattr(self, name), name))
         if not self.temperature > 0:
             raise ValueError(f"temperature: expected > 0 for sampling, got {self.temperature}")
         if self.min_subqueries > self.k:

@@ -36,29 +36,26 @@ outweighs the others, with the ``[0, 1]`` forms all three terms span comparable 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Hashable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from r4t_fast._internal import unit_rows
+
 __all__ = [
     "DEFAULT_WEIGHTS",
-    "FAIR_BUDGET_SHARE",
-    "category_coverage",
-    "fair_budget",
-    "hit_at_k",
-    "item_relevance",
-    "mrecall_at_k",
-    "recall_at_k",
-    "round_robin_union",
-    "union_candidates",
     "alignment",
+    "catalog_matrix",
     "composite",
+    "describe",
     "diversity",
     "groundedness",
     "intra_list_diversity",
+    "item_relevance",
     "nearest_distance",
+    "to_tensor",
     "vendi_over_runs",
     "vendi_score",
 ]
@@ -69,8 +66,6 @@ T = TypeVar("T")
 DEFAULT_WEIGHTS: tuple[float, float, float] = (0.6, 0.2, 0.2)
 """The paper's OAR reward weights (groundedness, diversity, alignment)."""
 
-FAIR_BUDGET_SHARE = 0.035
-"""Share of the catalog the fair candidate budget covers: the paper's 5,000 of 142,472 Polyvore items."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,15 +129,9 @@ def _lengths_mask(
     return torch.arange(k, device=device)[None, :] < lt[:, None]
 
 
-def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """L2-normalise the last axis; all-zero rows stay zero (the set_stats convention)."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x / torch.where(norm > 0, norm, torch.ones_like(norm))
-
-
 def _cosine_gram(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``(batch, k, k)`` cosine kernel with ``K_ii = 1`` on counted rows, zero rows/cols elsewhere."""
-    u = _unit_rows(x)
+    u = unit_rows(x)
     gram = u @ u.transpose(-1, -2)
     eye = torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)
     gram = torch.where(eye, torch.ones_like(gram), gram)
@@ -436,7 +425,7 @@ def alignment(
         raise ValueError(f"query_emb: expected shape {expected}, got {describe(query_emb)}")
     q = q.reshape(x.shape[0], x.shape[-1])
     mask = _lengths_mask(lengths, x.shape[0], x.shape[1], x.device, "subquery_emb")
-    cos = (_unit_rows(x) * _unit_rows(q)[:, None, :]).sum(-1)
+    cos = (unit_rows(x) * unit_rows(q)[:, None, :]).sum(-1)
     mean_cos = (cos * mask).sum(-1) / mask.sum(-1).to(torch.float64)
     a = (1.0 + mean_cos) / 2.0 if normalize else mean_cos
     return _finish(a, as_np, batched)
@@ -484,216 +473,3 @@ def composite(g: T, d: T, a: T, weights: Sequence[float] = DEFAULT_WEIGHTS) -> T
     if not all(math.isfinite(v) for v in w):
         raise ValueError(f"weights: expected finite numbers, got {weights!r}")
     return w[0] * g + w[1] * d + w[2] * a  # type: ignore[operator,return-value]
-
-
-# ----------------------------------------------------------------------------------------------------
-# id-based WSCR metrics
-# ----------------------------------------------------------------------------------------------------
-def id_list(x: Any, name: str) -> list[Hashable]:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    if isinstance(x, np.ndarray):
-        if x.ndim != 1:
-            raise ValueError(f"{name}: expected a 1-D id sequence, got {describe(x)}")
-        return x.tolist()
-    if isinstance(x, (str, bytes)) or not isinstance(x, Iterable):
-        raise ValueError(f"{name}: expected a sequence of item ids, got {describe(x)}")
-    return list(x)
-
-
-def _pairs(retrieved: Sequence[Any], reference: Sequence[Any], rname: str) -> None:
-    if len(retrieved) != len(reference):
-        raise ValueError(
-            f"reference: expected one set per query ({len(retrieved)} in {rname}), got {len(reference)}"
-        )
-
-
-def _ref_set(ref: Any, i: int) -> set[Hashable]:
-    s = set(id_list(ref, f"reference[{i}]"))
-    if not s:
-        raise ValueError(f"reference[{i}]: expected a non-empty reference set, got an empty one")
-    return s
-
-
-def recall_at_k(retrieved_ids: Sequence[Any], reference: Sequence[Collection[Hashable]]) -> np.ndarray:
-    """WSCR coverage: ``|Y ∩ R| / |Y|`` per query.
-
-    ``R`` is the union of everything retrieved for the query (e.g. ``union_candidates`` of the per-row
-    candidate lists, ``K = L * budget_per_row`` items at most), ``Y`` the reference set. Ids may be any
-    hashable (catalog row indices or item-id strings); order and duplicates in ``R`` do not matter.
-
-    Returns:
-        ``(queries,)`` float64.
-
-    >>> recall_at_k([[1, 2, 3], [7]], [{1, 9}, {7}])
-    array([0.5, 1. ])
-    """
-    _pairs(retrieved_ids, reference, "retrieved_ids")
-    out = np.empty(len(reference), dtype=np.float64)
-    for i, (r, y) in enumerate(zip(retrieved_ids, reference, strict=True)):
-        ys = _ref_set(y, i)
-        out[i] = len(ys.intersection(id_list(r, f"retrieved_ids[{i}]"))) / len(ys)
-    return out
-
-
-def hit_at_k(retrieved_ids: Sequence[Any], reference: Sequence[Collection[Hashable]]) -> np.ndarray:
-    """WSCR hit: ``1[|Y ∩ R| > 0]`` per query (same inputs as ``recall_at_k``).
-
-    >>> hit_at_k([[1, 2, 3], [7]], [{4, 9}, {7, 8}])
-    array([0., 1.])
-    """
-    return (recall_at_k(retrieved_ids, reference) > 0).astype(np.float64)
-
-
-def union_candidates(candidates: ArrayLike, budget_per_row: int) -> np.ndarray:
-    """The retrieved set ``R`` of the Recall@K protocol: the first ``budget_per_row`` candidates of each row.
-
-    ``R = ∪_l {c_l1, ..., c_lb}`` for rows ``l = 1..L`` with ``b = budget_per_row``; the nominal budget is
-    ``K = L * b`` (paper: ``L = 10`` subqueries/rows, ``b = 500``, ``K = 5,000``; small budgets such as
-    ``b = 10`` or ``100`` are the same construction). Rows that share items give ``|R| < K``. Ids ``< 0``
-    (the ``knn`` "no item" sentinel) are dropped.
-
-    Args:
-        candidates: ``(L, C)`` integer ids, each row ranked best first.
-        budget_per_row: ``b``, ``1 <= b <= C``.
-
-    Returns:
-        sorted unique int64 ids, shape ``(|R|,)``.
-
-    >>> union_candidates(np.array([[5, 1, 9], [1, 2, -1]]), 2)
-    array([1, 2, 5])
-    """
-    if isinstance(candidates, torch.Tensor):
-        candidates = candidates.detach().cpu().numpy()
-    arr = np.asarray(candidates)
-    if arr.ndim != 2 or arr.dtype.kind not in "iu":
-        raise ValueError(f"candidates: expected integer ids of shape (L, C), got {describe(arr)}")
-    if isinstance(budget_per_row, bool) or not isinstance(budget_per_row, (int, np.integer)):
-        raise ValueError(f"budget_per_row: expected a positive int, got {budget_per_row!r}")
-    if not 1 <= budget_per_row <= arr.shape[1]:
-        raise ValueError(
-            f"budget_per_row: expected an int in [1, {arr.shape[1]}] (candidates per row), "
-            f"got {budget_per_row}"
-        )
-    ids = np.unique(arr[:, :budget_per_row].astype(np.int64))
-    return ids[ids >= 0]
-
-
-def round_robin_union(candidates: ArrayLike, size: int) -> np.ndarray:
-    """The fair candidate union: exactly ``size`` distinct items read round-robin over the rows.
-
-    Rows are read column by column -- row 1's first candidate, row 2's first, ..., row L's first, then
-    every row's second, and so on -- skipping ids already taken and ids ``< 0`` (the "no item" sentinel),
-    until ``size`` distinct items are taken. Unlike :func:`union_candidates` (a fixed quota of
-    ``K / L`` per row, which shrinks below ``K`` when rows overlap), every method gets exactly ``K``
-    items, so a fan-out whose rows overlap is not penalised for it. For the dense baseline, whose
-    candidates are its ranking laid out column-major, this is exactly its top ``K``.
-
-    Args:
-        candidates: ``(L, C)`` integer ids, each row ranked best first.
-        size: ``K >= 1``, the number of distinct items wanted.
-
-    Returns:
-        int64 ids in reading order, shape ``(min(size, distinct ids),)``: shorter than ``size`` only when
-        the rows hold fewer distinct items (the caller records and flags that).
-
-    >>> round_robin_union(np.array([[5, 1, 9], [1, 2, -1]]), 3)
-    array([5, 1, 2])
-    >>> round_robin_union(np.array([[5, 1], [5, 1]]), 3)   # identical rows: only 2 distinct items
-    array([5, 1])
-    """
-    if isinstance(candidates, torch.Tensor):
-        candidates = candidates.detach().cpu().numpy()
-    arr = np.asarray(candidates)
-    if arr.ndim != 2 or (arr.size and arr.dtype.kind not in "iu"):
-        raise ValueError(f"candidates: expected integer ids of shape (L, C), got {describe(arr)}")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"size: expected a positive int, got {size!r}")
-    flat = arr.T.reshape(-1).astype(np.int64)  # column-major: every row's j-th candidate, then j + 1
-    flat = flat[flat >= 0]
-    _, first = np.unique(flat, return_index=True)
-    return flat[np.sort(first)[: int(size)]]
-
-
-def fair_budget(n_items: int, k: int, share: float = FAIR_BUDGET_SHARE) -> int:
-    """The fair candidate budget ``K``: the multiple of ``k`` closest to ``share * n_items``.
-
-    ``K = k * max(1, round(share * n_items / k))`` (halves round up), capped at the largest multiple of
-    ``k`` that fits in the catalog. With ``share = 0.035`` it is the paper's 5,000 of 142k items scaled
-    to the catalog at hand: Polyvore's 142,472 items give 4,990; the project's 18,800-item Polyvore
-    catalog gives 660.
-
-    >>> fair_budget(18_800, 10), fair_budget(142_472, 10), fair_budget(18_689, 10)
-    (660, 4990, 650)
-    >>> fair_budget(40, 10)        # tiny catalog: never below k
-    10
-    """
-    if isinstance(n_items, bool) or not isinstance(n_items, (int, np.integer)) or n_items < 1:
-        raise ValueError(f"n_items: expected a positive int, got {n_items!r}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_items:
-        raise ValueError(f"k: expected an int in [1, {n_items}] (the catalog size), got {k!r}")
-    if not (isinstance(share, (int, float)) and 0.0 < float(share) <= 1.0):
-        raise ValueError(f"share: expected a float in (0, 1], got {share!r}")
-    multiples = math.floor(float(share) * int(n_items) / int(k) + 0.5 + 1e-9)
-    return int(k) * min(max(1, multiples), int(n_items) // int(k))
-
-
-def mrecall_at_k(
-    retrieved: Sequence[Any],
-    reference: Sequence[Collection[Hashable]],
-    k: int,
-    *,
-    soft: bool = False,
-) -> np.ndarray:
-    """MRecall@k (multi-answer recall; used by AMER, arXiv 2511.02770).
-
-    With ``R_k`` the first ``k`` retrieved ids and ``Y`` the reference set:
-    ``MRecall@k = 1[|R_k ∩ Y| >= min(k, |Y|)]`` -- a query succeeds when all of ``Y`` is in the top ``k``
-    (``|Y| < k``) or when all top ``k`` are relevant (``|Y| >= k``). This is the definition of the AMER
-    reference code (``compute_mrecall_at_k``: "|GT| >= k: at least k ground truth in top-k; |GT| < k: all
-    ground truth in top-k"). ``soft=True`` gives the fractional reading ``|R_k ∩ Y| / min(k, |Y|)``,
-    whose value is 1 exactly when the binary form is 1.
-
-    >>> mrecall_at_k([[1, 2, 3, 4], [1, 5, 6, 7]], [{1, 2}, {1, 2}], k=4)
-    array([1., 0.])
-    >>> mrecall_at_k([[1, 5, 6, 7]], [{1, 2}], k=4, soft=True)
-    array([0.5])
-    """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k: expected a positive int, got {k!r}")
-    _pairs(retrieved, reference, "retrieved")
-    out = np.empty(len(reference), dtype=np.float64)
-    for i, (r, y) in enumerate(zip(retrieved, reference, strict=True)):
-        ys = _ref_set(y, i)
-        top = set(id_list(r, f"retrieved[{i}]")[:k])
-        frac = len(ys & top) / min(k, len(ys))
-        out[i] = frac if soft else float(frac >= 1.0)
-    return out
-
-
-def category_coverage(
-    item_categories: Sequence[Sequence[str | None]],
-    reference_categories: Sequence[Sequence[str | None]],
-) -> np.ndarray:
-    """Fraction of the reference set's categories present in the retrieved set, per query.
-
-    ``cov = |cats(R) ∩ cats(Y)| / |cats(Y)|`` with ``cats`` the set of non-``None`` categories. A query
-    whose reference has no known category gets ``nan`` (``evaluate_sets`` averages with ``nanmean``;
-    a dataset whose items have no category at all gets ``null`` in the record).
-
-    >>> category_coverage([["top", "shoes", None]], [["top", "bag", "shoes"]])
-    array([0.66666667])
-    """
-    if len(item_categories) != len(reference_categories):
-        raise ValueError(
-            f"reference_categories: expected one list per query ({len(item_categories)}), "
-            f"got {len(reference_categories)}"
-        )
-    out = np.empty(len(reference_categories), dtype=np.float64)
-    for i, (r, y) in enumerate(zip(item_categories, reference_categories, strict=True)):
-        ys = {c for c in y if c is not None}
-        if not ys:
-            out[i] = np.nan
-            continue
-        out[i] = len(ys & {c for c in r if c is not None}) / len(ys)
-    return out
