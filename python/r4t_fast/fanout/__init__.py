@@ -3,6 +3,8 @@
 - :mod:`~r4t_fast.fanout.policy`: a policy spec -> a local model dir (SmolLM2 converted from its GGUF once);
 - :mod:`~r4t_fast.fanout.prompt`: the paper's instruction and one-shot example as chat messages;
 - :mod:`~r4t_fast.fanout.parser`: subqueries out of any completion, never raising on the text;
+- :mod:`~r4t_fast.fanout.constrained`: constrained decoding (:class:`FanOutConstraint`): every answer is
+  exactly k distinct short subqueries in the strict format, for FanOutLM and for TRL's GRPOTrainer;
 - :mod:`~r4t_fast.fanout.generation`: :class:`FanOutLM`, batched generation and latency;
 - :mod:`~r4t_fast.fanout.rewards`: the OAR and WSCR rewards of a completion batch (TRL reward function).
 
@@ -15,6 +17,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from r4t_fast.fanout.constrained import (
+    FanOutConstraint,
+    FanOutLogitsProcessor,
+    constrained_generate,
+    install_constraint,
+)
 from r4t_fast.fanout.generation import (
     FanOutLM,
     GenerationOutput,
@@ -30,22 +38,34 @@ from r4t_fast.fanout.policy import (
     find_smollm2_gguf,
     resolve_policy,
 )
-from r4t_fast.fanout.prompt import CHATML_END, SYSTEM_PROMPT, build_messages
+from r4t_fast.fanout.prompt import (
+    CHATML_END,
+    SYSTEM_PROMPT,
+    SYSTEM_PROMPT_NO_THINK,
+    build_messages,
+    format_answer,
+)
 
 __all__ = [
     "CHATML_END",
     "DEFAULT_POLICY",
     "POLICY_CHOICES",
     "SYSTEM_PROMPT",
+    "SYSTEM_PROMPT_NO_THINK",
+    "FanOutConstraint",
     "FanOutLM",
+    "FanOutLogitsProcessor",
     "GenerationOutput",
     "GenerationTiming",
     "LatencyResult",
     "ParseResult",
     "benchmark_latency",
     "build_messages",
+    "constrained_generate",
     "default_cache_dir",
     "find_smollm2_gguf",
+    "format_answer",
+    "install_constraint",
     "parse_subqueries",
     "resolve_policy",
 ]

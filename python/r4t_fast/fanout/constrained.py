@@ -16,17 +16,18 @@ What is guaranteed (for any weights, greedy or sampled, any ``max_new_tokens >= 
 
 Why our own ``LogitsProcessor`` and not a grammar library
 --------------------------------------------------------
-Measured on this 2-core CPU with SmolLM2-135M, transformers 5.2, 2026-12 (benchmarks/results/
-fanout_format.md): xgrammar 0.2.8 (``pip install xgrammar`` needs ``apache-tvm-ffi`` and pulls in
-``triton``) works offline with transformers 5 and this tokenizer (grammar compiled in ~1 s). With a
-grammar of exactly 10 strings of <= 60 safe characters it gave 10/10 *format-valid* strings, but no
-grammar library (xgrammar, outlines, lm-format-enforcer, llguidance) can express the two rules that
-matter here: (1) **distinctness** (JSON-schema ``uniqueItems`` is not enforced; the dominant failure of
-zero-shot SmolLM2 is repeating one string), and (2) **closing within the token cap** (a grammar that
-allows ten 60-character strings does not know that ``max_new_tokens`` = 128, so long answers are cut
-open). Its per-step overhead on CPU was also larger than ours (per-row bitmask fill in Python plus a
-CPU bitmask apply; numbers in the benchmark). The state machine below is ~1 ms of Python per row and
-step on top of a ~5 ms/sequence-token model step, enforces both rules, and has no dependency.
+Checked on this 2-core CPU with SmolLM2-135M, transformers 5.24, on 48 Polyvore val titles
+(``benchmarks/results/fanout_format.md``, 2026-12-01): xgrammar 0.2.8 installs from PyPI (it needs
+``apache-tvm-ffi`` and declares ``triton``), works offline with transformers 5 and this tokenizer and
+compiles a grammar of "exactly 10 strings of <= 60 safe characters in the tags" in ~1 s; its overhead
+was small (1.4 % of generate time, ours 1.6 %). But a grammar cannot express the two rules that
+matter here: **distinctness** (no library enforces JSON-schema ``uniqueItems``; the dominant failure of
+SmolLM2 is one string repeated) and **closing within the cap** (a grammar does not know
+``max_new_tokens``). Greedy with the grammar gave 3.46 usable subqueries of 10 with 83 % strict-format
+failures (duplicates) and 6 % of answers cut open; this processor gives 10.00 / 0 % / 0 %, greedy and at
+T = 0.9. outlines, lm-format-enforcer and llguidance were not tried: both rules lie outside what a
+grammar or schema engine enforces (uniqueness over unbounded strings, a token budget), so any of them
+would need this processor's logic on top. We keep one small processor, with no dependency.
 
 How it works
 ------------
@@ -49,33 +50,36 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import weakref
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from r4t_fast._internal import check_k, check_non_negative_int, check_positive_int
 from r4t_fast.fanout.parser import _STRIP_CHARS, _clean, parse_subqueries
+from r4t_fast.fanout.tokens import (
+    _OPEN_THINK,
+    _PARSER_MAX_CHARS,
+    STRING_PUNCTUATION,
+    _table,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["FanOutConstraint", "FanOutLogitsProcessor", "constrained_generate", "install_constraint"]
+__all__ = [
+    "STRING_PUNCTUATION",
+    "FanOutConstraint",
+    "FanOutLogitsProcessor",
+    "constrained_generate",
+    "install_constraint",
+]
 
 # --------------------------------------------------------------------------------------------------
 # The constraint (a frozen config)
 # --------------------------------------------------------------------------------------------------
 
-STRING_PUNCTUATION = "-&'./+"
-"""Characters besides letters, digits and single spaces allowed inside a subquery."""
-
-_PARSER_MAX_CHARS = 200  # parse_subqueries' default bound: a constrained string must stay under it
-_OPEN_THINK = "<think>"
-_THINK_TO_LIST = '</think>\n<queries>["'
-_OPEN_LIST = '<queries>["'
-_SEPARATORS = ('", "', '","')  # the first is canonical: a closer that is a prefix of both continues with it
-_CLOSE_LIST = '"]</queries>'
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ class FanOutConstraint:
         max_think_tokens: most tokens inside the think block (also at most a third of the spare budget).
         max_query_tokens: most tokens of one subquery (each one also gets at most its fair share of the
             tokens left, so that the list always closes within ``max_new_tokens``).
+        exclude: subqueries never to emit (compared as the parser compares them), e.g. the worked
+            example's, so that a small policy cannot copy the example verbatim; at most 64.
 
     >>> c = FanOutConstraint(k=3, max_words=2)
     >>> c.check('<queries>["red dress", "blue jeans", "hat"]</queries>') is None
@@ -105,6 +111,7 @@ class FanOutConstraint:
     think: bool = False
     max_think_tokens: int = 32
     max_query_tokens: int = 16
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_k(self.k, "k")
@@ -114,6 +121,17 @@ class FanOutConstraint:
         check_positive_int(self.max_query_tokens, "max_query_tokens")
         if not isinstance(self.think, bool):
             raise ValueError(f"think: expected a bool, got {self.think!r}")
+        if isinstance(self.exclude, str) or not all(isinstance(x, str) for x in self.exclude):
+            raise ValueError(f"exclude: expected a tuple of strings, got {self.exclude!r}")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if len(self.exclude) > 64:
+            raise ValueError(f"exclude: expected at most 64 strings, got {len(self.exclude)}")
+
+    @property
+    def excluded_keys(self) -> frozenset[str]:
+        """The parser's identity (cleaned, case-folded) of each excluded subquery."""
+        keys = (_clean(x, _PARSER_MAX_CHARS) for x in self.exclude)
+        return frozenset(key.casefold() for key in keys if key is not None)
 
     def check(self, text: str) -> str | None:
         """``None`` when ``text`` satisfies the constraint, else the first rule it breaks (for tests)."""
@@ -124,7 +142,10 @@ class FanOutConstraint:
             return f"not the strict format: {parse.reason}"
         if self.think != text.startswith(_OPEN_THINK):
             return f"think block {'missing' if self.think else 'not allowed'}"
+        excluded = self.excluded_keys
         for q in parse.queries:
+            if q.casefold() in excluded:
+                return f"subquery {q!r} is excluded"
             if len(q) > self.max_chars or len(q.split()) > self.max_words:
                 return f"subquery {q!r} exceeds {self.max_words} words / {self.max_chars} characters"
         return None
@@ -138,196 +159,6 @@ class FanOutConstraint:
     ) -> FanOutLogitsProcessor:
         """A fresh processor for one ``generate`` call with this ``max_new_tokens`` (see the class)."""
         return FanOutLogitsProcessor(self, tokenizer, max_new_tokens, eos_token_id=eos_token_id)
-
-
-# --------------------------------------------------------------------------------------------------
-# Per-tokenizer tables: the decoded text of every token and its features
-# --------------------------------------------------------------------------------------------------
-
-
-def _end_token_id(tokenizer: Any) -> int:
-    from r4t_fast.fanout.prompt import CHATML_END
-
-    vocab = tokenizer.get_vocab()
-    if CHATML_END in vocab:
-        return int(vocab[CHATML_END])
-    if isinstance(tokenizer.eos_token_id, int):
-        return int(tokenizer.eos_token_id)
-    raise ValueError(f"tokenizer: has neither {CHATML_END} nor an eos token; cannot end the answer")
-
-
-def _token_texts(tokenizer: Any) -> list[str | None]:
-    """The text each token adds after other text, or None when it is special or not whole characters.
-
-    Decoded after an anchor token so that SentencePiece-style leading spaces are kept.
-    """
-    n = len(tokenizer)
-    anchor_ids = tokenizer("a", add_special_tokens=False)["input_ids"]
-    anchor = tokenizer.decode(anchor_ids)
-    pairs = [[*anchor_ids, i] for i in range(n)]
-    decoded = tokenizer.batch_decode(pairs, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    special = set(tokenizer.all_special_ids)
-    out: list[str | None] = []
-    for i, text in enumerate(decoded):
-        if i in special or not text.startswith(anchor) or "\ufffd" in text:
-            out.append(None)
-        else:
-            out.append(text[len(anchor) :] or None)
-    return out
-
-
-def _string_safe(text: str) -> bool:
-    return all(c.isalnum() or c == " " or c in STRING_PUNCTUATION for c in text) and "  " not in text
-
-
-class _TokenTable:
-    """The text and features of every token of one tokenizer (built once, ~1 s for a 49k vocabulary)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        import torch
-
-        self.tokenizer = tokenizer
-        texts = _token_texts(tokenizer)
-        self.texts = texts
-        self.n = len(texts)
-        self.eos = _end_token_id(tokenizer)
-        self._encode_cache: dict[str, list[int]] = {}
-        self._masks: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
-
-        n = self.n
-        names = ("safe", "starts_alnum", "lead_space", "trail_space", "first_word_char", "think_ok")
-        feats = {name: torch.zeros(n, dtype=torch.bool) for name in names}
-        length = torch.zeros(n, dtype=torch.int32)
-        word_starts = torch.zeros(n, dtype=torch.int32)
-        self._by_length: dict[int, list[int]] = {}
-        for i, t in enumerate(texts):
-            if t is None:
-                continue
-            if t.isprintable() and "<" not in t and ">" not in t:
-                feats["think_ok"][i] = True
-            if not _string_safe(t):
-                continue
-            feats["safe"][i] = True
-            feats["starts_alnum"][i] = t[0].isalnum()
-            feats["lead_space"][i] = t[0] == " "
-            feats["trail_space"][i] = t[-1] == " "
-            feats["first_word_char"][i] = t[0] != " "
-            length[i] = len(t)
-            # words this token begins when it follows a space (or opens the string)
-            word_starts[i] = sum(1 for j, c in enumerate(t) if c != " " and (j == 0 or t[j - 1] == " "))
-            self._by_length.setdefault(len(t), []).append(i)
-        self.feats, self.length, self.word_starts = feats, length, word_starts
-
-        # closers: tokens that begin a string's continuation with '"'; the rest of it is forced
-        self.sep_closers = self._closers(_SEPARATORS)
-        self.end_closers = self._closers((_CLOSE_LIST,))
-        if not self.sep_closers or not self.end_closers:
-            raise ValueError("tokenizer: no token begins with '\"'; cannot close a JSON string")
-        self.c_sep = max(1 + len(self.encode(rest)) for _, rest in self.sep_closers.values())
-        self.c_end = max(1 + len(self.encode(rest)) + 1 for _, rest in self.end_closers.values())
-        self.open_list = self.encode(_OPEN_LIST)
-        self.open_think = self.encode(_OPEN_THINK)
-        self.think_to_list = self.encode(_THINK_TO_LIST)
-
-    def encode(self, text: str) -> list[int]:
-        ids = self._encode_cache.get(text)
-        if ids is None:
-            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-            self._encode_cache[text] = ids
-        return ids
-
-    def _closers(self, targets: Sequence[str]) -> dict[int, tuple[str, str]]:
-        """token id -> (its text, the forced rest) for tokens that begin one of ``targets``."""
-        out: dict[int, tuple[str, str]] = {}
-        for i, t in enumerate(self.texts):
-            if t is None or not t.startswith('"'):
-                continue
-            for target in targets:  # the first target that the token begins wins
-                if target.startswith(t):
-                    out[i] = (t, target[len(t) :])
-                    break
-        return out
-
-    def need_at_string_start(self, r: int) -> int:
-        """Fewest tokens from the start of a string's content to the end token, ``r`` strings after it."""
-        return 2 * (r + 1) + r * self.c_sep + self.c_end
-
-    def min_new_tokens(self, constraint: FanOutConstraint) -> int:
-        need = self.need_at_string_start(constraint.k - 1)
-        if constraint.think:
-            return len(self.open_think) + len(self.think_to_list) + need
-        return len(self.open_list) + need
-
-    def _cached(self, key: tuple[Any, ...], build: Callable[[], torch.Tensor]) -> torch.Tensor:
-        mask = self._masks.get(key)
-        if mask is None:
-            mask = build()
-            self._masks[key] = mask
-            if len(self._masks) > 512:
-                self._masks.popitem(last=False)
-        else:
-            self._masks.move_to_end(key)
-        return mask
-
-    def _sized(self, mask: torch.Tensor, vocab: int, device: Any) -> torch.Tensor:
-        import torch
-
-        out = torch.zeros(vocab, dtype=torch.bool)
-        m = min(vocab, mask.shape[0])
-        out[:m] = mask[:m]
-        return out.to(device)
-
-    def think_mask(self, vocab: int, device: Any) -> torch.Tensor:
-        """Tokens allowed inside the think block (printable, no tag characters), ``(vocab,)`` bool."""
-        return self._cached(
-            ("think", vocab, str(device)), lambda: self._sized(self.feats["think_ok"], vocab, device)
-        )
-
-    def content_mask(
-        self, chars: int, words: int, last_space: bool, limits: tuple[int, int], vocab: int, device: Any
-    ) -> torch.Tensor:
-        """Tokens that may extend a string of ``chars`` characters and ``words`` words, ``(vocab,)`` bool.
-
-        ``limits`` = ``(max_chars, max_words)``. Only the length rules: closing and duplicates are
-        handled by the processor.
-        """
-        max_chars, max_words = limits
-
-        def build() -> torch.Tensor:
-            f = self.feats
-            m = f["safe"] & (self.length <= max_chars - chars)
-            if chars == 0:
-                m = m & f["starts_alnum"]
-            if last_space:
-                m = m & ~f["lead_space"]
-            new_words = self.word_starts + words
-            if chars > 0 and not last_space:  # the token's first word continues the string's last one
-                new_words = new_words - f["first_word_char"].int()
-            m = m & (new_words <= max_words) & ~(f["trail_space"] & (new_words >= max_words))
-            return self._sized(m, vocab, device)
-
-        return self._cached(("content", chars, words, last_space, limits, vocab, str(device)), build)
-
-    def tokens_of_length(self, n: int) -> list[int]:
-        """String-safe tokens of exactly ``n`` characters."""
-        return self._by_length.get(n, [])
-
-
-_TABLES: dict[int, tuple[Callable[[], Any], _TokenTable]] = {}
-
-
-def _table(tokenizer: Any) -> _TokenTable:
-    """The cached :class:`_TokenTable` of this tokenizer object."""
-    entry = _TABLES.get(id(tokenizer))
-    if entry is not None and entry[0]() is tokenizer:
-        return entry[1]
-    table = _TokenTable(tokenizer)
-    try:
-        ref: Callable[[], Any] = weakref.ref(tokenizer)
-    except TypeError:  # pragma: no cover - tokenizer objects are weak-referenceable
-        ref = lambda: tokenizer  # noqa: E731
-    _TABLES[id(tokenizer)] = (ref, table)
-    return table
 
 
 # --------------------------------------------------------------------------------------------------
@@ -408,8 +239,10 @@ class FanOutLogitsProcessor:
     def _start(self, n_rows: int) -> None:
         t = self.table
         self.rows = []
+        excluded = self.constraint.excluded_keys
         for _ in range(n_rows):
             row = _Row()
+            row.seen = set(excluded)
             row.forced = list(t.open_think if self.constraint.think else t.open_list)
             row.then = _THINK if self.constraint.think else _STRING
             self.rows.append(row)
@@ -460,89 +293,91 @@ class FanOutLogitsProcessor:
 
     @staticmethod
     def _key(text: str) -> str | None:
-        """The parser's identity of a subquery (None: unusable), so "distinct" means what it counts."""
-        cleaned = _clean(text, _PARSER_MAX_CHARS)
-        return None if cleaned is None else cleaned.casefold()
+        """The parser's identity of a subquery (None: unusable), so that "distinct" means what it counts.
+
+        For the strings this processor lets through (no leading or double space, first character a letter
+        or digit, no tab or newline) the parser's normalisation reduces to stripping trailing punctuation
+        and spaces, then case folding; the tests check this against :func:`parser._clean`.
+        """
+        key = text.rstrip(_STRIP_CHARS).casefold()
+        return key or None
 
     def _is_new(self, row: _Row, text: str) -> bool:
         key = self._key(text)
         return key is not None and key not in row.seen
 
     # -- masks ---------------------------------------------------------------------------------------
-    def _string_allowed(self, row: _Row, scores_row: torch.Tensor, allowed_row: torch.Tensor) -> None:
+    def _string_allowed(self, row: _Row, scores: torch.Tensor, i: int, allowed: np.ndarray) -> None:
+        """Fill ``allowed[i]`` (all False on entry) for a row inside a string."""
         t = self.table
         closers = t.end_closers if row.j == self.constraint.k - 1 else t.sep_closers
         closable = row.n_tok > 0 and self._is_new(row, row.text)
         must_close = row.n_tok > row.limit or (row.n_tok == row.limit and closable)
+        out = allowed[i]
         if not must_close:
-            mask = t.content_mask(
-                len(row.text), row.words, row.text.endswith(" "), self._limits,
-                allowed_row.shape[0], allowed_row.device,
-            )  # fmt: skip
-            allowed_row.copy_(mask)
+            last_space = row.text.endswith(" ")
+            out[:] = t.content_mask(len(row.text), row.words, last_space, self._limits, out.shape[0])
             if row.n_tok == row.limit:  # a duplicate at its budget: one repair token that makes it new
-                self._keep_only_new(row, scores_row, allowed_row)
+                self._keep_only_new(row, scores[i], out)
             elif row.seen:
-                self._forbid_stuck(row, allowed_row)
+                self._forbid_stuck(row, out)
         if closable:
-            allowed_row[list(closers)] = True
-        if not bool(allowed_row.any()):  # pragma: no cover - the rules above leave no dead end
+            out[list(closers)] = True
+        if not out.any():  # pragma: no cover - the rules above leave no dead end
             self.fallbacks += 1
-            allowed_row[list(closers)] = True
+            out[list(closers)] = True
 
-    def _keep_only_new(self, row: _Row, scores_row: torch.Tensor, allowed_row: torch.Tensor) -> None:
-        """Restrict ``allowed_row`` to tokens after which the string is new (the 16 best-scored)."""
-        import torch
-
-        idx = torch.nonzero(allowed_row, as_tuple=False).flatten()
-        order = idx[torch.argsort(scores_row[idx].float(), descending=True)].tolist()
+    def _keep_only_new(self, row: _Row, scores_row: torch.Tensor, out: np.ndarray) -> None:
+        """Restrict ``out`` to tokens after which the string is new (the 16 best-scored)."""
+        idx = np.flatnonzero(out)
+        values = scores_row.detach().float().cpu().numpy()[idx]
         keep: list[int] = []
-        for i in order:
+        for i in idx[np.argsort(-values, kind="stable")].tolist():
             if self._is_new(row, row.text + (self.table.texts[i] or "")):
                 keep.append(i)
                 if len(keep) == 16:
                     break
-        allowed_row.zero_()
-        if keep:
-            allowed_row[keep] = True
+        out[:] = False
+        out[keep] = True
 
-    def _forbid_stuck(self, row: _Row, allowed_row: torch.Tensor) -> None:
+    def _forbid_stuck(self, row: _Row, out: np.ndarray) -> None:
         """Forbid tokens that reach ``max_chars`` with a string equal to an earlier one (no way out)."""
         prefix = row.text.rstrip(_STRIP_CHARS).casefold()
         if not any(key.startswith(prefix) for key in row.seen):
             return
         room = self.constraint.max_chars - len(row.text)
-        n = allowed_row.shape[0]
+        n, texts, seen, text = out.shape[0], self.table.texts, row.seen, row.text
         bad = [
             i
             for i in self.table.tokens_of_length(room)
-            if i < n and not self._is_new(row, row.text + (self.table.texts[i] or ""))
+            if i < n and (text + (texts[i] or "")).rstrip(_STRIP_CHARS).casefold() in seen
         ]
-        if bad:
-            allowed_row[bad] = False
+        out[bad] = False
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         import torch
 
         n_rows, width = input_ids.shape
+        ids = input_ids.detach().cpu()
         prev = self._prev
         if (
             prev is not None
             and prev.shape[0] == n_rows
             and prev.shape[1] + 1 == width
-            and torch.equal(prev, input_ids[:, :-1])
+            and torch.equal(prev, ids[:, :-1])
         ):
             used = width - self._prompt_width
-            for row, tok in zip(self.rows, input_ids[:, -1].tolist(), strict=True):
+            for row, tok in zip(self.rows, ids[:, -1].tolist(), strict=True):
                 if row.phase != _DONE:
                     self._advance(row, int(tok), used)
         else:  # the first step of a generate call
             self._prompt_width = width
             self._start(n_rows)
-        self._prev = input_ids.detach().clone()
+        self._prev = ids.clone()
 
+        # numpy, not torch: a few hundred tiny per-row ops per step, which torch's thread pool makes slow
         vocab = scores.shape[1]
-        allowed = torch.zeros((n_rows, vocab), dtype=torch.bool, device=scores.device)
+        allowed = np.zeros((n_rows, vocab), dtype=bool)
         for i, row in enumerate(self.rows):
             if row.phase == _FORCED:
                 allowed[i, row.forced[0]] = True
@@ -550,11 +385,15 @@ class FanOutLogitsProcessor:
                 allowed[i, self.eos] = True
             elif row.phase == _THINK:
                 if row.think_n < self.think_budget:
-                    allowed[i] = self.table.think_mask(vocab, scores.device)
+                    allowed[i] = self.table.think_mask(vocab)
                 allowed[i, self.table.think_to_list[0]] = True
             else:
-                self._string_allowed(row, scores[i], allowed[i])
-        return scores.masked_fill(~allowed, float("-inf"))
+                self._string_allowed(row, scores, i, allowed)
+        if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+            values = scores.detach().numpy()
+            return torch.from_numpy(np.where(allowed, values, np.array(-np.inf, dtype=values.dtype)))
+        blocked = torch.from_numpy(~allowed).to(scores.device, non_blocking=True)
+        return scores.masked_fill(blocked, float("-inf"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 from r4t_fast._internal import check_k, check_positive_int
+from r4t_fast.fanout.constrained import FanOutConstraint
 from r4t_fast.fanout.parser import ParseResult, parse_subqueries
 from r4t_fast.fanout.policy import resolve_policy
 from r4t_fast.fanout.prompt import CHATML_END, build_messages
@@ -171,10 +172,12 @@ class FanOutLM:
         name = self.model_dir if self.model_dir is not None else type(self.model).__name__
         return f"FanOutLM({str(name)!r}, device={str(self.device)!r}, dtype={self.model.dtype})"
 
-    def prompt_text(self, query: str, k: int = 10, *, one_shot: bool = True) -> str:
+    def prompt_text(self, query: str, k: int = 10, *, one_shot: bool = True, think: bool = True) -> str:
         """The chat-templated prompt string for one query (generation prompt included)."""
         return self.tokenizer.apply_chat_template(
-            build_messages(query, k, one_shot=one_shot), tokenize=False, add_generation_prompt=True
+            build_messages(query, k, one_shot=one_shot, think=think),
+            tokenize=False,
+            add_generation_prompt=True,
         )
 
     def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
@@ -206,16 +209,48 @@ class FanOutLM:
             return GenerationConfig(do_sample=False, **common)
         return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common)
 
-    @staticmethod
-    def _processors(repetition_penalty: float, prompt_width: int) -> Any:
-        """Completion-only repetition penalty (the prompt's tokens are not penalised), or None."""
-        if repetition_penalty == 1.0:
+    def _processors(
+        self,
+        repetition_penalty: float,
+        prompt_width: int,
+        constraint: FanOutConstraint | None,
+        max_new_tokens: int,
+    ) -> Any:
+        """Completion-only repetition penalty (the prompt's tokens are not penalised), then the
+        constraint (last, so that its mask is final), or None when neither is on."""
+        if repetition_penalty == 1.0 and constraint is None:
             return None
         from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-        return LogitsProcessorList(
-            [RepetitionPenaltyLogitsProcessor(repetition_penalty, prompt_ignore_length=prompt_width)]
-        )
+        processors = LogitsProcessorList()
+        if repetition_penalty != 1.0:
+            processors.append(
+                RepetitionPenaltyLogitsProcessor(repetition_penalty, prompt_ignore_length=prompt_width)
+            )
+        if constraint is not None:
+            processors.append(
+                constraint.logits_processor(self.tokenizer, max_new_tokens, eos_token_id=self.pad_token_id)
+            )
+        return processors
+
+    def _resolve_constraint(
+        self, constrained: bool | FanOutConstraint, k: int, think: bool | None
+    ) -> tuple[FanOutConstraint | None, bool]:
+        """``(constraint or None, think)`` from :meth:`generate`'s ``constrained`` / ``think``."""
+        if isinstance(constrained, FanOutConstraint):
+            if constrained.k != k:
+                raise ValueError(f"constrained: FanOutConstraint.k={constrained.k} differs from k={k}")
+            if think is not None and bool(think) != constrained.think:
+                raise ValueError(f"think: {think!r} differs from FanOutConstraint.think={constrained.think}")
+            return constrained, constrained.think
+        if not isinstance(constrained, bool):
+            raise ValueError(f"constrained: expected a bool or a FanOutConstraint, got {constrained!r}")
+        if think is not None and not isinstance(think, bool):
+            raise ValueError(f"think: expected a bool or None, got {think!r}")
+        if constrained:
+            think = False if think is None else think
+            return FanOutConstraint(k=k, think=think), think
+        return None, True if think is None else think
 
     def generate(
         self,
@@ -230,6 +265,8 @@ class FanOutLM:
         batch_size: int = 8,
         seed: int | None = None,
         one_shot: bool = True,
+        constrained: bool | FanOutConstraint = False,
+        think: bool | None = None,
     ) -> list[list[GenerationOutput]]:
         """Generate and parse subqueries for every query.
 
@@ -247,6 +284,12 @@ class FanOutLM:
             seed: seeds the sampler (the global torch RNG is left untouched); sampled outputs depend on the
                 seed *and* on how sequences are batched.
             one_shot: include the worked example in the prompt (see :func:`build_messages`).
+            constrained: ``True`` (a default :class:`~r4t_fast.fanout.constrained.FanOutConstraint` for
+                this ``k``) or a constraint: every completion is then exactly ``k`` distinct short
+                subqueries in the strict format, ended within ``max_new_tokens`` (which must be at least
+                ``constraint.min_new_tokens(lm.tokenizer)``, about 57 for k = 10 with SmolLM2).
+            think: ask for (and, constrained, force) a ``<think>`` block. ``None``: the constraint's
+                setting (off by default) when constrained, else on (the paper's prompt, unchanged).
 
         Returns:
             ``out[i][j]``: sample ``j`` of query ``i``, shape ``(n, num_samples)`` as nested lists.
@@ -269,11 +312,14 @@ class FanOutLM:
             )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed: expected an int or None, got {seed!r}")
+        constraint, think = self._resolve_constraint(constrained, k, think)
+        if constraint is not None:  # fail before any generation when the cap cannot hold the answer
+            constraint.logits_processor(self.tokenizer, max_new_tokens, eos_token_id=self.pad_token_id)
 
         t0 = time.perf_counter()
         greedy = float(temperature) == 0.0
         per_query = 1 if greedy else num_samples
-        encoded = self._encode([self.prompt_text(q, k, one_shot=one_shot) for q in queries])
+        encoded = self._encode([self.prompt_text(q, k, one_shot=one_shot, think=think) for q in queries])
         jobs = [(qi, s) for qi in range(len(queries)) for s in range(per_query)]
         order = sorted(range(len(jobs)), key=lambda j: -len(encoded[jobs[j][0]]))  # stable: ties keep order
         config = self._generation_config(float(temperature), float(top_p), max_new_tokens)
@@ -298,7 +344,9 @@ class FanOutLM:
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     generation_config=config,
-                    logits_processor=self._processors(float(repetition_penalty), input_ids.shape[1]),
+                    logits_processor=self._processors(
+                        float(repetition_penalty), input_ids.shape[1], constraint, max_new_tokens
+                    ),
                 )
                 generate_s += time.perf_counter() - t1
                 n_batches += 1

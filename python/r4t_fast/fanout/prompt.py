@@ -6,10 +6,10 @@ The model writes ``k`` search subqueries, optionally after a one-sentence reason
     <queries>["...", "...", ...]</queries>
 
 The prompt is sized for small policies and short generation caps. Measured with the SmolLM2-135M
-tokenizer (k = 10, whole chat-templated prompt incl. SmolLM2's template): the worked answer is 47 tokens
-with ``think=False`` and 58 with ``think=True`` (the previous example alone was 108 tokens, and a model
-that imitates its example then needs ~110 of a 112–128-token cap); the whole prompt is 134 / 153 tokens
-(was 250). See ``benchmarks/bench_fanout_format.py``.
+tokenizer for k = 10: the worked answer is 63 tokens with ``think=False`` and 80 with ``think=True``
+(the previous example was 108 tokens, so a model that imitated it needed ~110 of a 112-128-token
+cap); the system message is 79 / 89 tokens (was 105) and the whole chat-templated prompt 176 / 203
+(was 250). ``tests/test_llm.py::test_prompt_fits_the_token_budget`` keeps it so.
 """
 
 from __future__ import annotations
