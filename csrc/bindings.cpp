@@ -189,10 +189,77 @@ PYBIND11_MODULE(_C, m) {
     R4T_NOGIL(edm_step_cpu(p));
   });
 
+  {  // fused set sampler (set_sampler_params.h): dims = (L, d, cond_dim, hidden, layers, heads, mlp, cond_tokens)
+    auto dims_of = [](const py::sequence& s) {
+      check(py::len(s) == 8, "dims: expected 8 ints (L, d, cond_dim, hidden, layers, heads, mlp, cond_tokens)");
+      SetDenoiserDims d;
+      int64_t* f[] = {&d.L, &d.d, &d.cond_dim, &d.hidden, &d.layers, &d.heads, &d.mlp, &d.cond_tokens};
+      for (size_t i = 0; i < 8; ++i) *f[i] = s[i].cast<int64_t>();
+      return d;
+    };
+    m.def("set_denoiser_param_specs", [dims_of](const py::sequence& dims) {
+      py::list out;
+      for (const auto& sp : set_denoiser_param_specs(dims_of(dims))) {
+        py::tuple shape(sp.shape.size());
+        for (size_t i = 0; i < sp.shape.size(); ++i) shape[i] = sp.shape[i];
+        out.append(py::make_tuple(sp.name, shape));
+      }
+      return out;
+    });
+    m.def("set_denoiser_packed_size", [dims_of](const py::sequence& dims) { return set_denoiser_packed_size(dims_of(dims)); });
+    m.def("set_denoiser_pack", [dims_of](const py::sequence& dims, const py::sequence& src, uintptr_t out,
+                                         int64_t out_size) {
+      const SetDenoiserDims d = dims_of(dims);
+      std::vector<const float*> ptrs;
+      for (const auto& s : src) ptrs.push_back(ptr<const float>(s.cast<uintptr_t>()));
+      R4T_NOGIL(set_denoiser_pack(d, ptrs.data(), static_cast<int64_t>(ptrs.size()), ptr<float>(out), out_size));
+    });
+    m.def("sample_sets_cpu", [dims_of](const py::sequence& dims, uintptr_t packed, int64_t packed_size,
+                                       double sigma_data, double sigma_min, double cond_offset, uintptr_t cond,
+                                       uintptr_t x_init, uintptr_t sigmas, int64_t n_sigmas, int sampler,
+                                       double guidance, uintptr_t noise, int64_t B, uintptr_t out_rows,
+                                       uintptr_t catalog, int64_t c_stride, int catalog_dtype, int64_t N, int metric,
+                                       uintptr_t allowed, int64_t group, int64_t candidates, uintptr_t out_ids,
+                                       uintptr_t out_scores, int threads, int mode) {
+      SampleSetsParams p;
+      p.dims = dims_of(dims);
+      p.packed = ptr<const float>(packed);
+      p.packed_size = packed_size;
+      p.sigma_data = sigma_data;
+      p.sigma_min = sigma_min;
+      p.cond_offset = cond_offset;
+      p.cond = ptr<const float>(cond);
+      p.x_init = ptr<const float>(x_init);
+      p.sigmas = ptr<const double>(sigmas);
+      p.n_sigmas = n_sigmas;
+      p.sampler = static_cast<SetSampler>(sampler);
+      p.guidance = guidance;
+      p.noise = ptr<const float>(noise);
+      p.B = B;
+      p.out_rows = ptr<float>(out_rows);
+      p.catalog = ptr<const void>(catalog);
+      p.c_stride = c_stride;
+      p.catalog_dtype = static_cast<DType>(catalog_dtype);
+      p.N = N;
+      p.metric = static_cast<Metric>(metric);
+      p.allowed = ptr<const uint8_t>(allowed);
+      p.group = group;
+      p.candidates = candidates;
+      p.out_ids = ptr<int64_t>(out_ids);
+      p.out_scores = ptr<float>(out_scores);
+      p.num_threads = threads;
+      p.mode = mode;
+      const char* isa = nullptr;
+      R4T_NOGIL(isa = sample_sets_cpu(p));
+      return std::string(isa);
+    });
+  }
+
 #if defined(R4T_WITH_CUDA)
   m.def("cuda_device_count", []() { return cuda_device_count(); });
-  m.def("knn_cuda_workspace_bytes", [](int metric, int64_t B, int64_t N, int64_t d, int64_t k, int device) {
-    auto p = make_knn(0, d, 0, d, 0, metric, B, N, d, k, 0, 0, 0, 0, 0);
+  m.def("knn_cuda_workspace_bytes", [](int dtype, int metric, int64_t B, int64_t N, int64_t d, int64_t k,
+                                       int device) {
+    auto p = make_knn(0, d, 0, d, dtype, metric, B, N, d, k, 0, 0, 0, 0, 0);
     p.device = device;
     size_t r = 0;
     R4T_NOGIL(r = knn_cuda_workspace_bytes(p));

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "params.h"
+#include "set_sampler_params.h"
 
 namespace r4t {
 
@@ -18,6 +19,11 @@ const char* cpu_simd_level();                 // the SIMD clone the knn kernel d
 std::vector<std::string> cpu_simd_clones();   // every clone compiled in (best first)
 void set_cpu_simd(const std::string& name);   // "auto" or a clone name (tests, benchmarks)
 double cpu_peak_flops(int num_threads, double seconds);  // measured FMA peak of the active clone, FLOP/s
+// Fused set sampler (set_sampler_params.h, cpu/set_sampler.cpp); sample_sets_cpu returns the clone it ran.
+std::vector<SetDenoiserParamSpec> set_denoiser_param_specs(const SetDenoiserDims& d);
+int64_t set_denoiser_packed_size(const SetDenoiserDims& d);
+void set_denoiser_pack(const SetDenoiserDims& d, const float* const* src, int64_t n_src, float* out, int64_t out_size);
+const char* sample_sets_cpu(const SampleSetsParams& p);
 
 #if defined(R4T_WITH_CUDA)
 void knn_cuda(const KnnParams& p);

@@ -27,7 +27,9 @@ enum class Metric : int { IP = 0, L2 = 1 };
 //   score -inf (IP) / +inf (L2). Scratch memory scales with min(k, allowed rows), never with k.
 //   Non-finite scores of finite inputs (float32 overflow): a score of +-inf ranks as such; a NaN score
 //   (IP: +inf + -inf) ranks below every other real item but above the sentinel; so whenever at least k
-//   rows are allowed, all k ids are real items.
+//   rows are allowed, all k ids are real items. Which of +inf / NaN an overflowing dot product gives
+//   depends on the summation order (an FMA absorbs a finite product into an infinite sum; separately
+//   rounded products can give inf - inf), so the CPU paths and the CUDA kernel may differ there.
 //   CUDA: runs on `device` (the tensors' device index) and the caller's `stream`; `workspace` is device
 //   memory of at least knn_cuda_workspace_bytes(...) bytes from the caller's allocator.
 // ---------------------------------------------------------------------------------------------

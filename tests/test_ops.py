@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import r4t_fast
 from r4t_fast import ops
 from r4t_fast.kernels import reference as ref
 
@@ -77,11 +78,23 @@ def test_knn_ties_by_ascending_id():
         assert i.tolist() == [list(range(10))] * B
 
 
-def test_knn_threads_agree(rng):
-    q, c = _randn(20, 32, g=rng), _randn(3000, 32, g=rng)
+@pytest.mark.parametrize("B", [3, 20])  # direct path (B < vector width) and GEMM path
+def test_knn_threads_agree(B, rng):
+    # Big enough that the kernel really splits the catalog over two threads (~4M multiply-adds per thread
+    # are needed): the plan says so, and equal rows straddle the thread boundary to exercise the tie rule
+    # (equal scores -> ascending id) across the per-thread heaps.
+    N, d = 60000, 48
+    q, c = _randn(B, d, g=rng), _randn(N, d, g=rng)
+    c[N // 2 - 3 : N // 2 + 3] = q[0] * 10  # six identical best rows for query 0, three per thread
+    if r4t_fast.build_info()["openmp"]:
+        assert ops.knn_plan(B, N, d, 9, num_threads=2)["threads"] == 2
+    assert ops.knn_plan(B, N, d, 9, num_threads=1)["threads"] == 1
     a = ops.knn(q, c, 9, num_threads=1)
     b = ops.knn(q, c, 9, num_threads=2)
     assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+    assert a[1][0, :6].tolist() == list(range(N // 2 - 3, N // 2 + 3))
+    rs, ri = ref.knn(q, c, 9)
+    _assert_knn_matches(a[0], a[1], rs, ri, c, q, "ip", rtol=1e-4)
 
 
 def test_knn_non_contiguous_and_numpy(rng):

@@ -48,13 +48,18 @@ R4T_INLINE float heap_offer(Entry* h, int64_t k, float key, int64_t id) {
   return h[0].key;
 }
 
-// Up to `want` allowed row ids from [cur, end) into ids (ascending); advances cur; returns the count.
+// Up to `want` allowed row ids from [cur, end) into ids (ascending; ids may be nullptr to only skip
+// them); advances cur; returns the count.
 R4T_INLINE int64_t collect_rows(const uint8_t* allowed, int64_t& cur, int64_t end, int64_t want,
                                 int64_t* ids) {
   int64_t c = 0;
   if (allowed == nullptr) {
-    while (cur < end && c < want) ids[c++] = cur++;
-    return c;
+    const int64_t n = want < end - cur ? want : end - cur;
+    if (ids != nullptr) {
+      for (int64_t i = 0; i < n; ++i) ids[i] = cur + i;
+    }
+    cur += n;
+    return n;
   }
   while (cur < end && c < want) {
     if (cur + 8 <= end && (cur & 7) == 0) {  // skip runs of disallowed rows 8 at a time
@@ -65,7 +70,10 @@ R4T_INLINE int64_t collect_rows(const uint8_t* allowed, int64_t& cur, int64_t en
         continue;
       }
     }
-    if (allowed[cur]) ids[c++] = cur;
+    if (allowed[cur]) {
+      if (ids != nullptr) ids[c] = cur;
+      ++c;
+    }
     ++cur;
   }
   return c;
@@ -100,22 +108,22 @@ struct Job {
 // One thread's catalog rows and scratch (allocated by the driver, outside the parallel region).
 struct Slice {
   int64_t n0 = 0, n1 = 0;
-  Entry* heaps = nullptr;      // (nq, keff)
-  float* thr = nullptr;        // (nq_pad,) admission thresholds: the heap roots; +inf for padding lanes
-  int64_t* ids = nullptr;      // (tile_rows + pad,)
+  Entry* heaps = nullptr;        // (nq, keff)
+  float* thr = nullptr;          // (nq_pad,) admission thresholds: the heap roots; +inf for padding lanes
+  int64_t* ids = nullptr;        // (tile_rows + pad,)
   const float** ptrs = nullptr;  // (tile_rows + pad,)
-  float* tile = nullptr;       // fp16 catalogs: converted rows, (tile_rows, dpad)
-  float* cbuf = nullptr;       // K-blocking: partial scores, (tile_rows, NVMAX * W)
-  const float* zero = nullptr;  // dpad zeros (padding rows)
+  float* tile = nullptr;         // fp16 catalogs: converted rows, (tile_rows, dpad)
+  float* cbuf = nullptr;         // K-blocking: partial scores, (tile_rows, NVMAX * W)
+  const float* zero = nullptr;   // dpad zeros (padding rows)
 };
 
 // What one ISA body provides.
 struct IsaInfo {
   const char* name;
-  int W;       // floats per vector
-  int NR;      // catalog rows per GEMM micro-tile
-  int NVMAX;   // query vectors per GEMM micro-tile (NVMAX * W queries)
-  int DR;      // catalog rows per direct-path group
+  int W;      // floats per vector
+  int NR;     // catalog rows per GEMM micro-tile
+  int NVMAX;  // query vectors per GEMM micro-tile (NVMAX * W queries)
+  int DR;     // catalog rows per direct-path group
   void (*worker)(const Job&, const Slice&);
   double (*fma_loop)(int64_t iters);  // runs iters * 24 * W FMAs, returns a value to keep them alive
 };

@@ -3,7 +3,7 @@
 //   R4T_ISA_NS    namespace for this copy          R4T_ISA_NAME  name reported by build_info()
 //   R4T_W         floats per vector (4, 8, 16)     R4T_NR        catalog rows per GEMM micro-tile
 //   R4T_NVMAX     query vectors per micro-tile     R4T_DR        catalog rows per direct-path group
-//   R4T_F16       fp16 conversion: 0 scalar, 1 F16C (8 lanes), 2 AVX-512 (16 lanes)
+//   R4T_ISA_LEVEL 4 (AVX-512 intrinsics: fp16 conversion, mask moves), 3 (AVX2/F16C), 0 (portable)
 // Everything here is static to this ISA's namespace; the driver (knn.cpp) only sees info().
 //
 // Two paths (the driver picks one per call; see knn.cpp for the plan):
@@ -11,7 +11,7 @@
 //  * GEMM path (B >= W). Queries are the vector operand: each block of NV * W queries is transposed
 //    once per call into qT[feature][lane]. Catalog rows are the broadcast operand, read in place (fp32;
 //    fp16 rows are converted into a per-thread tile first), so the catalog is never repacked. A micro-tile
-//    is NR rows x NV vectors of accumulators (v4: 8 x 3 zmm = 24 rows x 48 queries):
+//    is NR rows x NV vectors of accumulators (v4: 8 rows x 3 zmm = 48 queries, 24 accumulators):
 //        for f in feature block: q = qT[f][0..NV*W);  for r < NR: acc[r] += row_r[f] * q
 //    Loop order per thread: catalog tile (tile_rows rows, ~1 MiB, stays in L2) -> query block -> feature
 //    block (K-blocking: a query block's slice kc x NV*W floats stays in L1; partial sums of the tile are
@@ -47,21 +47,46 @@ R4T_INLINE vf vload_partial(const float* p, int64_t n) {
   return v;
 }
 R4T_INLINE vf vsplat(float x) { return vf{} + x; }
-R4T_INLINE bool vany(vi m) {
-  int32_t a = 0;
-#pragma GCC unroll 16
-  for (int i = 0; i < W; ++i) a |= m[i];
-  return a != 0;
+R4T_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }  // maxps semantics: b when either is NaN
+R4T_INLINE vf vmin(vf a, vf b) { return a < b ? a : b; }
+// Lanes of m (all-ones / zero per lane) as a bit mask.
+R4T_INLINE uint32_t vbits(vi m) {
+#if R4T_ISA_LEVEL == 4
+  __m512i x;
+  std::memcpy(&x, &m, sizeof x);
+  return static_cast<uint32_t>(_mm512_movepi32_mask(x));
+#elif R4T_ISA_LEVEL == 3
+  __m256 x;
+  std::memcpy(&x, &m, sizeof x);
+  return static_cast<uint32_t>(_mm256_movemask_ps(x));
+#elif defined(R4T_X86_DISPATCH)  // the SSE2 baseline on x86-64 (immintrin.h included)
+  __m128 x;
+  std::memcpy(&x, &m, sizeof x);
+  return static_cast<uint32_t>(_mm_movemask_ps(x));
+#else
+  uint32_t b = 0;
+  for (int i = 0; i < W; ++i) b |= (m[i] != 0 ? 1u : 0u) << i;
+  return b;
+#endif
+}
+// Lanes where key passes the admission test !(key <= th) (true for a NaN on either side).
+R4T_INLINE uint32_t admit(vf key, vf th) { return vbits(~(key <= th)); }
+
+// Prefetch one catalog row (bytes) into L2 (prefetcht1): the L1 prefetchers take it from there, and the
+// L1 stays free for the query block and the rows in use.
+R4T_INLINE void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 2);
 }
 
 // fp16 row -> fp32, zero-padded to `pad` floats.
 R4T_INLINE void convert_row(const uint16_t* src, int64_t d, float* dst, int64_t pad) {
   int64_t i = 0;
-#if R4T_F16 == 2
+#if R4T_ISA_LEVEL == 4
   for (; i + 16 <= d; i += 16) {
     _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
   }
-#elif R4T_F16 == 1
+#elif R4T_ISA_LEVEL == 3
   for (; i + 8 <= d; i += 8) {
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
   }
@@ -96,46 +121,66 @@ R4T_INLINE void micro(const float* const* rp, int64_t k0, int64_t kc, const floa
   }
 }
 
-template <int NV, bool L2>
-R4T_INLINE void filter_tile(const Job& J, const Slice& S, const QBlock& b, const vf (&acc)[NR][NV], int64_t g0,
-                            int valid) {
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) {
-    const int64_t lane0 = b.q0 + int64_t(v) * W;
-    const vf th = vload(S.thr + lane0);
-    vi m = {};
-#pragma GCC unroll 16
-    for (int j = 0; j < NR; ++j) {
-      if (j < valid) {
-        const vf key = L2 ? -acc[j][v] : acc[j][v];
-        m |= ~(key <= th);
-      }
-    }
-    if (!vany(m)) continue;
-    for (int lane = 0; lane < W; ++lane) {
+// Rows in ascending id order, then the passing lanes of each (a query's heap sees ascending ids). Kept
+// out of line (noinline): only here are the accumulators needed in memory, so the fast path keeps them
+// in registers.
+template <bool L2>
+__attribute__((noinline)) void filter_slow(const Job& J, const Slice& S, const vf* col, int64_t lane0,
+                                           const float* thr_lanes, int64_t g0, int valid) {
+  const vf th = vload(thr_lanes);
+  for (int j = 0; j < valid; ++j) {
+    float key[W];
+    const vf kv = L2 ? -col[j] : col[j];
+    vstore(key, kv);
+    uint32_t bits = admit(kv, th);
+    while (bits != 0) {
+      const int lane = __builtin_ctz(bits);
+      bits &= bits - 1;
       const int64_t q = lane0 + lane;
-      if (q >= J.nq) break;
-      float t = S.thr[q];
-      Entry* h = S.heaps + q * J.keff;
-      for (int j = 0; j < valid; ++j) {
-        const float key = L2 ? -acc[j][v][lane] : acc[j][v][lane];
-        if (!(key <= t)) {
-          t = heap_offer(h, J.keff, key, S.ids[g0 + j]);
-          S.thr[q] = t;
-        }
-      }
+      if (q >= J.nq) break;  // padding lanes are the highest bits
+      if (!(key[lane] <= S.thr[q]))
+        S.thr[q] = heap_offer(S.heaps + q * J.keff, J.keff, key[lane], S.ids[g0 + j]);
     }
   }
 }
 
 template <int NV, bool L2>
-R4T_INLINE void gemm_block(const Job& J, const Slice& S, const QBlock& b, int64_t cnt) {
+R4T_INLINE void filter_tile(const Job& J, const Slice& S, const QBlock& b, const vf (&acc)[NR][NV],
+                            int64_t g0, int valid) {
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const int64_t lane0 = b.q0 + int64_t(v) * W;
+    const vf th = vload(S.thr + lane0);
+    // Quick reject on the best key of the micro-tile (padding rows included: a false alarm is harmless).
+    vf best = acc[0][v];
+    if (L2) {
+#pragma GCC unroll 16
+      for (int j = 1; j < NR; ++j) best = vmin(best, acc[j][v]);
+      best = -best;
+    } else {
+#pragma GCC unroll 16
+      for (int j = 1; j < NR; ++j) best = vmax(best, acc[j][v]);
+    }
+    if (admit(best, th) == 0) continue;
+    vf col[NR];  // a copy: the accumulators' own address never escapes, so they stay in registers
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) col[j] = acc[j][v];
+    filter_slow<L2>(J, S, col, lane0, S.thr + lane0, g0, valid);
+  }
+}
+
+template <int NV, bool L2>
+R4T_INLINE void gemm_block(const Job& J, const Slice& S, const QBlock& b, int64_t cnt, bool prefetch) {
+  constexpr int64_t kAhead = 2;  // micro-tiles of rows prefetched ahead on a tile's first pass
   const float* qT = J.qT + b.off;
   const int64_t groups = (cnt + NR - 1) / NR;
   for (int64_t k0 = 0; k0 < J.d; k0 += J.kc) {
     const int64_t kc = std::min(J.kc, J.d - k0);
     const bool first = k0 == 0, last = k0 + kc >= J.d;
     for (int64_t g = 0; g < groups; ++g) {
+      if (prefetch && first && g + kAhead < groups) {
+        for (int j = 0; j < NR; ++j) prefetch_row(S.ptrs[(g + kAhead) * NR + j], J.d * 4);
+      }
       vf acc[NR][NV];
       float* cb = S.cbuf + g * NR * (NV * W);
 #pragma GCC unroll 16
@@ -175,12 +220,13 @@ void gemm(const Job& J, const Slice& S) {
     for (int64_t j = cnt; j < cnt + NR; ++j) S.ptrs[j] = S.zero;
     for (int bi = 0; bi < J.nblocks; ++bi) {
       const QBlock& b = J.blocks[bi];
+      const bool pf = bi == 0 && !J.f16;  // first pass over the tile reads from memory (fp16: converted)
       if (NVMAX >= 3 && b.nv == 3) {
-        gemm_block<(NVMAX >= 3 ? 3 : 1), L2>(J, S, b, cnt);
+        gemm_block<(NVMAX >= 3 ? 3 : 1), L2>(J, S, b, cnt, pf);
       } else if (NVMAX >= 2 && b.nv == 2) {
-        gemm_block<(NVMAX >= 2 ? 2 : 1), L2>(J, S, b, cnt);
+        gemm_block<(NVMAX >= 2 ? 2 : 1), L2>(J, S, b, cnt, pf);
       } else {
-        gemm_block<1, L2>(J, S, b, cnt);
+        gemm_block<1, L2>(J, S, b, cnt, pf);
       }
     }
   }
@@ -258,13 +304,12 @@ template <bool L2>
 R4T_INLINE void direct_filter(const Job& J, const Slice& S, int64_t q, vf s, const int64_t* ids, int cnt) {
   const vf key = L2 ? -s : s;
   float t = S.thr[q];
-  vi lane;
-#pragma GCC unroll 16
-  for (int i = 0; i < W; ++i) lane[i] = i;
-  const vi m = ~(key <= vsplat(t)) & (lane < cnt);
-  if (!vany(m)) return;
+  uint32_t bits = admit(key, vsplat(t)) & ((cnt >= 32 ? 0u : (1u << cnt)) - 1u);
+  if (bits == 0) return;
   Entry* h = S.heaps + q * J.keff;
-  for (int j = 0; j < cnt; ++j) {
+  while (bits != 0) {
+    const int j = __builtin_ctz(bits);
+    bits &= bits - 1;
     if (!(key[j] <= t)) t = heap_offer(h, J.keff, key[j], ids[j]);
   }
   S.thr[q] = t;
@@ -272,13 +317,23 @@ R4T_INLINE void direct_filter(const Job& J, const Slice& S, int64_t q, vf s, con
 
 template <bool L2>
 void direct(const Job& J, const Slice& S) {
-  int64_t cur = S.n0;
-  int64_t ids[DR];
+  int64_t cur = S.n0, pf_cur = S.n0;
+  int64_t ids[DR], pf_ids[DR];
   const float* rows[DR];
   const int64_t dd = J.f16 ? J.dpad : J.d;  // converted rows are zero-padded: whole vectors only
+  const int64_t row_bytes = J.d * (J.f16 ? 2 : 4);
+  // Rows prefetched ahead (~32 KiB, into L2): a group reads DR rows side by side (512 B apart for
+  // d = 128), a pattern the hardware prefetchers follow poorly across pages. (Measured: 16-32 KiB ahead
+  // beat 8 and 64 KiB; streaming each row start to end instead was slower.)
+  const int64_t kAhead = std::max<int64_t>(DR, (32768 / row_bytes) / DR * DR);
+  const char* cat = static_cast<const char*>(J.cat);
+  const int64_t stride_bytes = J.cs * (J.f16 ? 2 : 4);
+  collect_rows(J.allowed, pf_cur, S.n1, kAhead, nullptr);  // the prefetch cursor starts kAhead rows ahead
   for (;;) {
     const int cnt = static_cast<int>(collect_rows(J.allowed, cur, S.n1, DR, ids));
     if (cnt == 0) break;
+    const int64_t npf = collect_rows(J.allowed, pf_cur, S.n1, DR, pf_ids);
+    for (int64_t j = 0; j < npf; ++j) prefetch_row(cat + pf_ids[j] * stride_bytes, row_bytes);
     for (int j = 0; j < DR; ++j) {
       if (j >= cnt) {
         rows[j] = S.zero;
@@ -313,17 +368,18 @@ void worker(const Job& J, const Slice& S) {
   }
 }
 
-// 24 independent FMA chains of W lanes (enough to cover the FMA latency on two ports).
+// 24 independent FMA chains of W lanes (enough to cover the FMA latency on two ports), all in registers.
 double fma_loop(int64_t iters) {
   vf acc[24];
+#pragma GCC unroll 24
   for (int i = 0; i < 24; ++i) acc[i] = vsplat(1.f + 1e-3f * static_cast<float>(i));
   const vf a = vsplat(0.999999f), b = vsplat(1e-7f);
   for (int64_t it = 0; it < iters; ++it) {
 #pragma GCC unroll 24
     for (int i = 0; i < 24; ++i) acc[i] = acc[i] * a + b;
-    __asm__ volatile("" : : : "memory");
   }
   vf s = {};
+#pragma GCC unroll 24
   for (int i = 0; i < 24; ++i) s += acc[i];
   double r = 0.0;
   for (int i = 0; i < W; ++i) r += s[i];

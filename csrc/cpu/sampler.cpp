@@ -9,9 +9,10 @@ namespace r4t {
 
 void edm_step_cpu(const EdmStepParams& p) {
   check(p.n >= 0, "edm_step: numel must be >= 0, got " + std::to_string(p.n));
-  check(p.sigma > 0.f && std::isfinite(p.sigma), "sigma: expected a finite number > 0, got " + std::to_string(p.sigma));
-  check(std::isfinite(p.c_skip) && std::isfinite(p.c_out) && std::isfinite(p.guidance) && std::isfinite(p.h) &&
-            std::isfinite(p.noise_scale),
+  check(p.sigma > 0.f && std::isfinite(p.sigma),
+        "sigma: expected a finite number > 0, got " + std::to_string(p.sigma));
+  check(std::isfinite(p.c_skip) && std::isfinite(p.c_out) && std::isfinite(p.guidance) &&
+            std::isfinite(p.h) && std::isfinite(p.noise_scale),
         "edm_step: c_skip, c_out, guidance, h and noise_scale must be finite");
   check(p.guidance == 0.f || p.f_uncond != nullptr, "edm_step: f_uncond is required when guidance != 0");
   check(p.noise_scale == 0.f || p.noise != nullptr, "edm_step: noise is required when noise_scale != 0");

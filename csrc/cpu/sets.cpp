@@ -27,8 +27,8 @@ void ground_cpu(const GroundParams& p) {
                                             std::to_string(p.L) + ", C=" + std::to_string(p.C) + ")");
   check(p.L <= INT32_MAX, "ground: L must fit in int32, got " + std::to_string(p.L));
   const int64_t L = p.L, C = p.C;
-  const float worst = p.higher_is_better ? -std::numeric_limits<float>::infinity()
-                                         : std::numeric_limits<float>::infinity();
+  const float worst =
+      p.higher_is_better ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
   ParallelErrors errors;
 #if defined(R4T_WITH_OPENMP)
 #pragma omp parallel for num_threads(max_threads(p.num_threads)) schedule(dynamic, 16) if (p.S * L * C > 4096)
@@ -121,44 +121,45 @@ void set_stats_cpu(const SetStatsParams& p) {
   const int64_t L = p.L, d = p.d;
   ParallelErrors errors;
 #if defined(R4T_WITH_OPENMP)
-#pragma omp parallel for num_threads(max_threads(p.num_threads)) schedule(dynamic, 8) if (p.S * L * L * d > 65536)
+#pragma omp parallel for num_threads(max_threads(p.num_threads)) \
+    schedule(dynamic, 8) if (p.S * L * L * d > 65536)
 #endif
   for (int64_t s = 0; s < p.S; ++s) {
     errors.run([&]() {
-    int64_t n = L;
-    if (p.lengths != nullptr) n = std::max<int64_t>(0, std::min<int64_t>(L, p.lengths[s]));
-    if (n == 0) {
-      p.out_vendi[s] = 0.f;
-      p.out_mean_cos[s] = 0.f;
-      return;
-    }
-    const float* x = p.x + s * L * d;
-    std::vector<double> inv(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) {
-      double ss = 0.0;
-      for (int64_t k = 0; k < d; ++k) ss += static_cast<double>(x[i * d + k]) * x[i * d + k];
-      inv[i] = ss > 0.0 ? 1.0 / std::sqrt(ss) : 0.0;
-    }
-    std::vector<double> K(static_cast<size_t>(n * n));
-    double off_sum = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      K[i * n + i] = 1.0;
-      for (int64_t j = i + 1; j < n; ++j) {
-        double dot = 0.0;
-        for (int64_t k = 0; k < d; ++k) dot += static_cast<double>(x[i * d + k]) * x[j * d + k];
-        const double c = dot * inv[i] * inv[j];
-        K[i * n + j] = K[j * n + i] = c;
-        off_sum += 2.0 * c;
+      int64_t n = L;
+      if (p.lengths != nullptr) n = std::max<int64_t>(0, std::min<int64_t>(L, p.lengths[s]));
+      if (n == 0) {
+        p.out_vendi[s] = 0.f;
+        p.out_mean_cos[s] = 0.f;
+        return;
       }
-    }
-    p.out_mean_cos[s] = n > 1 ? static_cast<float>(off_sum / static_cast<double>(n * (n - 1))) : 0.f;
-    for (double& v : K) v /= static_cast<double>(n);
-    std::vector<double> lam;
-    jacobi_eigenvalues(K, n, lam);
-    double h = 0.0;
-    for (double l : lam)
-      if (l > 1e-15) h -= l * std::log(l);
-    p.out_vendi[s] = static_cast<float>(std::exp(h));
+      const float* x = p.x + s * L * d;
+      std::vector<double> inv(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) {
+        double ss = 0.0;
+        for (int64_t k = 0; k < d; ++k) ss += static_cast<double>(x[i * d + k]) * x[i * d + k];
+        inv[i] = ss > 0.0 ? 1.0 / std::sqrt(ss) : 0.0;
+      }
+      std::vector<double> K(static_cast<size_t>(n * n));
+      double off_sum = 0.0;
+      for (int64_t i = 0; i < n; ++i) {
+        K[i * n + i] = 1.0;
+        for (int64_t j = i + 1; j < n; ++j) {
+          double dot = 0.0;
+          for (int64_t k = 0; k < d; ++k) dot += static_cast<double>(x[i * d + k]) * x[j * d + k];
+          const double c = dot * inv[i] * inv[j];
+          K[i * n + j] = K[j * n + i] = c;
+          off_sum += 2.0 * c;
+        }
+      }
+      p.out_mean_cos[s] = n > 1 ? static_cast<float>(off_sum / static_cast<double>(n * (n - 1))) : 0.f;
+      for (double& v : K) v /= static_cast<double>(n);
+      std::vector<double> lam;
+      jacobi_eigenvalues(K, n, lam);
+      double h = 0.0;
+      for (double l : lam)
+        if (l > 1e-15) h -= l * std::log(l);
+      p.out_vendi[s] = static_cast<float>(std::exp(h));
     });
   }
   errors.rethrow();

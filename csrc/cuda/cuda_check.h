@@ -31,19 +31,18 @@ namespace cuda_detail {
 }  // namespace cuda_detail
 }  // namespace r4t
 
-#define R4T_CUDA_CHECK(call)                                                              \
-  do {                                                                                    \
-    const cudaError_t r4t_cuda_err_ = (call);                                             \
-    if (r4t_cuda_err_ != cudaSuccess)                                                     \
-      ::r4t::cuda_detail::throw_cuda_error(r4t_cuda_err_, #call, __FILE__, __LINE__);     \
+#define R4T_CUDA_CHECK(call)                                                          \
+  do {                                                                                \
+    const cudaError_t r4t_cuda_err_ = (call);                                         \
+    if (r4t_cuda_err_ != cudaSuccess)                                                 \
+      ::r4t::cuda_detail::throw_cuda_error(r4t_cuda_err_, #call, __FILE__, __LINE__); \
   } while (0)
 
-#define R4T_CUDA_CHECK_LAUNCH(kernel)                                                     \
-  do {                                                                                    \
-    const cudaError_t r4t_cuda_err_ = cudaGetLastError();                                 \
-    if (r4t_cuda_err_ != cudaSuccess)                                                     \
-      ::r4t::cuda_detail::throw_cuda_error(r4t_cuda_err_, "launch of " #kernel, __FILE__, \
-                                           __LINE__);                                     \
+#define R4T_CUDA_CHECK_LAUNCH(kernel)                                                                \
+  do {                                                                                               \
+    const cudaError_t r4t_cuda_err_ = cudaGetLastError();                                            \
+    if (r4t_cuda_err_ != cudaSuccess)                                                                \
+      ::r4t::cuda_detail::throw_cuda_error(r4t_cuda_err_, "launch of " #kernel, __FILE__, __LINE__); \
   } while (0)
 
 namespace r4t {

@@ -80,7 +80,8 @@ __host__ __device__ constexpr size_t merge_scratch_bytes(int k) {
   return (sizeof(float) + sizeof(int32_t)) * (size_t(k) + kSortCap);
 }
 __host__ __device__ constexpr size_t union_bytes(int tq, int k) {
-  return align16(gemm_stage_bytes(tq) > merge_scratch_bytes(k) ? gemm_stage_bytes(tq) : merge_scratch_bytes(k));
+  return align16(gemm_stage_bytes(tq) > merge_scratch_bytes(k) ? gemm_stage_bytes(tq)
+                                                               : merge_scratch_bytes(k));
 }
 __host__ __device__ constexpr size_t buffer_bytes(int tq) {
   return align16((sizeof(float) + sizeof(int32_t)) * size_t(tq) * kCap);
@@ -439,7 +440,8 @@ Plan make_plan(const KnnParams& p) {
   const int64_t list_bytes = int64_t(k) * int64_t(sizeof(float) + sizeof(int32_t));
   nchunks = std::max<int64_t>(1, std::min<int64_t>(nchunks, int64_t(kWorkspaceBudget) / (kTQ * list_bytes)));
   pl.tiles_per_chunk = std::max<int64_t>(1, (ntiles + nchunks - 1) / nchunks);
-  pl.nchunks = std::max<int64_t>(1, (ntiles + pl.tiles_per_chunk - 1) / pl.tiles_per_chunk);  // no empty chunks
+  pl.nchunks =
+      std::max<int64_t>(1, (ntiles + pl.tiles_per_chunk - 1) / pl.tiles_per_chunk);  // no empty chunks
 
   // Query batch: a multiple of TQ whose partial lists fit the budget (whole B when they do).
   int64_t batch = int64_t(kWorkspaceBudget) / (pl.nchunks * list_bytes);
@@ -468,8 +470,8 @@ void launch_knn(const KnnParams& p, cudaStream_t stream) {
     const int nb = static_cast<int>(std::min<int64_t>(pl.batch, p.B - b0));
     const dim3 grid1(static_cast<unsigned>((nb + kTQ - 1) / kTQ), static_cast<unsigned>(pl.nchunks));
     partial<<<grid1, kThreads, pl.smem1, stream>>>(p.queries + b0 * p.q_stride, p.q_stride, catalog,
-                                                    p.c_stride, p.allowed, nb, N, d, k,
-                                                    static_cast<int>(pl.tiles_per_chunk), ws_key, ws_id);
+                                                   p.c_stride, p.allowed, nb, N, d, k,
+                                                   static_cast<int>(pl.tiles_per_chunk), ws_key, ws_id);
     R4T_CUDA_CHECK_LAUNCH(knn_partial_kernel);
     merge<<<static_cast<unsigned>(nb), kThreads, pl.smem2, stream>>>(
         ws_key, ws_id, static_cast<int>(pl.nchunks), k, p.k, p.out_scores + b0 * p.k, p.out_ids + b0 * p.k);
@@ -482,7 +484,7 @@ template <template <typename, bool, int> class F, typename... A>
 auto dispatch(const KnnParams& p, A... args) {
   const bool l2 = p.metric == Metric::L2;
   const int rm = p.B <= 8 ? 1 : (p.B <= 16 ? 2 : 4);
-#define R4T_KNN_CASE(CT, L2V, RM) \
+#define R4T_KNN_CASE(CT, L2V, RM)                                                                  \
   if ((p.catalog_dtype == DType::F16) == std::is_same<CT, __half>::value && l2 == L2V && rm == RM) \
     return F<CT, L2V, RM>::run(p, args...);
   R4T_KNN_CASE(float, false, 1)
@@ -521,7 +523,8 @@ void check_knn(const KnnParams& p) {
         "metric: expected IP or L2, got " + std::to_string(static_cast<int>(p.metric)));
   check(p.B >= 0 && p.N >= 0 && p.d >= 0 && p.k >= 0, "knn: sizes must be non-negative" + dims);
   check(std::min(p.k, p.N) <= kKnnMaxK, "k: the CUDA knn supports min(k, N) <= " + std::to_string(kKnnMaxK) +
-                                            ", got k=" + std::to_string(p.k) + " with N=" + std::to_string(p.N));
+                                            ", got k=" + std::to_string(p.k) +
+                                            " with N=" + std::to_string(p.N));
   check(p.N <= INT32_MAX - 2 * kTN, "catalog: the CUDA knn supports at most 2^31 - 257 rows" + dims);
   check(p.B <= INT32_MAX && p.d <= INT32_MAX, "queries: batch and dim must fit in int32" + dims);
 }

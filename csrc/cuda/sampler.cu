@@ -91,6 +91,7 @@ void edm_step_cuda(const EdmStepParams& p) {
   check(p.noise != nullptr || p.noise_scale == 0.f,
         "noise: required when noise_scale != 0, got noise_scale=" + std::to_string(p.noise_scale));
 
+  DeviceGuard guard(p.device);
   const StepScalars k{1.f / p.sigma, p.c_skip, p.c_out, p.guidance, p.h, p.noise_scale};
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   const DeviceProps dev = current_device_props();

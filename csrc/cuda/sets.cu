@@ -9,8 +9,9 @@
 //      is still open and its item is not yet used (the used check is a warp ballot over the rows' taken
 //      ids). Because the order is the same total order and the walk is sequential, the result is
 //      bit-identical to a sequential CPU greedy (scores are copied, never recomputed).
-//   The scratch lives in shared memory when it fits (P*8 + L*12 bytes), else in a cudaMallocAsync
-//   workspace, processed in batches of sets.
+//   The scratch lives in shared memory when it fits (P*8 + L*12 bytes), else in the workspace the caller
+//   allocates (ground_cuda_workspace_bytes), processed in batches of sets. NaN scores rank after every
+//   other score (the knn order), so the sort is a total order.
 //
 // set_stats_kernel, grid (S), kStatsThreads threads, one block per set:
 //   inverse row norms (one warp per row, float64), Gram matrix K (one warp per pair i < j, float64 dot
@@ -58,8 +59,12 @@ __device__ __forceinline__ bool visits_before(float ka, int32_t ia, float kb, in
                                               const int64_t* __restrict__ ids, int C, bool higher_is_better) {
   if (ia < 0) return false;
   if (ib < 0) return true;
-  if (higher_is_better ? ka > kb : ka < kb) return true;
-  if (higher_is_better ? ka < kb : ka > kb) return false;
+  const bool na = isnan(ka), nb = isnan(kb);
+  if (na != nb) return nb;  // a number before NaN
+  if (!na) {
+    if (higher_is_better ? ka > kb : ka < kb) return true;
+    if (higher_is_better ? ka < kb : ka > kb) return false;
+  }
   const int ra = ia / C, rb = ib / C;  // equal scores: lower row first
   if (ra != rb) return ra < rb;
   return ids[ia] < ids[ib];  // then lower item id
@@ -72,10 +77,10 @@ __global__ void __launch_bounds__(kGroundThreads)
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t s = blockIdx.x;
   unsigned char* base = global_scratch != nullptr ? global_scratch + s * scratch_bytes : smem;
-  float* key = reinterpret_cast<float*>(base);                // [P]
-  int32_t* idx = reinterpret_cast<int32_t*>(key + P);         // [P]
-  int64_t* row_id = reinterpret_cast<int64_t*>(idx + P);      // [L] (P*8 bytes before it: 8-aligned)
-  float* row_score = reinterpret_cast<float*>(row_id + L);    // [L]
+  float* key = reinterpret_cast<float*>(base);              // [P]
+  int32_t* idx = reinterpret_cast<int32_t*>(key + P);       // [P]
+  int64_t* row_id = reinterpret_cast<int64_t*>(idx + P);    // [L] (P*8 bytes before it: 8-aligned)
+  float* row_score = reinterpret_cast<float*>(row_id + L);  // [L]
 
   const int LC = L * C;
   const float* sc = cand_scores + s * LC;
@@ -275,41 +280,71 @@ __global__ void __launch_bounds__(kStatsThreads)
 
 }  // namespace
 
-void ground_cuda(const GroundParams& p) {
+namespace {
+
+struct GroundPlan {
+  int P = 1;
+  size_t scratch = 0, smem = 0;
+  bool in_shared = true;
+  int64_t batch = 0;
+  size_t ws_bytes = 0;
+};
+
+void check_ground(const GroundParams& p) {
   const std::string dims =
       " (S=" + std::to_string(p.S) + ", L=" + std::to_string(p.L) + ", C=" + std::to_string(p.C) + ")";
   check(p.S >= 0 && p.L >= 0 && p.C >= 0, "cand_scores: sizes must be non-negative" + dims);
   check(p.L * p.C < (int64_t(1) << 28), "cand_scores: L*C must be < 2^28 on CUDA" + dims);
+  check(p.S <= INT32_MAX, "cand_scores: S must fit in int32" + dims);
+}
+
+GroundPlan make_ground_plan(const GroundParams& p) {
+  GroundPlan g;
+  const int L = static_cast<int>(p.L), C = static_cast<int>(p.C);
+  while (g.P < L * C) g.P <<= 1;
+  g.scratch = ground_scratch_bytes(g.P, L);
+  const DeviceProps dev = current_device_props();
+  g.in_shared = g.scratch <= size_t(dev.smem_optin);
+  g.smem = g.in_shared ? g.scratch : 0;
+  // Sets per launch: all of them with shared scratch, else as many as the workspace budget holds.
+  g.batch = g.in_shared
+                ? p.S
+                : std::min<int64_t>(p.S, std::max<int64_t>(1, int64_t(kGroundWorkspaceBudget / g.scratch)));
+  g.ws_bytes = g.in_shared ? 0 : Workspace::bytes_for({size_t(g.batch) * g.scratch});
+  return g;
+}
+
+}  // namespace
+
+size_t ground_cuda_workspace_bytes(const GroundParams& p) {
+  check_ground(p);
+  if (p.S == 0 || p.L == 0) return 0;
+  DeviceGuard guard(p.device);
+  return make_ground_plan(p).ws_bytes;
+}
+
+void ground_cuda(const GroundParams& p) {
+  check_ground(p);
   if (p.S == 0 || p.L == 0) return;
   check(p.out_ids != nullptr && p.out_scores != nullptr, "out_ids/out_scores: null output pointer");
   check(p.C == 0 || (p.cand_scores != nullptr && p.cand_ids != nullptr),
         "cand_scores/cand_ids: null pointer");
-  check(p.S <= INT32_MAX, "cand_scores: S must fit in int32" + dims);
-
+  DeviceGuard guard(p.device);
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  const GroundPlan g = make_ground_plan(p);
   const int L = static_cast<int>(p.L), C = static_cast<int>(p.C);
-  int P = 1;
-  while (P < L * C) P <<= 1;
-  const size_t scratch = ground_scratch_bytes(P, L);
-  const DeviceProps dev = current_device_props();
-  const bool in_shared = scratch <= size_t(dev.smem_optin);
-  const size_t smem = in_shared ? scratch : 0;
-  if (in_shared) {
+  if (g.in_shared) {
     R4T_CUDA_CHECK(
-        cudaFuncSetAttribute(ground_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+        cudaFuncSetAttribute(ground_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(g.smem)));
   }
-  // Sets per launch: all of them with shared scratch, else as many as the workspace budget holds.
-  const int64_t batch = in_shared ? p.S
-                                  : std::min<int64_t>(p.S, std::max<int64_t>(
-                                                               1, int64_t(kGroundWorkspaceBudget / scratch)));
-  AsyncBuffer ws(in_shared ? 0 : size_t(batch) * scratch, stream);
-  for (int64_t s0 = 0; s0 < p.S; s0 += batch) {
-    const int64_t nb = std::min<int64_t>(batch, p.S - s0);
+  Workspace ws(p.workspace, p.workspace_bytes);
+  unsigned char* scratch = g.in_shared ? nullptr : ws.take<unsigned char>(size_t(g.batch) * g.scratch);
+  for (int64_t s0 = 0; s0 < p.S; s0 += g.batch) {
+    const int64_t nb = std::min<int64_t>(g.batch, p.S - s0);
     const int64_t off = s0 * p.L * p.C;
-    ground_kernel<<<static_cast<unsigned>(nb), kGroundThreads, smem, stream>>>(
-        p.C == 0 ? nullptr : p.cand_scores + off, p.C == 0 ? nullptr : p.cand_ids + off, L, C, P,
-        p.higher_is_better, in_shared ? nullptr : ws.as<unsigned char>(), scratch, p.out_ids + s0 * p.L,
-        p.out_scores + s0 * p.L);
+    ground_kernel<<<static_cast<unsigned>(nb), kGroundThreads, g.smem, stream>>>(
+        p.C == 0 ? nullptr : p.cand_scores + off, p.C == 0 ? nullptr : p.cand_ids + off, L, C, g.P,
+        p.higher_is_better, scratch, g.scratch, p.out_ids + s0 * p.L, p.out_scores + s0 * p.L);
     R4T_CUDA_CHECK_LAUNCH(ground_kernel);
   }
 }
@@ -325,6 +360,7 @@ void set_stats_cuda(const SetStatsParams& p) {
   check(p.out_vendi != nullptr && p.out_mean_cos != nullptr, "out_vendi/out_mean_cos: null output pointer");
   check(p.L * p.d == 0 || p.x != nullptr, "x: null pointer" + dims);
 
+  DeviceGuard guard(p.device);
   const size_t smem = sizeof(double) * size_t(p.L) * size_t(p.L + 1);
   const DeviceProps dev = current_device_props();
   check(smem <= size_t(dev.smem_optin), "x: L=" + std::to_string(p.L) + " needs " + std::to_string(smem) +

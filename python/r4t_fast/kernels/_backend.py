@@ -6,7 +6,9 @@ run *now* (CUDA build and a visible GPU). Neither is evaluated at import time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -34,12 +36,34 @@ def build_info() -> dict[str, Any]:
 
     Returns a dict with keys ``version``, ``cuda`` (bool: CUDA kernels compiled in), ``cuda_archs``
     (list of SM numbers), ``cuda_runtime`` (str or None), ``openmp`` (bool), ``openmp_threads``,
-    ``simd`` (the instruction-set clone the CPU kernels dispatch to on this machine) and ``compiler``.
-    Does not query any GPU.
+    ``simd`` (the instruction-set clone the CPU kernels dispatch to on this machine, e.g.
+    ``"x86-64-v4 (AVX-512F/BW/DQ/VL, FMA, F16C)"``), ``simd_clones`` (every clone compiled in, best
+    first; ``R4T_SIMD=<name>`` in the environment picks one) and ``compiler``. Does not query any GPU.
     """
     info = dict(lib().build_info())
     info["cuda_archs"] = [int(a) for a in info.get("cuda_archs", "").split(",") if a]
     return info
+
+
+@contextlib.contextmanager
+def simd(name: str) -> Iterator[None]:
+    """Run the CPU kernels with the SIMD clone ``name`` (``"x86-64-v4"``, ``"x86-64-v3"``,
+    ``"baseline"``) inside the ``with`` block, then return to automatic dispatch. For tests and
+    benchmarks; process-wide (affects other threads too). Raises ValueError for a clone this CPU or
+    build lacks."""
+    lib().set_cpu_simd(name)
+    try:
+        yield
+    finally:
+        lib().set_cpu_simd("auto")
+
+
+def peak_flops(num_threads: int = 0, seconds: float = 0.3) -> float:
+    """Measured peak FLOP/s of the active SIMD clone: ``num_threads`` threads (0 = OpenMP's default)
+    each run 24 independent vector FMA chains for about ``seconds`` of their own CPU time; the result is
+    the sum of the per-thread rates (per-thread CPU clocks, so time-slicing on a shared machine does not
+    lower it). Two FLOP per FMA lane: the compute floor of a kernel is its FLOP count over this."""
+    return float(lib().cpu_peak_flops(int(num_threads), float(seconds)))
 
 
 def cuda_available() -> bool:

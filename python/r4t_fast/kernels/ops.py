@@ -5,8 +5,18 @@ the layout allows (unit stride along the feature axis; any row stride). Outputs 
 library of the first array argument. CPU arrays run the C++/OpenMP kernels, CUDA tensors the CUDA
 kernels on the caller's current stream. The pure-PyTorch twins live in :mod:`r4t_fast.reference`.
 
-Sentinels: when fewer than ``k`` results exist (``k > N``) the missing slots hold id ``-1`` and score
-``-inf`` (metric ``"ip"``) or ``+inf`` (metric ``"l2"``). Ties are ordered by ascending catalog id.
+Sentinels: when fewer than ``k`` results exist (``k > N``, or more than the rows a filter allows) the
+missing slots hold id ``-1`` and score ``-inf`` (metric ``"ip"``) or ``+inf`` (metric ``"l2"``). Ties are
+ordered by ascending catalog id. Scores that overflow float32 (finite inputs near 3e38) stay attached to
+real items: ``+-inf`` ranks as such and NaN (``inf - inf`` in a dot product) ranks below every other
+item, so whenever ``N >= k`` every returned id is a real item.
+
+Filters: ``allowed=`` takes a (N,) bool mask; excluded rows are skipped inside the kernel (before any
+arithmetic), so a filtered query still gets its ``k`` best *allowed* items.
+
+Threads: the kernels release the GIL; concurrent calls from several Python threads are safe and give
+the same results as sequential calls. Every argument error raises ``ValueError`` (wrong types raise
+:class:`~r4t_fast.kernels._arrays.ArgumentTypeError`, also a ``TypeError``) naming the argument.
 """
 
 from __future__ import annotations
@@ -17,17 +27,25 @@ import torch
 
 from r4t_fast.kernels import _backend
 from r4t_fast.kernels._arrays import (
+    MAX_THREADS,
+    ArgumentTypeError,
     as_tensor,
+    check_bool,
+    check_choice,
+    check_mask,
     check_matrix,
     check_positive_int,
+    check_real,
     check_same_device,
     cuda_stream_ptr,
     describe,
+    memory_range,
     to_library,
 )
 
 __all__ = [
     "knn",
+    "knn_plan",
     "ground",
     "ground_sets",
     "set_stats",
@@ -40,18 +58,19 @@ __all__ = [
 _METRICS = {"ip": 0, "l2": 1}
 _F32 = (torch.float32,)
 _CAT = (torch.float32, torch.float16)
+# k > N pads every result row with k - N sentinels; more than this many sentinel slots in one call is
+# refused (a typo like k=10**8 would otherwise allocate gigabytes of -1s).
+MAX_SENTINEL_SLOTS = 1 << 24
 
 
 def _metric(metric: str) -> int:
-    if metric not in _METRICS:
-        raise ValueError(f"metric: expected one of {sorted(_METRICS)}, got {metric!r}")
-    return _METRICS[metric]
+    return check_choice(metric, "metric", _METRICS)
 
 
 def _threads(num_threads: int | None) -> int:
     if num_threads is None:
         return 0
-    return check_positive_int(num_threads, "num_threads")
+    return check_positive_int(num_threads, "num_threads", maximum=MAX_THREADS)
 
 
 def _catalog(catalog: Any, d: int | None, check_finite: bool) -> torch.Tensor:
@@ -62,8 +81,22 @@ def _catalog(catalog: Any, d: int | None, check_finite: bool) -> torch.Tensor:
     return c
 
 
+def _allowed(allowed: Any | None, c: torch.Tensor) -> torch.Tensor | None:
+    return None if allowed is None else check_mask(allowed, "allowed", c.shape[0], c)
+
+
+def _check_k(k: Any, B: int, N: int) -> int:
+    k = check_positive_int(k, "k")
+    if k > N and B * (k - N) > MAX_SENTINEL_SLOTS:
+        raise ValueError(
+            f"k: {k} exceeds the catalog size N={N}, so the ({B}, {k}) result would hold {B * (k - N)} "
+            f"sentinel slots (id -1), more than the limit of {MAX_SENTINEL_SLOTS}; pass k <= {N}"
+        )
+    return k
+
+
 def _knn_into(
-    q: torch.Tensor, c: torch.Tensor, k: int, metric: int, threads: int
+    q: torch.Tensor, c: torch.Tensor, k: int, metric: int, threads: int, allowed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, d = q.shape
     N = c.shape[0]
@@ -73,10 +106,15 @@ def _knn_into(
         return scores, ids
     C = _backend.lib()
     dtype = 1 if c.dtype == torch.float16 else 0
-    args = (q.data_ptr(), q.stride(0), c.data_ptr(), c.stride(0), dtype, metric, B, N, d, k)
+    mask = 0 if allowed is None else allowed.data_ptr()
+    args = (q.data_ptr(), q.stride(0), c.data_ptr(), c.stride(0), dtype, metric, B, N, d, k, mask)
     if q.is_cuda:
         _backend.require_cuda("queries")
-        C.knn_cuda(*args, scores.data_ptr(), ids.data_ptr(), cuda_stream_ptr(q))
+        dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        nbytes = C.knn_cuda_workspace_bytes(dtype, metric, B, N, d, k, dev)
+        # Scratch from torch's caching allocator on the current stream: reused, never a private cudaMalloc.
+        ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=q.device)
+        C.knn_cuda(*args, scores.data_ptr(), ids.data_ptr(), ws.data_ptr(), nbytes, dev, cuda_stream_ptr(q))
     else:
         C.knn_cpu(*args, scores.data_ptr(), ids.data_ptr(), threads)
     return scores, ids
@@ -90,29 +128,54 @@ def knn(
     metric: str = "ip",
     check_finite: bool = True,
     num_threads: int | None = None,
+    allowed: Any | None = None,
 ) -> tuple[Any, Any]:
     """Exact top-k search, fused (the (B, N) score matrix is never materialised).
 
     Args:
         queries: float32 (B, d).
         catalog: float32 or float16 (N, d), N >= 1, same device as ``queries``.
-        k: number of results per query, >= 1. ``k > N`` fills slots N..k-1 with the sentinel (id -1).
-        metric: ``"ip"`` (inner product, larger is better) or ``"l2"`` (squared L2 distance, smaller
-            is better).
+        k: number of results per query, >= 1 (int or numpy integer). ``k > N`` fills slots N..k-1 with
+            the sentinel (id -1); at most ``MAX_SENTINEL_SLOTS`` sentinel slots per call.
+        metric: ``"ip"`` (inner product, larger is better) or ``"l2"`` (squared L2 distance
+            sum((q - c)^2), computed without norm expansion; smaller is better).
         check_finite: reject NaN/inf inputs (one extra pass over the catalog; switch off for catalogs
             already validated, e.g. a :class:`~r4t_fast.Catalog`).
-        num_threads: CPU threads (default: OpenMP's default).
+        num_threads: CPU threads (default: OpenMP's default), at most 1024.
+        allowed: optional bool (N,) mask, same device as ``catalog``: only rows with ``True`` can be
+            returned (a query-time filter, applied inside the kernel). Fewer than ``k`` allowed rows
+            leave sentinel slots.
 
     Returns:
         (scores float32 (B, k), ids int64 (B, k)), best first; equal scores by ascending id.
     """
     q, lib = as_tensor(queries, "queries")
-    q = check_matrix(q, "queries", ndim=2, dtypes=_F32, shape_doc="(B, d)", finite=check_finite)
-    c = _catalog(catalog, q.shape[1], check_finite)
+    finite = check_bool(check_finite, "check_finite")
+    q = check_matrix(q, "queries", ndim=2, dtypes=_F32, shape_doc="(B, d)", finite=finite)
+    c = _catalog(catalog, q.shape[1], finite)
     check_same_device(q, "queries", c, "catalog")
-    k = check_positive_int(k, "k")
-    s, i = _knn_into(q, c, k, _metric(metric), _threads(num_threads))
+    k = _check_k(k, q.shape[0], c.shape[0])
+    m = _metric(metric)
+    mask = _allowed(allowed, c)
+    s, i = _knn_into(q, c, k, m, _threads(num_threads), mask)
     return to_library(s, lib), to_library(i, lib)
+
+
+def knn_plan(
+    batch: int, n: int, dim: int, k: int, *, num_threads: int | None = None, allowed: Any | None = None
+) -> dict[str, Any]:
+    """How the CPU :func:`knn` kernel will run a search of ``batch`` queries over ``n`` rows of ``dim``
+    features: ``{"isa", "threads", "path" ("direct" or "gemm"), "n_allowed", "keff" (the heap size,
+    min(k, allowed rows)), "query_chunk", "tile_rows", "k_block"}`` (k_block < dim: K-blocking)."""
+    B = check_positive_int(batch, "batch")
+    N = check_positive_int(n, "n")
+    d = check_positive_int(dim, "dim")
+    k = check_positive_int(k, "k")
+    mask = 0
+    if allowed is not None:
+        t = check_mask(allowed, "allowed", N, torch.empty(0))
+        mask = t.data_ptr()
+    return dict(_backend.lib().knn_cpu_plan(B, N, d, k, mask, _threads(num_threads)))
 
 
 def ground(
@@ -129,7 +192,7 @@ def ground(
     id); a pair is taken if its row is open and its item unused. Candidates with id -1 are ignored.
 
     Args:
-        cand_scores: float32 (S, L, C); cand_ids: int64 (S, L, C), e.g. from :func:`knn`.
+        cand_scores: float32 (S, L, C), no NaN; cand_ids: int64 (S, L, C), e.g. from :func:`knn`.
 
     Returns:
         (ids int64 (S, L), scores float32 (S, L)); a row left without a candidate gets id -1 and score
@@ -148,19 +211,30 @@ def ground(
     check_same_device(s, "cand_scores", i, "cand_ids")
     if bool(torch.isnan(s).any()):
         raise ValueError("cand_scores: contains NaN")
-    s, i = s.contiguous(), i.contiguous()
+    hib = check_bool(higher_is_better, "higher_is_better")
+    ids, scores = _ground_into(s.contiguous(), i.contiguous(), hib, _threads(num_threads))
+    return to_library(ids, lib), to_library(scores, lib)
+
+
+def _ground_into(
+    s: torch.Tensor, i: torch.Tensor, higher_is_better: bool, threads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     S, L, C = s.shape
     out_ids = torch.empty((S, L), dtype=torch.int64, device=s.device)
     out_scores = torch.empty((S, L), dtype=torch.float32, device=s.device)
     if S > 0:
         lib_c = _backend.lib()
-        args = (s.data_ptr(), i.data_ptr(), S, L, C, bool(higher_is_better))
+        outs = (out_ids.data_ptr(), out_scores.data_ptr())
+        args = (s.data_ptr(), i.data_ptr(), S, L, C, higher_is_better, *outs)
         if s.is_cuda:
             _backend.require_cuda("cand_scores")
-            lib_c.ground_cuda(*args, out_ids.data_ptr(), out_scores.data_ptr(), cuda_stream_ptr(s))
+            dev = s.device.index if s.device.index is not None else torch.cuda.current_device()
+            nbytes = lib_c.ground_cuda_workspace_bytes(S, L, C, dev)
+            ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=s.device)
+            lib_c.ground_cuda(*args, ws.data_ptr(), nbytes, dev, cuda_stream_ptr(s))
         else:
-            lib_c.ground_cpu(*args, out_ids.data_ptr(), out_scores.data_ptr(), _threads(num_threads))
-    return to_library(out_ids, lib), to_library(out_scores, lib)
+            lib_c.ground_cpu(*args, threads)
+    return out_ids, out_scores
 
 
 def ground_sets(
@@ -171,23 +245,29 @@ def ground_sets(
     metric: str = "ip",
     check_finite: bool = True,
     num_threads: int | None = None,
+    allowed: Any | None = None,
 ) -> tuple[Any, Any]:
     """Ground generated sets to catalog items, no item repeated within a set.
 
     Each of the B·L rows gets its ``candidates`` nearest items (default L, which guarantees a distinct
-    item for every row whenever N >= L), then :func:`ground` assigns greedily by score.
+    item for every row whenever at least L items are eligible), then :func:`ground` assigns greedily by
+    score.
 
     Args:
         rows: float32 (B, L, d) generated embeddings.
         catalog: float32 or float16 (N, d).
+        allowed: optional bool (N,) mask (a query-time filter, honoured inside the kernel): only allowed
+            items are candidates, so with at least L allowed items every row of a set gets a distinct
+            allowed item.
 
     Returns:
-        (ids int64 (B, L), scores float32 (B, L)); rows that cannot get a distinct item (N < L) get the
-        sentinel id -1.
+        (ids int64 (B, L), scores float32 (B, L)); rows that cannot get a distinct item (fewer than L
+        eligible items) get the sentinel id -1 and score -inf (+inf for ``"l2"``).
     """
     r, lib = as_tensor(rows, "rows")
-    r = check_matrix(r, "rows", ndim=3, dtypes=_F32, shape_doc="(B, L, d)", finite=check_finite)
-    c = _catalog(catalog, r.shape[2], check_finite)
+    finite = check_bool(check_finite, "check_finite")
+    r = check_matrix(r, "rows", ndim=3, dtypes=_F32, shape_doc="(B, L, d)", finite=finite)
+    c = _catalog(catalog, r.shape[2], finite)
     check_same_device(r, "rows", c, "catalog")
     B, L, d = r.shape
     if L == 0:
@@ -195,10 +275,11 @@ def ground_sets(
     cand = L if candidates is None else check_positive_int(candidates, "candidates")
     cand = min(cand, c.shape[0])
     m = _metric(metric)
-    s, i = _knn_into(r.reshape(B * L, d), c, cand, m, _threads(num_threads))
-    ids, scores = ground(
-        s.reshape(B, L, cand), i.reshape(B, L, cand), higher_is_better=(m == 0), num_threads=num_threads
-    )
+    mask = _allowed(allowed, c)
+    threads = _threads(num_threads)
+    s, i = _knn_into(r.reshape(B * L, d), c, cand, m, threads, mask)
+    # No NaN check here: NaN scores only come from float32 overflow and rank last in both kernels.
+    ids, scores = _ground_into(s.reshape(B, L, cand), i.reshape(B, L, cand), m == 0, threads)
     return to_library(ids, lib), to_library(scores, lib)
 
 
@@ -219,6 +300,7 @@ def set_stats(x: Any, lengths: Any | None = None, *, num_threads: int | None = N
     """
     t, lib = as_tensor(x, "x")
     t = check_matrix(t, "x", ndim=3, dtypes=_F32, shape_doc="(S, L, d)")
+    threads = _threads(num_threads)
     S, L, d = t.shape
     if L == 0:
         raise ValueError(f"x: set length L must be >= 1, got {describe(t)}")
@@ -226,7 +308,7 @@ def set_stats(x: Any, lengths: Any | None = None, *, num_threads: int | None = N
     ln = None
     if lengths is not None:
         ln, _ = as_tensor(lengths, "lengths")
-        if ln.shape != (S,) or ln.dtype != torch.int64:
+        if tuple(ln.shape) != (S,) or ln.dtype != torch.int64:
             raise ValueError(f"lengths: expected int64 ({S},), got {describe(ln)}")
         if bool((ln < 0).any()) or bool((ln > L).any()):
             raise ValueError(f"lengths: values must lie in [0, {L}]")
@@ -239,13 +321,12 @@ def set_stats(x: Any, lengths: Any | None = None, *, num_threads: int | None = N
         C = _backend.lib()
         if t.is_cuda:
             _backend.require_cuda("x")
+            dev = t.device.index if t.device.index is not None else torch.cuda.current_device()
             C.set_stats_cuda(
-                t.data_ptr(), lp, S, L, d, vendi.data_ptr(), mean_cos.data_ptr(), cuda_stream_ptr(t)
+                t.data_ptr(), lp, S, L, d, vendi.data_ptr(), mean_cos.data_ptr(), dev, cuda_stream_ptr(t)
             )
         else:
-            C.set_stats_cpu(
-                t.data_ptr(), lp, S, L, d, vendi.data_ptr(), mean_cos.data_ptr(), _threads(num_threads)
-            )
+            C.set_stats_cpu(t.data_ptr(), lp, S, L, d, vendi.data_ptr(), mean_cos.data_ptr(), threads)
     return to_library(vendi, lib), to_library(mean_cos, lib)
 
 
@@ -268,8 +349,9 @@ def nearest_distance(
         raise ValueError(f"rows: expected float32 (..., d), got {describe(r)}")
     lead = tuple(r.shape[:-1])
     flat = r.reshape(-1, r.shape[-1]) if r.dim() != 2 else r
-    flat = check_matrix(flat, "rows", ndim=2, dtypes=_F32, shape_doc="(..., d)", finite=check_finite)
-    c = _catalog(catalog, flat.shape[1], check_finite)
+    finite = check_bool(check_finite, "check_finite")
+    flat = check_matrix(flat, "rows", ndim=2, dtypes=_F32, shape_doc="(..., d)", finite=finite)
+    c = _catalog(catalog, flat.shape[1], finite)
     check_same_device(flat, "rows", c, "catalog")
     s, _ = _knn_into(flat, c, 1, 1, _threads(num_threads))
     return to_library(s[:, 0].sqrt().reshape(lead), lib)
@@ -291,39 +373,212 @@ def edm_step(
     denoised: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One fused EDM sampler step (elementwise; formula in ``csrc/params.h``, reference in
-    :func:`r4t_fast.reference.edm_step`): D = c_skip·x + c_out·((1+w)·F_c − w·F_u),
+    :func:`r4t_fast.kernels.reference.edm_step`): D = c_skip·x + c_out·((1+w)·F_c − w·F_u),
     x' = x + h·(x − D)/σ + noise_scale·z.
 
-    All tensors float32, same shape and device, contiguous. ``out`` may be ``x`` (in place). Returns
-    (x', D) where D is written only when ``denoised`` is given (else None).
+    All tensors float32, same shape and device, contiguous. Scalars are finite real numbers (int, float
+    or numpy numbers; not bool or str), ``sigma`` > 0. ``out`` may be ``x`` (in place) and each output
+    may be the very same memory as an input, but outputs must not *partially* overlap an input, and
+    ``denoised`` must not overlap ``out`` (both would be written). Returns (x', D) where D is written only
+    when ``denoised`` is given (else None).
     """
     named = {"x": x, "f_cond": f_cond, "f_uncond": f_uncond, "noise": noise, "out": out, "denoised": denoised}
     for name, t in named.items():
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            raise ArgumentTypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name}: expected a CPU or CUDA tensor, got one on {t.device}")
         if t.dtype != torch.float32 or t.shape != x.shape or t.device != x.device or not t.is_contiguous():
             raise ValueError(
                 f"{name}: expected contiguous float32 {tuple(x.shape)} on {x.device}, got {describe(t)}"
                 + ("" if t.is_contiguous() else " (non-contiguous)")
             )
-    if not sigma > 0:
-        raise ValueError(f"sigma: expected > 0, got {sigma}")
-    if guidance != 0.0 and f_uncond is None:
-        raise ValueError("f_uncond: required when guidance != 0")
-    if noise_scale != 0.0 and noise is None:
-        raise ValueError("noise: required when noise_scale != 0")
+    sigma_f = check_real(sigma, "sigma", positive=True)
+    scalars = (
+        sigma_f,
+        check_real(c_skip, "c_skip"),
+        check_real(c_out, "c_out"),
+        check_real(guidance, "guidance"),
+        check_real(h, "h"),
+        check_real(noise_scale, "noise_scale"),
+    )
+    if scalars[3] != 0.0 and f_uncond is None:
+        raise ValueError(f"f_uncond: required when guidance != 0, got guidance={guidance!r}")
+    if scalars[5] != 0.0 and noise is None:
+        raise ValueError(f"noise: required when noise_scale != 0, got noise_scale={noise_scale!r}")
+    if x.numel() > 0:
+        _check_step_aliasing(named)
     if out is None:
         out = torch.empty_like(x)
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     args = (ptr(x), ptr(f_cond), ptr(f_uncond), ptr(noise), ptr(out), ptr(denoised), x.numel())
-    scalars = (float(sigma), float(c_skip), float(c_out), float(guidance), float(h), float(noise_scale))
     C = _backend.lib()
     if x.numel() > 0:
         if x.is_cuda:
             _backend.require_cuda("x")
-            C.edm_step_cuda(*args, *scalars, cuda_stream_ptr(x))
+            dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+            C.edm_step_cuda(*args, *scalars, dev, cuda_stream_ptr(x))
         else:
             C.edm_step_cpu(*args, *scalars, 0)
     return out, denoised
+
+
+def _check_step_aliasing(named: dict[str, torch.Tensor | None]) -> None:
+    """Outputs may coincide exactly with an input (each element is read before it is written) but not
+    overlap one partially, and the two outputs must not overlap at all."""
+    ranges = {n: memory_range(t) for n, t in named.items() if t is not None}
+
+    def overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+        return a[0] < b[1] and b[0] < a[1]
+
+    if "out" in ranges and "denoised" in ranges and overlap(ranges["out"], ranges["denoised"]):
+        raise ValueError("denoised: must not share memory with out (both are written); pass separate tensors")
+    for o in ("out", "denoised"):
+        if o not in ranges:
+            continue
+        for i in ("x", "f_cond", "f_uncond", "noise"):
+            if i in ranges and ranges[o] != ranges[i] and overlap(ranges[o], ranges[i]):
+                raise ValueError(
+                    f"{o}: partially overlaps {i} (the results would depend on the write order); pass "
+                    f"{i} itself or a separate tensor"
+                )
+
+
+# ------------------------------------------------------------------------------------ fused set sampler
+import numpy as np  # noqa: E402
+
+from r4t_fast.kernels.sampler_pack import SAMPLER_IDS, PackedDenoiser, SampledSets  # noqa: E402
+
+__all__ += ["sample_sets", "SampledSets"]
+
+
+def _schedule(sigmas: Any) -> torch.Tensor:
+    dt = getattr(sigmas, "dtype", None)
+    if dt is not None and dt not in (torch.float64, np.float64):
+        raise ValueError(f"sigmas: expected Python floats or a float64 array (a float64 schedule), got {dt}")
+    s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().contiguous()
+    ok = s.dim() == 1 and s.numel() >= 2 and bool(torch.isfinite(s).all())
+    ok = ok and bool((s[:-1] > 0).all()) and float(s[-1]) >= 0 and bool((s[1:] < s[:-1]).all())
+    if not ok:
+        raise ValueError(
+            f"sigmas: expected >= 2 finite, strictly decreasing noise levels > 0 (the last may be 0), "
+            f"got {s.tolist() if s.dim() == 1 and s.numel() <= 8 else tuple(s.shape)}"
+        )
+    return s
+
+
+def sample_sets(
+    packed: PackedDenoiser,
+    cond: Any,
+    x_init: Any,
+    sigmas: Any,
+    *,
+    sampler: str = "heun",
+    guidance: float = 0.0,
+    noise: Any | None = None,
+    catalog: Any | None = None,
+    candidates: int | None = None,
+    group: int = 1,
+    metric: str = "ip",
+    allowed: Any | None = None,
+    check_finite: bool = True,
+    num_threads: int | None = None,
+    mode: int = 0,
+) -> SampledSets:
+    """The whole EDM sampling of a batch of sets in one ``_C`` call: every SetDenoiser evaluation (EDM
+    preconditioning, classifier-free guidance), every step of ``sampler`` and optionally the grounding,
+    equal to ``diffusion.samplers.generate_sets`` given the same initial noise and schedule (contract in
+    ``csrc/set_sampler_params.h``, spec in :func:`r4t_fast.reference.sample_sets`). CPU; the GIL is
+    released for the whole call, so split very large batches to keep Ctrl-C responsive.
+
+    Args:
+        packed: the model's weights, :func:`r4t_fast.kernels.sampler_pack.pack_denoiser` (cached).
+        cond: float32 (batch, cond_dim): one condition per set.
+        x_init: float32 (batch, rows, dim): the initial noisy rows at ``sigmas[0]`` in the model's centred
+            space (``generate_sets`` draws ``randn(batch, rows, dim) * sigmas[0]``); rows = the model's L.
+        sigmas: the schedule, a CPU sequence of ``steps + 1`` floats (``samplers.sampler_sigmas``),
+            strictly decreasing, > 0 except the last.
+        sampler: ``euler`` | ``euler_maruyama`` | ``heun`` | ``dpmpp_2m`` | ``consistency``.
+        guidance: classifier-free guidance weight w (0: one forward per evaluation, else two).
+        noise: float32 (steps, batch, rows, dim), required by ``euler_maruyama`` and by ``consistency``
+            with steps > 1 (:func:`~r4t_fast.kernels.sampler_pack.step_noise` draws it as the eager
+            samplers do); must be None for the deterministic samplers.
+        catalog: float32 or float16 (N, dim): when given, the rows are grounded as :func:`ground_sets`
+            grounds them, each ``group`` consecutive sets jointly (as one set of group * rows rows) with
+            ``candidates`` (default group * rows) nearest items per row; ``allowed`` (N,) bool filters it.
+        num_threads: CPU threads (default: OpenMP's). ``mode``: 0 auto, 1 one thread per group of sets,
+            2 all threads on every set; results are identical in every mode.
+
+    Returns:
+        :class:`SampledSets`: ``rows`` float32 (batch, rows, dim) in data space (the model's
+        ``cond_offset`` added back); ``ids`` int64 and ``scores`` float32 (batch / group, group * rows)
+        of the grounding (sentinel id -1 where too few items qualify), None without a catalog.
+    """
+    if not isinstance(packed, PackedDenoiser):
+        got = type(packed).__name__
+        raise ArgumentTypeError(f"packed: expected a PackedDenoiser (pack_denoiser(model)), got {got}")
+    L, d, cd = packed.dims[0], packed.dims[1], packed.dims[2]
+    finite = check_bool(check_finite, "check_finite")
+    c, lib = as_tensor(cond, "cond")
+    c = check_matrix(c, "cond", ndim=2, dtypes=_F32, shape_doc=f"(batch, {cd})", dim=cd, finite=finite)
+    x, _ = as_tensor(x_init, "x_init")
+    x = check_matrix(x, "x_init", ndim=3, dtypes=_F32, shape_doc=f"(batch, {L}, {d})", dim=d, finite=finite)
+    B = c.shape[0]
+    if tuple(x.shape) != (B, L, d):
+        raise ValueError(
+            f"x_init: expected float32 ({B}, {L}, {d}) (cond's batch, L rows), got {describe(x)}"
+        )
+    check_same_device(c, "cond", x, "x_init")
+    if c.is_cuda:
+        raise ValueError("cond: sample_sets has no CUDA kernel yet; pass CPU tensors (or use generate_sets)")
+    c = c.contiguous()
+    s = _schedule(sigmas)
+    steps = s.numel() - 1
+    sid = check_choice(sampler, "sampler", SAMPLER_IDS)
+    w = check_real(guidance, "guidance")
+    needs_noise = sampler == "euler_maruyama" or (sampler == "consistency" and steps > 1)
+    z = None
+    if noise is not None:
+        if sampler not in ("euler_maruyama", "consistency"):
+            raise ValueError(f"noise: the {sampler!r} sampler is deterministic and takes no noise; pass None")
+        z, _ = as_tensor(noise, "noise")
+        if z.dtype != torch.float32 or tuple(z.shape) != (steps, B, L, d) or z.device != c.device:
+            raise ValueError(
+                f"noise: expected float32 ({steps}, {B}, {L}, {d}) on the CPU, got {describe(z)}"
+            )
+        z = z.contiguous()
+    elif needs_noise:
+        want = f"({steps}, {B}, {L}, {d})"
+        raise ValueError(f"noise: the {sampler!r} sampler needs noise {want}; see sampler_pack.step_noise")
+    if isinstance(mode, bool) or mode not in (0, 1, 2):
+        raise ValueError(f"mode: expected 0 (auto), 1 or 2, got {mode!r}")
+    group = check_positive_int(group, "group")
+    if B % group:
+        raise ValueError(f"group: must divide the batch ({B}), got {group}")
+    m = _metric(metric)
+    rows = torch.empty((B, L, d), dtype=torch.float32)
+    cat_args: tuple = (0, 0, 0, 0)
+    mask_ptr, cand, ids, scores = 0, 0, None, None
+    if catalog is not None:
+        cat = _catalog(catalog, d, finite)
+        check_same_device(c, "cond", cat, "catalog")
+        mask = _allowed(allowed, cat)
+        mask_ptr = 0 if mask is None else mask.data_ptr()
+        cand = 0 if candidates is None else check_positive_int(candidates, "candidates")
+        cat_args = (cat.data_ptr(), cat.stride(0), 1 if cat.dtype == torch.float16 else 0, cat.shape[0])
+        ids = torch.empty((B // group, group * L), dtype=torch.int64)
+        scores = torch.empty((B // group, group * L), dtype=torch.float32)
+    elif allowed is not None or candidates is not None:
+        raise ValueError("allowed/candidates: only apply to the grounding; pass a catalog")
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    _backend.lib().sample_sets_cpu(
+        packed.dims, packed.buffer.data_ptr(), packed.buffer.numel(), packed.sigma_data, packed.sigma_min,
+        packed.cond_offset, c.data_ptr(), x.data_ptr(), s.data_ptr(), s.numel(), sid, w, ptr(z), B,
+        rows.data_ptr(), *cat_args, m, mask_ptr, group, cand, ptr(ids), ptr(scores), _threads(num_threads),
+        mode,
+    )  # fmt: skip
+    if ids is None:
+        return SampledSets(to_library(rows, lib), None, None)
+    return SampledSets(to_library(rows, lib), to_library(ids, lib), to_library(scores, lib))

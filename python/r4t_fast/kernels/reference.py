@@ -11,17 +11,31 @@ import math
 
 import torch
 
-__all__ = ["knn", "ground", "ground_sets", "set_stats", "nearest_distance", "edm_step"]
+__all__ = ["knn", "ground", "ground_sets", "set_stats", "nearest_distance", "edm_step", "sample_sets"]
 
 
 def knn(
-    queries: torch.Tensor, catalog: torch.Tensor, k: int, metric: str = "ip"
+    queries: torch.Tensor,
+    catalog: torch.Tensor,
+    k: int,
+    metric: str = "ip",
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k. IP: scores = q·c, descending. L2: scores = ||q − c||², ascending.
+    """Exact top-k in float64. IP: scores = q·c, descending. L2: scores = ||q − c||², ascending.
 
-    Ties are broken by ascending catalog id (stable sort). Slots past N hold id −1 and score −inf (IP)
-    or +inf (L2). Returns (scores (B, k) float32, ids (B, k) int64).
+    ``allowed`` (optional bool (N,)): only those rows are searched (ids stay catalog row numbers). Ties
+    are broken by ascending catalog id (stable sort). Slots past the number of searched rows hold id −1
+    and score −inf (IP) or +inf (L2). Returns (scores (B, k) float32, ids (B, k) int64).
+
+    L2 is expanded here (|q|² + |c|² − 2 q·c) but in float64, whose rounding error (~1e-16 |q|²) is far
+    below the float32 kernels' own; the kernels accumulate (q − c)² directly (csrc/params.h).
     """
+    if allowed is not None:
+        rows = torch.nonzero(allowed.bool()).flatten()
+        s, i = knn(queries, catalog[rows], k, metric)
+        if rows.numel() == 0:
+            return s, i  # nothing allowed: all sentinels
+        return s, torch.where(i >= 0, rows[i.clamp_min(0)], i)
     q = queries.double()
     c = catalog.double()
     B, N = q.shape[0], c.shape[0]
@@ -70,12 +84,17 @@ def ground(
 
 
 def ground_sets(
-    rows: torch.Tensor, catalog: torch.Tensor, candidates: int | None = None, metric: str = "ip"
+    rows: torch.Tensor,
+    catalog: torch.Tensor,
+    candidates: int | None = None,
+    metric: str = "ip",
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map every row of each (L, d) set to a distinct catalog item: kNN candidates, then greedy."""
+    """Map every row of each (L, d) set to a distinct catalog item (only ``allowed`` items when a mask
+    is given): kNN candidates, then greedy."""
     B, L, d = rows.shape
     C = min(candidates or L, catalog.shape[0])
-    s, i = knn(rows.reshape(B * L, d), catalog, C, metric)
+    s, i = knn(rows.reshape(B * L, d), catalog, C, metric, allowed)
     return ground(s.reshape(B, L, C), i.reshape(B, L, C), higher_is_better=(metric == "ip"))
 
 
@@ -129,3 +148,72 @@ def edm_step(
     if noise is not None:
         xn = xn + noise_scale * noise
     return xn, D
+
+
+def sample_sets(
+    model: torch.nn.Module,
+    cond: torch.Tensor,
+    x_init: torch.Tensor,
+    sigmas: list[float],
+    *,
+    sampler: str = "heun",
+    guidance: float = 0.0,
+    noise: torch.Tensor | None = None,
+    catalog: torch.Tensor | None = None,
+    candidates: int | None = None,
+    group: int = 1,
+    metric: str = "ip",
+    allowed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The fused set sampler (csrc/set_sampler_params.h, ``ops.sample_sets``) with the eager SetDenoiser
+    ``model``: EDM preconditioning and classifier-free guidance as ``diffusion.model.EDM``, each step as
+    ``diffusion.samplers``; rows in data space (+ cond_offset · cond), then grounded per ``group`` sets
+    as :func:`ground_sets`. Runs in the dtype of ``x_init`` and ``model`` (float64 for a tight spec).
+    Returns (rows (B, L, d), ids, scores (B / group, group · L)); ids/scores None without a catalog."""
+    cfg = model.cfg
+    sd, smin, B = cfg.sigma_data, cfg.sigma_min, cond.shape[0]
+    guided = guidance != 0.0
+
+    def denoise(x: torch.Tensor, s: float) -> torch.Tensor:
+        c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / math.sqrt(s**2 + sd**2)
+        xin = (torch.cat([x, x]) if guided else x) * (1.0 / math.sqrt(s**2 + sd**2))
+        cn = torch.full((xin.shape[0],), math.log(s) / 4.0, dtype=x.dtype)
+        drop = (torch.arange(xin.shape[0]) >= B) if guided else None
+        f = model(xin, cn, torch.cat([cond, cond]) if guided else cond, drop)
+        f = (1.0 + guidance) * f[:B] - guidance * f[B:] if guided else f
+        return c_skip * x + c_out * f
+
+    x, old, h_last = x_init.clone(), None, 0.0
+    for i in range(len(sigmas) - 1):
+        s, sn = float(sigmas[i]), float(sigmas[i + 1])
+        if sampler == "consistency":
+            if i > 0:
+                x = x + math.sqrt(max(s * s - smin * smin, 0.0)) * noise[i]
+            x = denoise(x, s)
+            continue
+        D = denoise(x, s)
+        if sampler == "euler":
+            x = x + (sn - s) * ((x - D) / s)
+        elif sampler == "euler_maruyama":
+            up = math.sqrt(max(sn**2 * (s**2 - sn**2) / s**2, 0.0))
+            down = math.sqrt(max(sn**2 - up**2, 0.0))
+            x = x + (down - s) * ((x - D) / s) + (up * noise[i] if up > 0 else 0.0)
+        elif sampler == "heun":
+            xe = x + (sn - s) * ((x - D) / s)
+            x = xe if sn == 0 else x + (sn - s) * 0.5 * ((x - D) / s + (xe - denoise(xe, sn)) / sn)
+        elif sampler == "dpmpp_2m":
+            if sn == 0:
+                x = D
+                break
+            h = math.log(s) - math.log(sn)
+            d = D if old is None else (1 + 1 / (2 * h_last / h)) * D - (1 / (2 * h_last / h)) * old
+            x = (sn / s) * x - math.expm1(-h) * d
+            old, h_last = D, h
+        else:
+            raise ValueError(f"sampler: unknown {sampler!r}")
+    rows = x + cfg.cond_offset * cond[:, None, :].to(x.dtype) if cfg.cond_offset else x
+    if catalog is None:
+        return rows, None, None
+    L, d = rows.shape[1], rows.shape[2]
+    ids, scores = ground_sets(rows.reshape(B // group, group * L, d), catalog, candidates, metric, allowed)
+    return rows, ids, scores
