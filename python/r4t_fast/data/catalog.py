@@ -1,27 +1,33 @@
 """The item catalog: string ids, text, category and metadata per item, plus an L2-normalised embedding
-matrix searched by exact fused kNN (``index="exact"``) or a usearch HNSW graph (``index="usearch"``).
+matrix searched by a grounding backend: the exact fused kernel (``index="exact"``, default) or a
+usearch HNSW graph (``index="usearch"``), see :mod:`r4t_fast.data.backends`.
 
-On disk (``Catalog.save(dir)``)::
+On disk (``Catalog.save(dir)``), a crash-safe saved directory (:func:`r4t_fast._internal.save_dir_atomically`:
+``dir`` is a symlink to the hidden version ``.dir.v<N>``, switched atomically)::
 
-    dir/manifest.json          format version, sizes, dtype, index kind, sha256 + size of every file
+    dir/manifest.json          format, version, n, dim, dtype, index kind + params, sha256 + size per file
     dir/embeddings.safetensors "embeddings": (N, d) float32 or float16
     dir/items.jsonl            one {"id", "text", "category", "meta"} object per row, in row order
-    dir/index.usearch          optional HNSW graph (keys = row numbers)
+    dir/index.usearch          the HNSW graph (usearch only)
+    dir/index_keys.npy         the graph key of every row, int64 (N,) (usearch only)
 
-Every file is written to a temporary name and renamed into place, the manifest last, so a crash never
-leaves a catalog that loads silently wrong: ``Catalog.load`` verifies every checksum and refuses a
-truncated or edited file with :class:`CatalogError`.
+A save killed at any point leaves the previous version loadable; ``Catalog.load`` verifies sizes and
+sha256 checksums (``verify=False`` skips the checksums for trusted fast loads) and validates every
+manifest field and every item, refusing anything else with :class:`CatalogError` naming the file, the
+line or the field.
 
-Item ids are the stable identity: ``add`` refuses duplicates and ``remove`` deletes rows without
-renaming anything; row numbers (the ``ids`` returned by :meth:`search`) are positions in the current
-catalog and shift after a removal.
+A live catalog: :meth:`Catalog.add`, :meth:`Catalog.update` and :meth:`Catalog.remove` change items
+without retraining; a usearch graph is updated incrementally, so a new item is retrievable at once
+and a removed one is never returned. Item ids are the stable identity; row numbers (what
+:meth:`search` returns) are positions in the current catalog and shift after a removal.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +35,30 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from r4t_fast._internal import atomic_write, atomic_write_text, check_positive_int, sha256_file, unit_rows
-from r4t_fast.kernels import ops
-from r4t_fast.kernels._arrays import as_tensor, check_finite, describe, to_library
+from r4t_fast._internal import SavedDirError, save_dir_atomically, unit_rows, verify_dir
+from r4t_fast.data._jsonl import json_data
+from r4t_fast.data.backends import (
+    BACKENDS,
+    INDEX_KINDS,
+    ExactBackend,
+    SearchBackend,
+    UsearchBackend,
+    check_index_params,
+)
+from r4t_fast.kernels._arrays import as_tensor, check_finite, check_mask, describe, to_library
 
 __all__ = ["Catalog", "CatalogError"]
 
-FORMAT_VERSION = 1
-_INDEX_KINDS = ("exact", "usearch")
+FORMAT = "r4t_fast.catalog"
+FORMAT_VERSION = 2
+_READS_VERSIONS = (1, 2)  # 1: no index_keys.npy (graph keys were row numbers)
 _STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_EXACT = ExactBackend()
+_SAFETENSORS_DTYPES = {"F32": (torch.float32, np.float32), "F16": (torch.float16, np.float16)}
 
 
-class CatalogError(ValueError):
-    """A catalog file is missing, truncated, edited or inconsistent."""
+class CatalogError(SavedDirError):
+    """A catalog file is missing, truncated, edited or inconsistent (also a ``ValueError``)."""
 
 
 def _normalize(e: torch.Tensor) -> torch.Tensor:
@@ -52,27 +69,89 @@ def _normalize(e: torch.Tensor) -> torch.Tensor:
     return unit_rows(e)
 
 
+def _as_list(values: Any, name: str) -> list[Any]:
+    """A per-item argument as a list: any iterable (a generator included) but a str/bytes/mapping."""
+    if isinstance(values, (str, bytes, Mapping)):
+        raise ValueError(
+            f"{name}: expected a sequence with one entry per item, got a {type(values).__name__} "
+            f"({values!r:.40}); wrap a single entry in a list"
+        )
+    if isinstance(values, (np.ndarray, torch.Tensor)) and values.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-d sequence, got an array of shape {tuple(values.shape)}")
+    try:
+        return list(values)
+    except TypeError:
+        raise ValueError(
+            f"{name}: expected a sequence with one entry per item, got {type(values).__name__}"
+        ) from None
+
+
+def _item_meta(m: Any, j: int) -> dict[str, Any]:
+    if m is None:
+        return {}
+    if not isinstance(m, Mapping):
+        raise ValueError(f"metadata: item {j} must be a dict or None, got {type(m).__name__} ({m!r:.40})")
+    return json_data(m, f"metadata: item {j}")
+
+
+def _mmap_safetensors(path: Path, name: str) -> torch.Tensor:
+    """Tensor ``name`` of a safetensors file, memory-mapped copy-on-write (pages load on demand)."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    info = header[name]
+    tdtype, ndtype = _SAFETENSORS_DTYPES[info["dtype"]]
+    shape = tuple(info["shape"])
+    begin = info["data_offsets"][0]
+    if math.prod(shape) == 0:
+        return torch.zeros(shape, dtype=tdtype)
+    arr = np.memmap(path, dtype=ndtype, mode="c", offset=8 + header_len + begin, shape=shape)
+    return torch.from_numpy(arr)
+
+
 class Catalog:
-    """A fixed set of items with embeddings, searchable by inner product (cosine on unit vectors).
+    """A set of items with embeddings, searchable by inner product (cosine on unit vectors), that can
+    change while it serves (add / update / remove) and be saved crash-safely.
 
     Args:
-        ids: unique string id per item (N,).
+        ids: unique non-empty string id per item: a sequence (or any iterable) of str, not a str.
         embeddings: float (N, d) array (torch, numpy); L2-normalised here unless ``normalize=False``
             (then rows must already be unit-norm within 1e-3).
-        texts, categories, metadata: optional per-item text, category (str or None) and JSON-able dict.
+        texts, categories, metadata: optional per-item text (str), category (str or None) and
+            metadata (a dict of JSON data, or None; numpy scalars/arrays are converted to Python
+            numbers/lists, NaN/inf and non-JSON objects are refused so a save cannot fail later).
         dtype: storage dtype of the embedding matrix, ``"float32"`` or ``"float16"`` (search always
             accumulates in float32).
-        index: ``"exact"`` (fused brute force, the default) or ``"usearch"`` (HNSW; built on first
-            search or with :meth:`build_index`).
+        index: the grounding backend: ``"exact"`` (fused brute force, the default) or ``"usearch"``
+            (HNSW; built on first search or with :meth:`build_index`, then updated incrementally).
+        index_params: backend parameters (usearch: ``connectivity``, ``expansion_add``,
+            ``expansion_search``, ``quantization``, ``rerank``; see
+            :class:`~r4t_fast.data.backends.UsearchBackend`).
+
+    Live changes and when to retrain. :meth:`add`, :meth:`update` and :meth:`remove` take effect at
+    once, in every search; persist them with :meth:`save` (crash-safe). They need no retraining
+    while the new items come from the *same embedding model* and resemble what the retriever was
+    trained on: the diffusion model generates points in the embedding space, and grounding maps
+    them to whatever items exist now. Retrain (and re-embed everything) when the embedding model
+    changes; retrain when a large share of the catalog changed since training (as a rule of thumb a
+    quarter or more of the items), when new categories or item kinds appear that no training set
+    contained, or when the evaluation on fresh sets drops. Rebuild a usearch graph
+    (:meth:`build_index`) after many removals/updates (``index_changes``; say a quarter of the rows):
+    deleted nodes stay as tombstones and slowly cost recall and memory.
+
+    Each change replaces ``embeddings`` by a new tensor (a reader holding the old one keeps a
+    consistent snapshot) and costs one copy of the matrix: batch changes. ``revision`` counts them,
+    so a holder of derived state (a device copy, a mask) can tell when to refresh it. Mutations are
+    not thread-safe with respect to each other or to a concurrent :meth:`search`; serialise them.
     """
 
     def __init__(
         self,
-        ids: Sequence[str],
+        ids: Iterable[str],
         embeddings: Any,
-        texts: Sequence[str] | None = None,
-        categories: Sequence[str | None] | None = None,
-        metadata: Sequence[dict] | None = None,
+        texts: Iterable[str] | None = None,
+        categories: Iterable[str | None] | None = None,
+        metadata: Iterable[dict | None] | None = None,
         *,
         dtype: str = "float32",
         normalize: bool = True,
@@ -81,8 +160,8 @@ class Catalog:
     ) -> None:
         if dtype not in _STORE_DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(_STORE_DTYPES)}, got {dtype!r}")
-        if index not in _INDEX_KINDS:
-            raise ValueError(f"index: expected one of {list(_INDEX_KINDS)}, got {index!r}")
+        if index not in INDEX_KINDS:
+            raise ValueError(f"index: expected one of {list(INDEX_KINDS)}, got {index!r}")
         self.ids: list[str] = []
         self.texts: list[str] = []
         self.categories: list[str | None] = []
@@ -90,11 +169,13 @@ class Catalog:
         self._pos: dict[str, int] = {}
         self._dtype = _STORE_DTYPES[dtype]
         self.index_kind = index
-        self.index_params = dict(index_params or {})
-        self._index = None
+        self._backend: SearchBackend = BACKENDS[index](index_params)
+        self.revision = 0
+        ids = _as_list(ids, "ids")
         e = self._check_embeddings(embeddings, len(ids), None, normalize)
         self.embeddings = torch.empty((0, e.shape[1]), dtype=self._dtype)
         self._append(ids, e, texts, categories, metadata)
+        self.revision = 0
 
     # ------------------------------------------------------------------ construction helpers
     def _check_embeddings(self, embeddings: Any, n: int, dim: int | None, normalize: bool) -> torch.Tensor:
@@ -115,7 +196,23 @@ class Catalog:
             raise ValueError("embeddings: rows must be unit-norm when normalize=False")
         return e.contiguous()
 
-    def _append(self, ids, e, texts, categories, metadata) -> None:
+    def _check_fields(
+        self, n: int, texts: Any, categories: Any, metadata: Any, default_text: str | None = ""
+    ) -> tuple[list[Any], list[Any], list[Any]]:
+        """Validated per-item texts, categories and metadata (``None`` lists where not given)."""
+        texts = self._per_item(texts, n, "texts", default_text)
+        categories = self._per_item(categories, n, "categories", None)
+        metadata = self._per_item(metadata, n, "metadata", None)
+        for j, t in enumerate(texts):
+            if t is not None and not isinstance(t, str):
+                raise ValueError(f"texts: item {j} must be a str, got {type(t).__name__}")
+        for j, c in enumerate(categories):
+            if c is not None and not isinstance(c, str):
+                raise ValueError(f"categories: item {j} must be a str or None, got {type(c).__name__}")
+        metadata = [_item_meta(m, j) for j, m in enumerate(metadata)]
+        return texts, categories, metadata
+
+    def _append(self, ids: list[Any], e: torch.Tensor, texts: Any, categories: Any, metadata: Any) -> None:
         n = len(ids)
         ids = [self._check_id(i, j) for j, i in enumerate(ids)]
         seen: set[str] = set()
@@ -123,37 +220,41 @@ class Catalog:
             if i in self._pos or i in seen:
                 raise ValueError(f"ids: duplicate item id {i!r}")
             seen.add(i)
-        texts = self._per_item(texts, n, "texts", "")
-        categories = self._per_item(categories, n, "categories", None)
-        metadata = self._per_item(metadata, n, "metadata", None)
-        for j, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise ValueError(f"texts: item {j} must be a str, got {type(t).__name__}")
-        metadata = [dict(m) if m else {} for m in metadata]
-        base = len(self.ids)
+        texts, categories, metadata = self._check_fields(n, texts, categories, metadata)
+        start = len(self.ids)
+        embeddings = torch.cat([self.embeddings, e.to(self._dtype)], dim=0)
         self.ids.extend(ids)
         self.texts.extend(texts)
         self.categories.extend(categories)
         self.metadata.extend(metadata)
         for j, i in enumerate(ids):
-            self._pos[i] = base + j
-        self.embeddings = torch.cat([self.embeddings, e.to(self._dtype)], dim=0)
-        self._index = None
+            self._pos[i] = start + j
+        self.embeddings = embeddings
+        if n:
+            self._backend.appended(self.embeddings, start)
+            self.revision += 1
 
     @staticmethod
     def _check_id(i: Any, j: int) -> str:
         if not isinstance(i, str) or not i:
             raise ValueError(f"ids: item {j} must be a non-empty str, got {i!r}")
-        return i
+        return str(i)
 
     @staticmethod
-    def _per_item(values, n: int, name: str, default):
+    def _per_item(values: Any, n: int, name: str, default: Any) -> list[Any]:
         if values is None:
             return [default] * n
-        values = list(values)
+        values = _as_list(values, name)
         if len(values) != n:
             raise ValueError(f"{name}: expected {n} entries (one per id), got {len(values)}")
         return values
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ValueError(
+                "catalog: loaded with view=True (memory-mapped, read-only); load it with "
+                "view=False to change it"
+            )
 
     # ------------------------------------------------------------------ basic properties
     def __len__(self) -> int:
@@ -173,218 +274,367 @@ class Catalog:
     def dtype(self) -> str:
         return "float16" if self._dtype == torch.float16 else "float32"
 
+    @property
+    def backend(self) -> SearchBackend:
+        """The grounding backend (:class:`~r4t_fast.data.backends.SearchBackend`)."""
+        return self._backend
+
+    @property
+    def index_params(self) -> dict[str, Any]:
+        return dict(self._backend.params)
+
+    @property
+    def read_only(self) -> bool:
+        """True for a catalog loaded with ``view=True`` (memory-mapped files): changes are refused."""
+        return bool(getattr(self, "_read_only", False) or self._backend.read_only)
+
+    @property
+    def index_changes(self) -> int:
+        """Rows removed or updated since the usearch graph was built (0 for the exact backend)."""
+        return int(getattr(self._backend, "changes", 0))
+
     def index_of(self, item_id: str) -> int:
         """Row number of ``item_id`` (KeyError naming the id if absent)."""
         try:
             return self._pos[item_id]
-        except KeyError:
+        except (KeyError, TypeError):
             raise KeyError(f"item_id: {item_id!r} is not in the catalog") from None
 
     def id_to_index(self, item_ids: Iterable[str]) -> np.ndarray:
         """Row numbers (int64) of several ids."""
-        return np.array([self.index_of(i) for i in item_ids], dtype=np.int64)
+        return np.array([self.index_of(i) for i in _as_list(item_ids, "item_ids")], dtype=np.int64)
 
     def __contains__(self, item_id: object) -> bool:
-        return item_id in self._pos
+        try:
+            return item_id in self._pos
+        except TypeError:  # unhashable
+            return False
 
     # ------------------------------------------------------------------ mutation
     def add(
         self,
-        ids: Sequence[str],
+        ids: Iterable[str],
         embeddings: Any,
-        texts: Sequence[str] | None = None,
-        categories: Sequence[str | None] | None = None,
-        metadata: Sequence[dict] | None = None,
+        texts: Iterable[str] | None = None,
+        categories: Iterable[str | None] | None = None,
+        metadata: Iterable[dict | None] | None = None,
         *,
         normalize: bool = True,
     ) -> None:
-        """Append items (new ids only). Existing ids and row numbers are unchanged."""
+        """Append items (new ids only; embeddings (M, d) of the catalog's dimension). Existing ids and
+        row numbers are unchanged; the new items are searchable at once. Validated completely before
+        anything changes."""
+        self._writable()
+        ids = _as_list(ids, "ids")
         e = self._check_embeddings(embeddings, len(ids), self.dim, normalize)
         self._append(ids, e, texts, categories, metadata)
 
+    def update(
+        self,
+        ids: Iterable[str],
+        embeddings: Any = None,
+        *,
+        texts: Iterable[str] | None = None,
+        categories: Iterable[str | None] | None = None,
+        metadata: Iterable[dict | None] | None = None,
+        normalize: bool = True,
+    ) -> None:
+        """Change existing items in place (same ids, same rows): any of a new embedding (M, d), text,
+        category and metadata (each a sequence with one entry per id). Validated completely before
+        anything changes; the usearch graph is updated incrementally."""
+        self._writable()
+        ids = _as_list(ids, "ids")
+        rows = []
+        seen: set[str] = set()
+        for j, i in enumerate(ids):
+            i = self._check_id(i, j)
+            if i in seen:
+                raise ValueError(f"ids: {i!r} is given twice")
+            seen.add(i)
+            rows.append(self.index_of(i))
+        n = len(rows)
+        e = None if embeddings is None else self._check_embeddings(embeddings, n, self.dim, normalize)
+        t, c, m = self._check_fields(n, texts, categories, metadata, default_text=None)
+        if texts is not None:
+            for r, v in zip(rows, t, strict=True):
+                self.texts[r] = v
+        if categories is not None:
+            for r, v in zip(rows, c, strict=True):
+                self.categories[r] = v
+        if metadata is not None:
+            for r, v in zip(rows, m, strict=True):
+                self.metadata[r] = v
+        if e is not None and n:
+            idx = torch.tensor(rows, dtype=torch.int64)
+            embeddings = self.embeddings.clone()
+            embeddings.index_copy_(0, idx, e.to(self._dtype))
+            self.embeddings = embeddings
+            self._backend.updated(self.embeddings, np.asarray(rows, dtype=np.int64))
+        if n:
+            self.revision += 1
+
     def remove(self, ids: Iterable[str]) -> None:
-        """Delete items by id. Other items keep their ids; rows after a removed one move up."""
-        drop = set()
-        for i in ids:
-            drop.add(self.index_of(i))
+        """Delete items by id (KeyError naming the first unknown id; then nothing is removed). Other
+        items keep their ids; rows after a removed one move up. A removed item is never returned."""
+        self._writable()
+        drop = {self.index_of(i) for i in _as_list(ids, "ids")}
         if not drop:
             return
-        keep = [j for j in range(len(self)) if j not in drop]
-        idx = torch.tensor(keep, dtype=torch.int64)
-        self.embeddings = self.embeddings.index_select(0, idx).contiguous()
+        keep = np.array([j for j in range(len(self)) if j not in drop], dtype=np.int64)
+        self.embeddings = self.embeddings.index_select(0, torch.from_numpy(keep)).contiguous()
         self.ids = [self.ids[j] for j in keep]
         self.texts = [self.texts[j] for j in keep]
         self.categories = [self.categories[j] for j in keep]
         self.metadata = [self.metadata[j] for j in keep]
         self._pos = {i: j for j, i in enumerate(self.ids)}
-        self._index = None
+        self._backend.removed(keep)
+        self.revision += 1
+
+    # ------------------------------------------------------------------ filters
+    def filter_mask(self, allowed: Any) -> torch.Tensor:
+        """Compile a query-time filter to a bool (N,) mask over the current rows (do it once and pass
+        the mask to many searches; recompile after a change: see ``revision``).
+
+        Args:
+            allowed: a bool (N,) array or tensor (returned as a CPU tensor); an iterable of item ids
+                (unknown ids raise KeyError); or a predicate ``f(category, metadata) -> bool`` called
+                once per item.
+        """
+        n = len(self)
+        if isinstance(allowed, (torch.Tensor, np.ndarray)):
+            t, _ = as_tensor(allowed, "allowed")
+            return check_mask(t.cpu(), "allowed", n, torch.empty(0))
+        if callable(allowed):
+            out = torch.zeros(n, dtype=torch.bool)
+            for j, (c, m) in enumerate(zip(self.categories, self.metadata, strict=True)):
+                v = allowed(c, m)
+                if not isinstance(v, (bool, np.bool_)):
+                    raise ValueError(
+                        f"allowed: the predicate must return a bool, got {type(v).__name__} "
+                        f"for item {self.ids[j]!r}"
+                    )
+                out[j] = bool(v)
+            return out
+        rows = self.id_to_index(_as_list(allowed, "allowed"))
+        out = torch.zeros(n, dtype=torch.bool)
+        out[torch.from_numpy(rows)] = True
+        return out
 
     # ------------------------------------------------------------------ search
     def build_index(self, **params: Any) -> None:
-        """Build the usearch HNSW graph over the current rows (params: connectivity, expansion_add,
-        expansion_search, quantization ("f32", "f16", "i8"))."""
-        from usearch.index import Index
-
+        """(Re)build the usearch HNSW graph over the current rows (``index="usearch"`` catalogs only);
+        ``params`` update ``index_params`` (connectivity, expansion_add, expansion_search,
+        quantization ("f32", "f16", "bf16", "i8"), rerank)."""
+        if not isinstance(self._backend, UsearchBackend):
+            raise ValueError(f"build_index: the catalog's index is {self.index_kind!r}; use index='usearch'")
+        self._writable()
         if len(self) == 0:
             raise ValueError("catalog: is empty; add items before building an index")
-        p = {**self.index_params, **params}
-        self.index_params = p
-        idx = Index(
-            ndim=self.dim,
-            metric="ip",
-            dtype=p.get("quantization", "f16" if self._dtype == torch.float16 else "f32"),
-            connectivity=p.get("connectivity"),
-            expansion_add=p.get("expansion_add"),
-            expansion_search=p.get("expansion_search", 64),
-        )
-        idx.add(np.arange(len(self), dtype=np.uint64), self.embeddings.float().numpy())
-        self._index = idx
+        self._backend.params = check_index_params("usearch", {**self._backend.params, **params})
+        self._backend.build(self.embeddings)
 
-    def search(self, queries: Any, k: int, *, exact: bool | None = None) -> tuple[Any, Any]:
+    def search(
+        self, queries: Any, k: int, *, exact: bool | None = None, allowed: Any = None
+    ) -> tuple[Any, Any]:
         """Top-k items by inner product.
 
         Args:
             queries: float32 (B, d) (normalise them for cosine).
-            k: results per query; slots past ``len(self)`` hold row -1 and score -inf.
-            exact: force exact search (default: exact unless the catalog's index is ``"usearch"``).
+            k: results per query (an int >= 1); slots past the available items hold row -1 and
+                score -inf.
+            exact: force exact search (default: the catalog's backend).
+            allowed: a query-time filter, anything :meth:`filter_mask` accepts (a bool (N,) mask is
+                cheapest): only allowed rows are returned, k of them when that many exist.
 
         Returns:
-            (scores float32 (B, k), rows int64 (B, k)) in the library of ``queries``; map rows to
-            ids with ``[catalog.ids[r] for r in rows]``.
+            (scores float32 (B, k), rows int64 (B, k)) in the library of ``queries``, best first; map
+            rows to ids with ``[catalog.ids[r] for r in rows]``.
         """
         if len(self) == 0:
             raise ValueError("catalog: is empty; add items before searching")
-        use_exact = exact if exact is not None else self.index_kind == "exact"
         q, lib = as_tensor(queries, "queries")
-        check_finite(q, "queries")
-        if use_exact:  # the catalog was validated when built: skip its finiteness pass
-            return ops.knn(queries, self.embeddings, k, check_finite=False)
         if q.dim() != 2 or q.dtype != torch.float32 or q.shape[1] != self.dim:
             raise ValueError(f"queries: expected float32 (B, {self.dim}), got {describe(q)}")
-        k = check_positive_int(k, "k")
-        if self._index is None:
-            self.build_index()
-        B = q.shape[0]
-        kk = min(k, len(self))
-        scores = torch.full((B, k), -float("inf"), dtype=torch.float32)
-        rows = torch.full((B, k), -1, dtype=torch.int64)
-        if B:
-            m = self._index.search(q.detach().cpu().numpy(), kk)
-            keys = np.asarray(m.keys, dtype=np.int64).reshape(B, -1)
-            dist = np.asarray(m.distances, dtype=np.float32).reshape(B, -1)
-            counts = np.asarray(m.counts).reshape(B)
-            for b in range(B):
-                c = int(counts[b])
-                rows[b, :c] = torch.from_numpy(keys[b, :c])
-                scores[b, :c] = torch.from_numpy(1.0 - dist[b, :c])
-        return to_library(scores, lib), to_library(rows, lib)
+        check_finite(q, "queries")
+        mask = None if allowed is None else self.filter_mask(allowed)
+        use_exact = exact if exact is not None else self.index_kind == "exact"
+        backend = _EXACT if use_exact else self._backend
+        s, r = backend.search(self.embeddings, q.detach().cpu(), k, allowed=mask)
+        return to_library(s, lib), to_library(r, lib)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the catalog into directory ``path`` (created if needed), atomically per file, the
-        manifest last. Returns the directory."""
-        d = Path(path)
-        d.mkdir(parents=True, exist_ok=True)
-        files: dict[str, Any] = {}
+    def _item_lines(self) -> Iterable[bytes]:
+        for j, (i, t, c, m) in enumerate(
+            zip(self.ids, self.texts, self.categories, self.metadata, strict=True)
+        ):
+            o = {"id": i, "text": t, "category": c, "meta": m}
+            try:
+                line = json.dumps(o, ensure_ascii=False, allow_nan=False)
+            except (TypeError, ValueError, RecursionError):  # metadata changed after it was added
+                _item_meta(m, j)  # names the offending entry
+                raise
+            try:
+                yield line.encode("utf-8") + b"\n"
+            except UnicodeEncodeError:  # a lone surrogate: \u-escape it
+                yield json.dumps(o, allow_nan=False).encode("ascii") + b"\n"
 
-        def record(name: str) -> None:
-            p = d / name
-            files[name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-
-        atomic_write(
-            d / "embeddings.safetensors",
-            lambda p: save_file({"embeddings": self.embeddings.contiguous()}, str(p)),
-        )
-        record("embeddings.safetensors")
-
-        def write_items(p: Path) -> None:
-            with open(p, "w", encoding="utf-8") as f:
-                for i, t, c, m in zip(self.ids, self.texts, self.categories, self.metadata, strict=True):
-                    f.write(json.dumps({"id": i, "text": t, "category": c, "meta": m}, ensure_ascii=False))
-                    f.write("\n")
-
-        atomic_write(d / "items.jsonl", write_items)
-        record("items.jsonl")
-        if self.index_kind == "usearch":
-            if self._index is None:
-                self.build_index()
-            atomic_write(d / "index.usearch", lambda p: self._index.save(str(p)))
-            record("index.usearch")
-        manifest = {
-            "format": "r4t_fast.catalog",
-            "format_version": FORMAT_VERSION,
+    def save(self, path: str | os.PathLike, *, keep: int = 2) -> Path:
+        """Save into directory ``path``, crash-safely: the new version is written beside the old one
+        (every file fsynced and checksummed) and switched in by one atomic rename, so a save that
+        fails or is killed at any point leaves the previous version loadable (see :func:`r4t_fast._internal.save_dir_atomically`;
+        ``keep`` versions stay on disk). Returns ``path``."""
+        meta = {
             "n": len(self),
             "dim": self.dim,
             "dtype": self.dtype,
             "index": self.index_kind,
             "index_params": self.index_params,
-            "files": files,
+            "index_changes": self.index_changes,
         }
-        atomic_write_text(d / "manifest.json", json.dumps(manifest, indent=2))
-        return d
+
+        def write(tmp: Path) -> None:
+            save_file({"embeddings": self.embeddings.contiguous()}, str(tmp / "embeddings.safetensors"))
+            with open(tmp / "items.jsonl", "wb") as f:
+                f.writelines(self._item_lines())
+            self._backend.save(tmp, self.embeddings)
+
+        return save_dir_atomically(
+            path, write, format=FORMAT, format_version=FORMAT_VERSION, meta=meta, keep=keep
+        )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, verify: bool = True) -> Catalog:
-        """Load a catalog saved by :meth:`save`, verifying sizes and sha256 checksums of every file."""
-        d = Path(path)
-        mpath = d / "manifest.json"
-        if not mpath.is_file():
-            raise CatalogError(f"path: no catalog at {d} (missing manifest.json)")
+    def load(cls, path: str | os.PathLike, *, verify: bool = True, view: bool = False) -> Catalog:
+        """Load a catalog saved by :meth:`save`.
+
+        Args:
+            path: the catalog directory.
+            verify: compare the sha256 checksum of every file (sizes, manifest fields and items are
+                always checked); ``False`` only for trusted fast loads.
+            view: memory-map the embeddings and the usearch graph (pages shared between processes,
+                read on demand; with ``verify=False`` for a near-instant load), read-only serving.
+
+        Raises:
+            CatalogError: naming the file and the field or line at fault.
+        """
+        shown = Path(path)
+        m = verify_dir(
+            shown, format=FORMAT, format_versions=_READS_VERSIONS, verify=verify, error=CatalogError
+        )
+        d, mpath = m.path, shown / "manifest.json"
+
+        def field(name: str, ok: Callable[[Any], bool], expected: str) -> Any:
+            value = m.meta.get(name)
+            if not ok(value):
+                raise CatalogError(f"{mpath}: field {name!r}: expected {expected}, got {value!r}")
+            return value
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        n = field("n", lambda v: is_int(v) and v >= 0, "a non-negative int")
+        dim = field("dim", lambda v: is_int(v) and v >= 1, "a positive int")
+        dtype = field(
+            "dtype", lambda v: isinstance(v, str) and v in _STORE_DTYPES, f"one of {sorted(_STORE_DTYPES)}"
+        )
+        index = field(
+            "index", lambda v: isinstance(v, str) and v in INDEX_KINDS, f"one of {list(INDEX_KINDS)}"
+        )
+        raw_params = field("index_params", lambda v: v is None or isinstance(v, dict), "an object")
         try:
-            manifest = json.loads(mpath.read_text())
-            files = manifest["files"]
-            n, dim, dtype, index = manifest["n"], manifest["dim"], manifest["dtype"], manifest["index"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CatalogError(f"{mpath}: corrupt manifest ({exc})") from exc
-        if manifest.get("format") != "r4t_fast.catalog" or manifest.get("format_version") != FORMAT_VERSION:
-            raise CatalogError(f"{mpath}: not an r4t_fast catalog of format version {FORMAT_VERSION}")
-        for name in ["embeddings.safetensors", "items.jsonl"] + (
-            ["index.usearch"] if index == "usearch" else []
-        ):
-            p = d / name
-            if name not in files or not p.is_file():
-                raise CatalogError(f"{p}: missing catalog file")
-            if p.stat().st_size != files[name]["bytes"]:
-                raise CatalogError(
-                    f"{p}: size {p.stat().st_size} bytes, manifest says {files[name]['bytes']} (truncated?)"
-                )
-            if verify and sha256_file(p) != files[name]["sha256"]:
-                raise CatalogError(f"{p}: checksum mismatch (file edited or corrupt)")
-        try:
-            emb = load_file(str(d / "embeddings.safetensors"))["embeddings"]
-        except Exception as exc:  # safetensors raises several types on corrupt headers
-            raise CatalogError(f"{d / 'embeddings.safetensors'}: unreadable ({exc})") from exc
-        ids, texts, cats, metas = [], [], [], []
-        with open(d / "items.jsonl", encoding="utf-8") as f:
-            for ln, line in enumerate(f, 1):
-                try:
-                    o = json.loads(line)
-                    ids.append(o["id"])
-                    texts.append(o["text"])
-                    cats.append(o["category"])
-                    metas.append(o["meta"])
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise CatalogError(f"{d / 'items.jsonl'}:{ln}: malformed item ({exc})") from exc
-        if emb.shape != (n, dim) or len(ids) != n:
+            params = check_index_params(index, raw_params)
+        except ValueError as exc:
+            raise CatalogError(f"{mpath}: field 'index_params': {exc}") from None
+        needed = ["embeddings.safetensors", "items.jsonl"]
+        if index == "usearch":
+            needed.append("index.usearch")
+            if m.format_version >= 2:
+                needed.append("index_keys.npy")
+        for name in needed:
+            if name not in m.files:
+                raise CatalogError(f"{mpath}: field 'files': no entry for {name!r}")
+
+        emb = cls._load_embeddings(d / "embeddings.safetensors", shown / "embeddings.safetensors", view)
+        if emb.dtype != _STORE_DTYPES[dtype]:
             raise CatalogError(
-                f"{d}: inconsistent sizes (manifest {n}x{dim}, "
-                f"embeddings {tuple(emb.shape)}, items {len(ids)})"
+                f"{shown / 'embeddings.safetensors'}: dtype {str(emb.dtype).replace('torch.', '')}, "
+                f"manifest field 'dtype' says {dtype}"
             )
+        if tuple(emb.shape) != (n, dim):
+            raise CatalogError(
+                f"{shown / 'embeddings.safetensors'}: shape {tuple(emb.shape)}, manifest fields 'n', 'dim' "
+                f"say ({n}, {dim})"
+            )
+        ids, texts, cats, metas = cls._load_items(d / "items.jsonl", shown / "items.jsonl", n)
+
         cat = cls.__new__(cls)
         cat.ids, cat.texts, cat.categories, cat.metadata = ids, texts, cats, metas
         cat._pos = {i: j for j, i in enumerate(ids)}
-        if len(cat._pos) != n:
-            raise CatalogError(f"{d / 'items.jsonl'}: duplicate item ids")
         cat._dtype = _STORE_DTYPES[dtype]
-        cat.embeddings = emb.to(cat._dtype).contiguous()
+        cat.embeddings = emb if view else emb.contiguous()
         cat.index_kind = index
-        cat.index_params = manifest.get("index_params", {})
-        cat._index = None
-        if index == "usearch":
-            from usearch.index import Index
-
-            cat._index = Index.restore(str(d / "index.usearch"))
-            if cat._index is None or len(cat._index) != n:
-                raise CatalogError(f"{d / 'index.usearch'}: unreadable or does not match the catalog")
-            cat._index.expansion_search = int(cat.index_params.get("expansion_search", 64))
+        cat.revision = 0
+        cat._read_only = view
+        try:
+            cat._backend = BACKENDS[index].load(d, n, dim, params, view=view)
+        except CatalogError:
+            raise
+        except ValueError as exc:
+            raise CatalogError(str(exc).replace(str(d), str(shown))) from None
+        changes = m.meta.get("index_changes", 0)
+        if hasattr(cat._backend, "changes") and isinstance(changes, int) and not isinstance(changes, bool):
+            cat._backend.changes = max(0, changes)
         return cat
+
+    @staticmethod
+    def _load_embeddings(path: Path, shown: Path, view: bool) -> torch.Tensor:
+        try:
+            if view:
+                return _mmap_safetensors(path, "embeddings")
+            tensors = load_file(str(path))
+            if set(tensors) != {"embeddings"}:
+                raise CatalogError(f"{shown}: expected one tensor 'embeddings', got {sorted(tensors)}")
+            return tensors["embeddings"]
+        except CatalogError:
+            raise
+        except Exception as exc:  # safetensors raises several types on corrupt headers
+            raise CatalogError(f"{shown}: unreadable ({type(exc).__name__}: {exc})") from None
+
+    @staticmethod
+    def _load_items(path: Path, shown: Path, n: int) -> tuple[list[str], list[str], list[Any], list[dict]]:
+        ids: list[str] = []
+        texts: list[str] = []
+        cats: list[str | None] = []
+        metas: list[dict] = []
+        first: dict[str, int] = {}
+        with open(path, "rb") as f:
+            for ln, raw in enumerate(f, 1):
+                where = f"{shown}:{ln}"
+                try:
+                    o = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    raise CatalogError(f"{where}: not valid UTF-8 ({exc.reason})") from None
+                except RecursionError:
+                    raise CatalogError(f"{where}: malformed item (nested too deeply)") from None
+                except ValueError as exc:
+                    raise CatalogError(f"{where}: malformed item ({exc})") from None
+                if not isinstance(o, dict):
+                    raise CatalogError(f"{where}: expected a JSON object, got {type(o).__name__}")
+                i, t, c, meta = o.get("id"), o.get("text"), o.get("category"), o.get("meta")
+                if not isinstance(i, str) or not i:
+                    raise CatalogError(f"{where}: field 'id': expected a non-empty str, got {i!r:.60}")
+                if i in first:
+                    raise CatalogError(f"{where}: field 'id': duplicate id {i!r} (first at line {first[i]})")
+                if not isinstance(t, str):
+                    raise CatalogError(f"{where}: field 'text': expected a str, got {t!r:.60}")
+                if c is not None and not isinstance(c, str):
+                    raise CatalogError(f"{where}: field 'category': expected a str or null, got {c!r:.60}")
+                if not isinstance(meta, dict):
+                    raise CatalogError(f"{where}: field 'meta': expected an object, got {meta!r:.60}")
+                first[i] = ln
+                ids.append(i)
+                texts.append(t)
+                cats.append(c)
+                metas.append(meta)
+        if len(ids) != n:
+            raise CatalogError(f"{shown}: {len(ids)} items, manifest field 'n' says {n}")
+        return ids, texts, cats, metas
