@@ -59,6 +59,15 @@ class GaussianDenoiser(nn.Module):
         return (D - c_skip * x) / c_out
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one thread (on a shared 2-core machine a second, spinning one only costs)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def f64():
     old = torch.get_default_dtype()

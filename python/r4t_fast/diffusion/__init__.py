@@ -2,8 +2,9 @@
 
 - :mod:`~r4t_fast.diffusion.model`: :class:`DiffusionConfig`, ``MODEL_PRESETS``, :class:`SetDenoiser`
   (the set transformer), :class:`EDM` (preconditioning, loss, guidance), save/load;
-- :mod:`~r4t_fast.diffusion.samplers`: Karras schedule, Euler / Euler-Maruyama / Heun, the sampling
-  defaults (``SAMPLING_DEFAULTS``), ``generate_sets``;
+- :mod:`~r4t_fast.diffusion.samplers`: Karras schedule, Euler / Euler-Maruyama / Heun / DPM-Solver++(2M)
+  / consistency sampling, ``nfe(sampler, steps)``, the sampling defaults (``SAMPLING_DEFAULTS``),
+  ``generate_sets``; consistency distillation itself is :mod:`r4t_fast.train.distill` (``r4t distill``);
 - :mod:`~r4t_fast.diffusion.retriever`: :class:`~r4t_fast.Retriever` (query text -> grounded item sets).
 
 The names of the old ``r4t_fast.diffusion`` module are re-exported here.

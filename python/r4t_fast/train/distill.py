@@ -1,27 +1,39 @@
 """Few-step sets: consistency distillation of a trained EDM set model, and quality against NFE.
 
-**Consistency distillation** (CD; Song et al. 2023, "Consistency Models", Algorithm 2). The student f_θ
-starts as a copy of the teacher and keeps its EDM parametrisation f(x, σ) = c_skip·x + c_out·F; it is
-trained so that two points on one probability-flow trajectory of the *teacher* map to the same x0:
+The student f_θ starts as a copy of the teacher and keeps its EDM parametrisation
+f(x, σ) = c_skip·x + c_out·F; it learns the *consistency function* of the teacher: the map from a noisy
+set (x, σ) to the end (σ = 0) of the teacher's probability-flow ODE trajectory through it. It is then
+sampled with ``SAMPLERS["consistency"]`` in 1–4 steps (one network evaluation each; Song et al. 2023,
+Algorithm 1). Two ways to learn f (``DistillConfig.method``):
 
-    σ_1 = σ_min < … < σ_N = σ_max   (Karras levels, ρ = 7),   n ~ U{1, …, N−1}
-    x_{n+1} = x0 + σ_{n+1}·z,   x̂_n = one teacher Heun step of the ODE from σ_{n+1} to σ_n
-    loss = λ·d(f_θ(x_{n+1}, σ_{n+1}), f_θ⁻(x̂_n, σ_n)),   f_θ⁻ = EMA of θ (decay μ), and f⁻(x̂_1, σ_1) := x̂_1
+``"ode"`` (default): regress the teacher's own solution. At every level σ the consistency sampler
+evaluates (:func:`consistency_levels`: σ_max, σ_data and the Karras levels between), pairs
+x = x0 + σ·z are drawn from the training data and solved to σ = 0 by the teacher (16 Heun steps); the
+loss is ‖f_θ(x, σ) − solution‖² / σ_data² per element. This is direct ODE distillation (Luhman & Luhman
+2021) at the consistency levels: the target is what the bootstrap below converges to, known up front.
 
-(the last rule is the boundary condition f(x, σ_min) = x; EDM's c_skip(σ_min) is 1 − O(σ_min²/σ_d²),
-so the same network also satisfies it to that order elsewhere). d is the squared L2 distance per element
-divided by σ_data² (or iCT's pseudo-Huber on the same scale). The distilled model is sampled with
-``SAMPLERS["consistency"]`` in 1–4 steps (one network evaluation each).
+``"cd"``: Song et al.'s bootstrapped consistency distillation (Algorithm 2). Karras levels
+σ_1 = σ_min < … < σ_N = σ_max, n ~ U{1, …, N−1}, x_{n+1} = x0 + σ_{n+1}·z, x̂_n = one teacher Heun step
+from σ_{n+1} to σ_n, loss = d(f_θ(x_{n+1}, σ_{n+1}), f_θ⁻(x̂_n, σ_n)) with f_θ⁻ an EMA of θ (decay μ)
+and f⁻(x̂_1, σ_1) := x̂_1 (the boundary condition f(x, σ_min) = x; EDM's c_skip(σ_min) is
+1 − O(σ_min²/σ_d²), so the network meets it to that order elsewhere).
 
-Why CD and not progressive distillation (PD): PD halves the step count per phase, so 31 NFE → 1 takes
-five successive trainings, each learning two teacher steps and inheriting the previous phase's errors,
-and each phase's student serves a single step count. CD is one training whose step costs one teacher
-Heun step (2 evaluations) and one target evaluation, and the one student serves 1, 2, 3 or 4 steps. On a
-2-core CPU with a few thousand optimizer steps in all, one phase is what fits the budget.
+Measured on tests/test_distill.py's mode-coverage problem (3 modes per query, teacher Heun 16 steps
+covering 0.92 of them; 600 steps, lr 1e-3, EMA 0.98): ``"ode"`` covers 0.69 / 0.86 / 0.89 at 1 / 2 / 3 steps;
+``"cd"`` 0.47 / 0.00 / 0.00 (N = 10, μ = 0) or 0.58 / 0.42 / 0.53 (N = 18, μ = 0.95). The bootstrap
+passes information up one level per round of training, which a CPU budget of a few hundred to a few
+thousand steps does not allow; the regression does not wait. Its price is up front:
+``levels × pool_size × 31`` teacher evaluations (5 levels; 2,048 pairs each by default).
+
+Why consistency distillation and not progressive distillation (PD): PD halves the step count per
+phase, so 31 NFE → 1 takes five successive trainings, each learning two teacher steps and inheriting the
+previous phase's errors, and each phase's student serves a single step count. Here one training serves
+1, 2, 3 and 4 steps, and on a 2-core CPU one phase is what fits the budget.
 
 **Quality against NFE** (:func:`quality_vs_nfe`): a :class:`~r4t_fast.Retriever` scored at each
-(sampler, steps) on held-out queries with item-level metrics: ``recall_at_fair`` (recall of the
-reference set over a K-distinct round-robin union of the rows' candidates, K = :func:`fair_budget`),
+(sampler, steps) on held-out queries with the item-level metrics of :mod:`r4t_fast.objectives`:
+``recall_at_fair`` (recall of the reference set over a K-distinct round-robin union of the rows'
+candidates, K = ``fair_budget``),
 ``vendi`` (of the k items), ``item_relevance`` (mean (1 + cos(item, query)) / 2), ``row_groundedness``.
 
 CLI: ``r4t distill --teacher runs/x/diffusion --data runs/x/synthesis --out runs/x/distilled``.
@@ -48,16 +60,14 @@ from tqdm.auto import tqdm
 
 from r4t_fast._internal import atomic_write_text, publish_dir, unit_rows
 from r4t_fast.diffusion.model import EDM, SetDenoiser, clone_for_ema, ema_update, load_model, save_model
-from r4t_fast.diffusion.samplers import SAMPLERS, consistency_sigmas, karras_sigmas, nfe, steps_for_nfe
+from r4t_fast.diffusion.samplers import SAMPLERS, karras_sigmas, nfe, sampler_sigmas, steps_for_nfe
 
 __all__ = [
     "DEFAULT_NFE_GRID",
     "DistillConfig",
     "distill_consistency",
-    "fair_budget",
     "nfe_grid",
     "quality_vs_nfe",
-    "round_robin_union",
     "save_distilled",
 ]
 
@@ -75,17 +85,13 @@ class DistillConfig:
     )
     steps: int = field(default=1500, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=128, metadata={"help": "sets per batch"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (Adam; CM paper: 1e-4 to 4e-4)"})
+    lr: float = field(default=5e-4, metadata={"help": "peak learning rate (Adam)"})
     warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
     pool_size: int = field(
         default=2048, metadata={"help": "ode: (x, teacher solution) pairs precomputed per noise level"}
     )
     teacher_steps: int = field(
         default=16, metadata={"help": "ode: Heun steps of the teacher's solution from each level"}
-    )
-    sigma_low: float | None = field(
-        default=None,
-        metadata={"help": "ode: lowest consistency level (the sampler's); None = the teacher's sigma_data"},
     )
     levels: int = field(default=18, metadata={"help": "cd: N, Karras levels the teacher steps between"})
     rho: float = field(default=7.0, metadata={"help": "ρ of the Karras levels"})
@@ -97,7 +103,7 @@ class DistillConfig:
     target_ema: float = field(
         default=0.95, metadata={"help": "μ: EMA decay of the target network f⁻ (CM paper for CD: 0.95)"}
     )
-    ema: float = field(default=0.999, metadata={"help": "EMA decay of the saved weights"})
+    ema: float = field(default=0.99, metadata={"help": "EMA decay of the saved weights"})
     loss: str = field(default="l2", metadata={"help": "distance: l2 | pseudo_huber (iCT)"})
     huber_c: float = field(
         default=1e-3, metadata={"help": "pseudo_huber: c, in units of σ_data per element (iCT's c)"}
@@ -132,8 +138,6 @@ class DistillConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        if self.sigma_low is not None and not self.sigma_low > 0:
-            raise ValueError(f"sigma_low: expected > 0 or None, got {self.sigma_low}")
         if self.teacher_solver not in ("heun", "euler"):
             raise ValueError(f"teacher_solver: expected 'heun' or 'euler', got {self.teacher_solver!r}")
         if self.loss not in ("l2", "pseudo_huber"):
@@ -195,10 +199,9 @@ def distill_levels(cfg: DistillConfig, teacher_cfg: Any) -> list[float]:
 
 
 def consistency_levels(cfg: DistillConfig, teacher_cfg: Any, max_steps: int = 4) -> list[float]:
-    """ode: every level at which ``SAMPLERS["consistency"]`` evaluates the model in 1 to ``max_steps``
-    steps (:func:`~r4t_fast.diffusion.samplers.consistency_sigmas` down to ``sigma_low``), descending."""
-    low = cfg.sigma_low if cfg.sigma_low is not None else teacher_cfg.sigma_data
-    levels = {s for n in range(1, max_steps + 1) for s in consistency_sigmas(n, low, teacher_cfg.sigma_max)}
+    """ode: every level at which ``generate_sets(..., sampler="consistency")`` evaluates the model in 1 to
+    ``max_steps`` steps (:func:`~r4t_fast.diffusion.samplers.sampler_sigmas`), descending."""
+    levels = {s for n in range(1, max_steps + 1) for s in sampler_sigmas("consistency", n, teacher_cfg)}
     return sorted((s for s in levels if s > 0), reverse=True)
 
 
@@ -256,8 +259,8 @@ def distill_consistency(
     to σ = 0, at each level the consistency sampler uses (:func:`consistency_levels`), over a pool of
     pairs computed once. That solution *is* the consistency function the bootstrap of ``"cd"`` converges
     to (the probability-flow ODE's map to σ = 0), so no level waits for the one below it to be learned:
-    measured on tests/test_distill.py's mode-coverage problem, it reaches in a few hundred steps what
-    ``"cd"`` (Song et al. 2023, Algorithm 2, described in the module docstring) did not reach in 300.
+    on the mode-coverage problem it reached in 600 steps what ``"cd"`` (Song et al. 2023, Algorithm 2)
+    did not (numbers in the module docstring).
     It costs ``levels × pool_size × (2·teacher_steps − 1)`` teacher evaluations up front.
     """
     from r4t_fast.train.diffusion import _check_pairs
@@ -413,38 +416,6 @@ def nfe_grid(
     return out
 
 
-def fair_budget(n_items: int, k: int, fraction: float = 0.035) -> int:
-    """The fair candidate budget K: the multiple of ``k`` closest to ``fraction`` of the catalog (at
-    least ``k``, at most the largest multiple of ``k`` that fits in the catalog). Paper: ~5,000 of 142k.
-
-    Private stand-in for the yardstick issue's ``fair_budget`` (swap when ``r4t_fast.objectives`` has it).
-
-    >>> fair_budget(18800, 10), fair_budget(142472, 10), fair_budget(50, 10)
-    (660, 4990, 10)
-    """
-    if n_items < k:
-        raise ValueError(f"n_items: the catalog ({n_items}) is smaller than k ({k})")
-    return int(min(max(1, round(fraction * n_items / k)), n_items // k) * k)
-
-
-def round_robin_union(candidates: Any, budget: int) -> np.ndarray:
-    """The K-distinct candidate union: rows read round-robin (row 1's first candidate, row 2's first,
-    …, then every row's second, …), duplicates and ids < 0 skipped, until ``budget`` items.
-
-    Private stand-in for the yardstick issue's union (swap when ``r4t_fast.objectives`` has it).
-
-    >>> round_robin_union(np.array([[5, 1, 9], [5, 2, 7]]), 4).tolist()
-    [5, 1, 2, 9]
-    """
-    arr = np.asarray(candidates.cpu() if isinstance(candidates, torch.Tensor) else candidates)
-    if arr.ndim != 2 or arr.dtype.kind not in "iu":
-        raise ValueError(f"candidates: expected integer ids of shape (L, C), got {arr.dtype} {arr.shape}")
-    flat = arr.T.reshape(-1).astype(np.int64)  # round-robin order
-    _, first = np.unique(flat, return_index=True)
-    first = np.sort(first[flat[first] >= 0])
-    return flat[first[:budget]]
-
-
 @torch.no_grad()
 def quality_vs_nfe(
     retriever: Any,
@@ -464,22 +435,27 @@ def quality_vs_nfe(
         retriever: a :class:`~r4t_fast.Retriever` (query and rows in one space: ``cond_dim == dim``).
         query_emb: (Q, cond_dim) float32 query embeddings.
         references: per query, the reference set as catalog row indices.
-        grid: (sampler, steps) pairs (default: :func:`nfe_grid` plus ``("consistency", 1..4)`` when
-            the model was distilled, read from its ``sampling`` record if the retriever has one).
+        grid: (sampler, steps) pairs (default: :func:`nfe_grid`, plus ``("consistency", 1..4)`` when
+            the retriever's default sampler is ``consistency``, i.e. it was distilled).
         k: items per set (default: the model's set size).
-        budget: candidate budget K (default: :func:`fair_budget` of the catalog).
+        budget: candidate budget K (default: ``r4t_fast.objectives.fair_budget`` of the catalog).
 
     Returns:
         one dict per grid point: ``sampler``, ``steps``, ``nfe``, ``fair_budget``, and the means over
-        queries of ``recall_at_fair`` (|Y ∩ U_K| / |Y|, U_K = :func:`round_robin_union` of the k rows'
+        queries of ``recall_at_fair`` (|Y ∩ U_K| / |Y|, U_K = ``round_robin_union`` of the k rows'
         candidates), ``vendi`` (Vendi score of the k items, cosine kernel), ``item_relevance``
         (mean over the k items of (1 + cos(item, query)) / 2) and ``row_groundedness``
-        (1 − mean_rows min_c ‖row − c‖ / 2), plus ``queries``.
-
-    Private metric versions (recall over the round-robin union, item relevance) stand in for the
-    yardstick issue's ``r4t_fast.objectives`` functions; Vendi and groundedness are the objectives' own.
+        (1 − mean_rows min_c ‖row − c‖ / 2), plus ``queries``. Every formula is
+        :mod:`r4t_fast.objectives`'s.
     """
-    from r4t_fast.objectives import groundedness, recall_at_k, vendi_score
+    from r4t_fast.objectives import (
+        fair_budget,
+        groundedness,
+        item_relevance,
+        recall_at_k,
+        round_robin_union,
+        vendi_score,
+    )
 
     cfg = retriever.model.cfg
     if cfg.cond_dim != cfg.dim:
@@ -511,8 +487,7 @@ def quality_vs_nfe(
             unions = [round_robin_union(s.candidates, K) for s in sets]
             recall.append(recall_at_k(unions, [list(r) for r in references[start : start + len(sets)]]))
             vendi.append(vendi_score(items).numpy())
-            cos = torch.einsum("bkd,bd->bk", items, qn[start : start + len(sets)].double())
-            rel.append(((1 + cos) / 2).mean(1).numpy())
+            rel.append(item_relevance(items, qn[start : start + len(sets)].double()).numpy())
             ground.append(groundedness(rows, cat).numpy())
         rows_out.append(
             {
