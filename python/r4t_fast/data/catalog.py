@@ -481,8 +481,8 @@ class Catalog:
     def save(self, path: str | os.PathLike, *, keep: int = 2) -> Path:
         """Save into directory ``path``, crash-safely: the new version is written beside the old one
         (every file fsynced and checksummed) and switched in by one atomic rename, so a save that
-        fails or is killed at any point leaves the previous version loadable (see :func:`r4t_fast._internal.save_dir_atomically`;
-        ``keep`` versions stay on disk). Returns ``path``."""
+        fails or is killed at any point leaves the previous version loadable (see
+        :func:`r4t_fast._internal.save_dir_atomically`; ``keep`` versions stay on disk). Returns ``path``."""
         meta = {
             "n": len(self),
             "dim": self.dim,
