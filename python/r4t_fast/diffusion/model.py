@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from r4t_fast._internal import atomic_write, atomic_write_text
+from r4t_fast._internal import atomic_write, atomic_write_text, check_positive_int
 
 __all__ = [
     "DiffusionConfig",
@@ -85,9 +85,7 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         for name in ("set_size", "dim", "cond_dim", "hidden", "layers", "heads", "mlp", "cond_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+            setattr(self, name, check_positive_int(getattr(self, name), name))
         if self.hidden % self.heads:
             raise ValueError(f"hidden: must be divisible by heads ({self.heads}), got {self.hidden}")
         if not 0 < self.sigma_min < self.sigma_max:

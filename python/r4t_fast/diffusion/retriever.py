@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from r4t_fast._internal import atomic_write_text, unit_rows
+from r4t_fast._internal import atomic_write_text, check_non_negative_int, check_positive_int, unit_rows
 from r4t_fast.data.catalog import Catalog
 from r4t_fast.data.results import RetrievalResult
 from r4t_fast.diffusion.model import EDM, SetDenoiser, load_model, save_model
@@ -173,12 +173,10 @@ class Retriever:
         if not bool(torch.isfinite(q).all()):
             raise ValueError("query_emb: contains NaN or inf")
         k = cfg.set_size if k is None else k
-        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-            raise ValueError(f"k: expected a positive int, got {k!r}")
+        k = check_positive_int(k, "k")
         if k > len(self.catalog):
             raise ValueError(f"k: {k} exceeds the catalog size ({len(self.catalog)})")
-        if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) or n_candidates < 0:
-            raise ValueError(f"n_candidates: expected an int >= 0, got {n_candidates!r}")
+        n_candidates = check_non_negative_int(n_candidates, "n_candidates")
         o = {**self.defaults}
         for key, v in (("steps", steps), ("sampler", sampler), ("guidance", guidance), ("seed", seed)):
             if v is not None:

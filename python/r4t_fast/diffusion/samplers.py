@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from r4t_fast._internal import check_positive_int
 from r4t_fast.diffusion.model import EDM, DiffusionConfig
 from r4t_fast.kernels import ops, reference
 
@@ -77,8 +78,7 @@ SAMPLING_DEFAULTS = SamplingDefaults()
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
     """Karras et al. (2022) noise levels, decreasing, with a final 0: ``steps + 1`` floats."""
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    steps = check_positive_int(steps, "steps")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"sigma_min/sigma_max: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     if steps == 1:
@@ -292,9 +292,7 @@ def get_sampler(name: str) -> Callable[..., torch.Tensor]:
 
 
 def _check_steps(steps: object) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
-    return steps
+    return check_positive_int(steps, "steps")
 
 
 def nfe(sampler: str, steps: int) -> int:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     pass
 
 
-from r4t_fast._internal import check_k
+from r4t_fast._internal import check_k, check_positive_int
 
 __all__ = ["ParseResult", "parse_subqueries"]
 
@@ -187,8 +187,7 @@ def parse_subqueries(text: str, k: int, *, max_chars: int = 200) -> ParseResult:
     if not isinstance(text, str):
         raise TypeError(f"text: expected str, got {type(text).__name__}")
     k = check_k(k)
-    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1:
-        raise ValueError(f"max_chars: expected a positive int, got {max_chars!r}")
+    max_chars = check_positive_int(max_chars, "max_chars")
     text = text[:_MAX_TEXT_CHARS]
 
     def result(items: list[str], method: str, reason: str | None, strict: bool) -> ParseResult:

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from r4t_fast._internal import check_positive_int
 from r4t_fast.diffusion.model import (
     EDM,
     SetDenoiser,
@@ -68,9 +69,7 @@ class DiffusionTrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+            setattr(self, name, check_positive_int(getattr(self, name), name))
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
         if not 0 <= self.ema < 1:

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from r4t_fast._internal import atomic_write_text, publish_dir, unit_rows
+from r4t_fast._internal import atomic_write_text, check_positive_int, publish_dir, unit_rows
 from r4t_fast.diffusion.model import EDM, SetDenoiser, clone_for_ema, ema_update, load_model, save_model
 from r4t_fast.diffusion.samplers import SAMPLERS, karras_sigmas, nfe, sampler_sigmas, steps_for_nfe
 
@@ -120,9 +120,7 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+            setattr(self, name, check_positive_int(getattr(self, name), name))
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup: expected an int >= 0, got {self.warmup!r}")
         if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 2:
@@ -135,9 +133,7 @@ class DistillConfig:
         if self.method not in ("ode", "cd"):
             raise ValueError(f"method: expected 'ode' or 'cd', got {self.method!r}")
         for name in ("pool_size", "teacher_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+            setattr(self, name, check_positive_int(getattr(self, name), name))
         if self.teacher_solver not in ("heun", "euler"):
             raise ValueError(f"teacher_solver: expected 'heun' or 'euler', got {self.teacher_solver!r}")
         if self.loss not in ("l2", "pseudo_huber"):

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from r4t_fast._internal import check_positive_int
+from r4t_fast._internal import atomic_write, check_positive_int
 
 __all__ = ["SynthesisConfig", "synthesize"]
 
@@ -181,9 +181,9 @@ def synthesize(
         tensors, counts = synthesize_queries(chunk, lm, data.encoder, data.catalog, cfg, cfg.seed + i)
         for key, v in counts.items():
             totals[key] += v
-        tmp = out / f".shard-{i:05d}.tmp"
-        save_file(tensors, str(tmp), metadata={"queries": json.dumps(chunk)})
-        os.replace(tmp, path)
+        atomic_write(
+            path, lambda p, t=tensors, c=chunk: save_file(t, str(p), metadata={"queries": json.dumps(c)})
+        )
     summary = {
         "config": asdict(cfg),
         "n_queries": len(queries),
