@@ -6,8 +6,9 @@
 // Plan of one call (knn_cpu_plan):
 //   keff      = min(k, number of allowed rows): heaps and merge buffers scale with keff, never with k; the
 //               output slots keff..k-1 are written as sentinels (id -1, score -inf for IP / +inf for L2).
-//   threads   = min(requested, allowed rows / 256, B * allowed * d / 4M): small searches stay on the
-//               calling thread (waking a team costs more than the work).
+//   threads   = min(requested, allowed rows / 256, max(B, 8) * allowed * d / 4M): small searches stay
+//               on the calling thread (waking a team costs more than the work); a single query over a
+//               catalog of >= 1M floats gets a second thread (it is memory-bound).
 //   path      = direct when B < W (the vector width in floats), else GEMM.
 //   chunking  = queries in chunks of at most 4096, fewer when T * chunk * keff heap entries would
 //               exceed 256 MiB.
@@ -112,6 +113,7 @@ constexpr int64_t kHeapBudgetBytes = int64_t(1) << 28;  // per query chunk, all 
 constexpr int64_t kTileBytes = 1 << 20;                 // GEMM path: catalog tile per thread (L2)
 constexpr int64_t kQueryBlockL1Bytes = 32 * 1024;       // K-blocking: a query block's feature slice
 constexpr int64_t kWorkPerThread = int64_t(1) << 22;    // multiply-adds per extra thread
+constexpr int64_t kPrefetchBytes = int64_t(32) << 20;   // direct path prefetches catalogs larger than this
 
 // Compiled ISAs, best first, and whether this CPU runs them.
 struct IsaEntry {
@@ -163,14 +165,18 @@ const IsaEntry& active() {
   return isas()[static_cast<size_t>(o >= 0 ? o : detected_isa())];
 }
 
-int64_t count_allowed(const uint8_t* allowed, int64_t N) {
-  if (allowed == nullptr) return N;
+int64_t count_range(const uint8_t* allowed, int64_t a, int64_t b) {
   int64_t c = 0;
-  for (int64_t i = 0; i < N; ++i) c += allowed[i] != 0;
+  for (int64_t i = a; i < b; ++i) c += allowed[i] != 0;  // vectorised by the compiler
   return c;
 }
 
-// Row ranges [b[t], b[t+1]) holding about equal numbers of allowed rows.
+int64_t count_allowed(const uint8_t* allowed, int64_t N) {
+  return allowed == nullptr ? N : count_range(allowed, 0, N);
+}
+
+// Row ranges [b[t], b[t+1]) holding about equal numbers of allowed rows: counts per block of 4096 rows,
+// then a row-by-row walk only inside the block where a boundary falls.
 std::vector<int64_t> split_rows(const uint8_t* allowed, int64_t N, int64_t n_allowed, int T) {
   std::vector<int64_t> b(static_cast<size_t>(T) + 1, N);
   b[0] = 0;
@@ -179,11 +185,20 @@ std::vector<int64_t> split_rows(const uint8_t* allowed, int64_t N, int64_t n_all
     for (int t = 1; t < T; ++t) b[t] = std::min(N, t * per);
     return b;
   }
+  constexpr int64_t kBlock = 4096;
   int64_t seen = 0;
   int t = 1;
-  for (int64_t i = 0; i < N && t < T; ++i) {
-    seen += allowed[i] != 0;
-    while (t < T && seen * T >= n_allowed * t) b[t++] = i + 1;
+  for (int64_t b0 = 0; b0 < N && t < T; b0 += kBlock) {
+    const int64_t b1 = std::min(N, b0 + kBlock);
+    const int64_t c = count_range(allowed, b0, b1);
+    if ((seen + c) * T < n_allowed * t) {  // no boundary in this block
+      seen += c;
+      continue;
+    }
+    for (int64_t i = b0; i < b1 && t < T; ++i) {
+      seen += allowed[i] != 0;
+      while (t < T && seen * T >= n_allowed * t) b[t++] = i + 1;
+    }
   }
   return b;
 }
@@ -200,7 +215,9 @@ KnnPlan knn_cpu_plan(const KnnParams& p) {
   plan.isa = I.name;
   plan.n_allowed = count_allowed(p.allowed, p.N);
   plan.keff = std::min(p.k, plan.n_allowed);
-  const int64_t work = p.B * plan.n_allowed * p.d;
+  // Work: multiply-adds, but at least the catalog's floats read: a single query is memory-bound, and a
+  // second thread doubles its bandwidth once the catalog is a few MiB.
+  const int64_t work = std::max(p.B, int64_t{8}) * plan.n_allowed * p.d;
   plan.threads = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>({max_threads(p.num_threads), plan.n_allowed / 256, work / kWorkPerThread})));
   plan.direct = p.B < I.W;
@@ -275,6 +292,7 @@ void knn_cpu(const KnnParams& p) {
   J.dpad = dpad;
   J.keff = keff;
   J.direct = plan.direct;
+  J.prefetch = N * d * (J.f16 ? 2 : 4) > kPrefetchBytes;
   J.tile_rows = tile_rows;
   J.kc = plan.kc;
 

@@ -62,10 +62,18 @@ R4T_INLINE int64_t collect_rows(const uint8_t* allowed, int64_t& cur, int64_t en
     return n;
   }
   while (cur < end && c < want) {
-    if (cur + 8 <= end && (cur & 7) == 0) {  // skip runs of disallowed rows 8 at a time
+    if (cur + 8 <= end && (cur & 7) == 0) {  // 8 rows at a time: all excluded, or all allowed (bool 1s)
       uint64_t w;
       std::memcpy(&w, allowed + cur, sizeof w);
       if (w == 0) {
+        cur += 8;
+        continue;
+      }
+      if (w == 0x0101010101010101ull && want - c >= 8) {
+        if (ids != nullptr) {
+          for (int64_t i = 0; i < 8; ++i) ids[c + i] = cur + i;
+        }
+        c += 8;
         cur += 8;
         continue;
       }
@@ -97,6 +105,7 @@ struct Job {
   const uint8_t* allowed = nullptr;
   int64_t d = 0, dpad = 0, keff = 0, nq = 0;
   bool direct = false;
+  bool prefetch = false;        // direct path: software-prefetch rows ahead (catalogs beyond the L3)
   const float* qrow = nullptr;  // direct path: (nq, dpad) queries, zero-padded rows
   const float* qT = nullptr;    // GEMM path: transposed query blocks
   const QBlock* blocks = nullptr;
