@@ -32,23 +32,7 @@ constexpr int W = R4T_W;
 constexpr int NR = R4T_NR;
 constexpr int NVMAX = R4T_NVMAX;
 constexpr int DR = R4T_DR;
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-
-R4T_INLINE vf vload(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-R4T_INLINE void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-R4T_INLINE vf vload_partial(const float* p, int64_t n) {
-  vf v = {};
-  std::memcpy(&v, p, static_cast<size_t>(n) * sizeof(float));
-  return v;
-}
-R4T_INLINE vf vsplat(float x) { return vf{} + x; }
-R4T_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }  // maxps semantics: b when either is NaN
-R4T_INLINE vf vmin(vf a, vf b) { return a < b ? a : b; }
+#include "cpu/simd_vec.h"  // vf, vi, vload, vstore, vload_partial, vsplat, vmax, vmin, hsum
 // Lanes of m (all-ones / zero per lane) as a bit mask.
 R4T_INLINE uint32_t vbits(vi m) {
 #if R4T_ISA_LEVEL == 4

@@ -33,27 +33,7 @@ constexpr int MRMAX = SS_MRMAX;
 constexpr int PASS = 2 * W;                             // columns of one micro-tile
 constexpr int NPASS = static_cast<int>(kPanel) / PASS;  // passes per packed panel
 constexpr int64_t kAChunkFloats = 64 * 1024;            // A rows per unit: ~256 KiB (stays in L2)
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-
-R4T_INLINE vf vload(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-R4T_INLINE void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-R4T_INLINE vf vsplat(float x) {  // a broadcast (not `vf{} + x`, which costs an add: 0 + -0 is +0)
-  vf v;
-#pragma GCC unroll 16
-  for (int i = 0; i < W; ++i) v[i] = x;
-  return v;
-}
-R4T_INLINE float hsum(vf v) {
-  float s = 0.f;
-#pragma GCC unroll 16
-  for (int i = 0; i < W; ++i) s += v[i];
-  return s;
-}
+#include "cpu/simd_vec.h"  // vf, vi, vload, vstore, vload_partial, vsplat, vmax, vmin, hsum
 
 // exp (Cephes expf: range reduction by ln 2 in two parts, degree-5 polynomial; ~1 ulp), inputs clamped
 // to [-87.3, 88.4].
