@@ -42,9 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from r4t_fast._internal import MAX_K, check_positive_int
+from r4t_fast._internal import MAX_K, check_positive_int, check_seed
 from r4t_fast.data.results import RetrievalResult
 from r4t_fast.eval.baselines import _EmbeddingBaseline
+from r4t_fast.fanout.generation import check_sampling
 from r4t_fast.fanout.missing import MISSING_ROW_RULE, fill_missing_rows
 from r4t_fast.kernels import ops
 from r4t_fast.objectives import DEFAULT_WEIGHTS, alignment, composite, diversity, groundedness
@@ -116,14 +117,6 @@ class FanOutStats:
         return out
 
 
-def _check_temperature(value: Any, name: str, *, positive: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and np.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        rule = "> 0" if positive else ">= 0 (0 = greedy)"
-        raise ValueError(f"{name}: expected a float {rule}, got {value!r}")
-    return float(value)
-
-
 class LLMFanOutBaseline(_EmbeddingBaseline):
     """Zero-shot LLM fan-out (``llm-zeroshot``), or the tuned ``folm`` when loaded from a tuned policy.
 
@@ -171,17 +164,13 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
     ) -> None:
         super().__init__(catalog, encoder)
         self.k = check_positive_int(k, "k", upper=MAX_K)
-        self.temperature = _check_temperature(temperature, "temperature")
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p: expected a float in (0, 1], got {top_p!r}")
-        self.top_p = float(top_p)
-        self.repetition_penalty = _check_temperature(repetition_penalty, "repetition_penalty", positive=True)
+        self.temperature, self.top_p, self.repetition_penalty = check_sampling(
+            temperature, top_p, repetition_penalty
+        )
         self.max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.max_sequences = check_positive_int(max_sequences, "max_sequences")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed: expected an int, got {seed!r}")
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.one_shot = bool(one_shot)
         if name is not None:
             if not isinstance(name, str) or not name:
@@ -250,7 +239,7 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
         """
         k = self.k if k is None else check_positive_int(k, "k", upper=MAX_K)
         num_samples = check_positive_int(num_samples, "num_samples")
-        temp = self.temperature if temperature is None else _check_temperature(temperature, "temperature")
+        temp = self.temperature if temperature is None else check_sampling(temperature)[0]
         if isinstance(query_texts, str) or not all(isinstance(t, str) and t.strip() for t in query_texts):
             raise ValueError("query_texts: expected a list of non-empty strings")
         queries = list(query_texts)
@@ -368,7 +357,7 @@ class BestOfNBaseline(LLMFanOutBaseline):
         weights: Sequence[float] = DEFAULT_WEIGHTS,
         **kwargs: Any,
     ) -> None:
-        _check_temperature(temperature, "temperature", positive=True)
+        check_sampling(temperature, sampled=True)
         super().__init__(catalog, encoder, policy, k, temperature, **kwargs)
         self.n = check_positive_int(n, "n")
         composite(0.0, 0.0, 0.0, weights)  # validates the weights

@@ -7,6 +7,7 @@ timings; :func:`benchmark_latency` measures per-query latency at several batch s
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -24,7 +25,14 @@ from r4t_fast.fanout.parser import ParseResult, parse_subqueries
 from r4t_fast.fanout.policy import resolve_policy
 from r4t_fast.fanout.prompt import CHATML_END, build_messages
 
-__all__ = ["FanOutLM", "GenerationOutput", "GenerationTiming", "LatencyResult", "benchmark_latency"]
+__all__ = [
+    "check_sampling",
+    "FanOutLM",
+    "GenerationOutput",
+    "GenerationTiming",
+    "LatencyResult",
+    "benchmark_latency",
+]
 
 # --------------------------------------------------------------------------------------------------
 # Generation
@@ -96,6 +104,25 @@ def _check_queries(queries: Any) -> list[str]:
     return out
 
 
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_sampling(
+    temperature: Any, top_p: Any = 1.0, repetition_penalty: Any = 1.0, *, sampled: bool = False
+) -> tuple[float, float, float]:
+    """The sampling arguments of every fan-out generation, checked once: ``temperature >= 0`` (0 = greedy;
+    ``> 0`` with ``sampled``), ``top_p`` in ``(0, 1]``, ``repetition_penalty > 0`` (1 = off), all finite."""
+    if not _is_number(temperature) or temperature < 0 or (sampled and temperature == 0):
+        rule = "> 0" if sampled else ">= 0 (0 = greedy)"
+        raise ValueError(f"temperature: expected a float {rule}, got {temperature!r}")
+    if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: expected a float in (0, 1], got {top_p!r}")
+    if not _is_number(repetition_penalty) or not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty: expected a float > 0 (1 = off), got {repetition_penalty!r}")
+    return float(temperature), float(top_p), float(repetition_penalty)
+
+
 class FanOutLM:
     """A causal chat LM that writes ``k`` subqueries per query, batched with left padding.
 
@@ -154,9 +181,7 @@ class FanOutLM:
             ) from exc
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("tokenizer: has no chat_template; FanOutLM needs a chat (instruct) model")
-        end_id = (
-            tokenizer.convert_tokens_to_ids(CHATML_END) if CHATML_END in tokenizer.get_vocab() else None
-        )
+        end_id = tokenizer.convert_tokens_to_ids(CHATML_END) if CHATML_END in tokenizer.get_vocab() else None
         eos_ids = [i for i in (end_id, tokenizer.eos_token_id) if isinstance(i, int)]
         if not eos_ids:
             raise ValueError(
@@ -302,14 +327,7 @@ class FanOutLM:
         num_samples = check_positive_int(num_samples, "num_samples")
         max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
         batch_size = check_positive_int(batch_size, "batch_size")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise ValueError(f"temperature: expected a float >= 0 (0 = greedy), got {temperature!r}")
-        if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p: expected a float in (0, 1], got {top_p!r}")
-        if not isinstance(repetition_penalty, (int, float)) or not repetition_penalty > 0:
-            raise ValueError(
-                f"repetition_penalty: expected a float > 0 (1 = off), got {repetition_penalty!r}"
-            )
+        temperature, top_p, repetition_penalty = check_sampling(temperature, top_p, repetition_penalty)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed: expected an int or None, got {seed!r}")
         constraint, think = self._resolve_constraint(constrained, k, think)
