@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import environment, write_results  # noqa: E402
 from r4t_fast.diffusion.model import EDM, SetDenoiser, get_preset  # noqa: E402
-from r4t_fast.diffusion.samplers import SAMPLERS, generate_sets, nfe, sampler_sigmas  # noqa: E402
+from r4t_fast.diffusion.samplers import SAMPLERS, eager_sample_sets, nfe, sampler_sigmas  # noqa: E402
 from r4t_fast.kernels import ops  # noqa: E402
 from r4t_fast.kernels.sampler_pack import pack_denoiser  # noqa: E402
 
@@ -86,8 +86,8 @@ def main() -> None:
             torch.randn(B, m.cfg.cond_dim, generator=torch.Generator().manual_seed(B))
         )
         for sampler, steps in grid:
-            kw = dict(steps=steps, sampler=sampler, guidance=args.guidance, seed=0)
-            eager_out = generate_sets(edm, cond, **kw)
+            sig = sampler_sigmas(sampler, steps, edm.cfg)
+            eager_out = eager_sample_sets(edm, cond, sig, sampler=sampler, guidance=args.guidance, seed=0)
             fused_out = fused_generate(m, cond, steps, sampler, args.guidance, 0, args.threads)
             diff = float((eager_out - fused_out).abs().max())
             scale = float(eager_out.abs().max())
@@ -95,7 +95,7 @@ def main() -> None:
             te, tf = [], []
             for _ in range(reps):  # alternate, so load changes hit both paths
                 t = time.perf_counter()
-                generate_sets(edm, cond, **kw)
+                eager_sample_sets(edm, cond, sig, sampler=sampler, guidance=args.guidance, seed=0)
                 te.append(time.perf_counter() - t)
                 t = time.perf_counter()
                 fused_generate(m, cond, steps, sampler, args.guidance, 0, args.threads)

@@ -6,6 +6,10 @@ Imported as ``from helpers import ...`` (pytest puts ``tests/`` on ``sys.path``:
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import time
 from pathlib import Path
 
 CHATML = (
@@ -76,3 +80,37 @@ def sets_jsonl(path: Path, n: int = 30) -> Path:
             ]
             f.write(json.dumps({"set_id": f"s{i:03d}", "query": f"{c} outfit {i}", "items": items}) + "\n")
     return path
+
+
+def kill_during_saves(
+    save, load, check, tmp_path: Path, kills: int, seed: int, tmp_prefix: str = ".cat.tmp-"
+) -> tuple[int, int]:
+    """Fork a child that saves generation 1, 2, 3, ... in a loop; SIGKILL it after a random delay;
+    load after each kill (``check(loaded, gen)`` returns the generation it found; ``tmp_prefix`` names
+    the save's temporary siblings). Returns (kills, kills that left an unfinished temporary behind)."""
+    rng = random.Random(seed)  # seeded: the same delays on every run
+    t0 = time.perf_counter()
+    save(1)
+    once = time.perf_counter() - t0
+    check(load(), 1)
+    last, mid_write = 1, 0
+    for _ in range(kills):
+        start = last + 1
+        pid = os.fork()
+        if pid == 0:  # child: save forever, never return into pytest
+            try:
+                g = start
+                while True:
+                    save(g)
+                    g += 1
+            finally:
+                os._exit(0)
+        time.sleep(rng.uniform(0.0, 2.5 * once))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        mid_write += any(p.name.startswith(tmp_prefix) for p in tmp_path.iterdir())
+        loaded = load()  # previous or new version, never a broken one
+        g = check(loaded, None)
+        assert g >= last, f"went back from generation {last} to {g}"
+        last = g
+    return kills, mid_write

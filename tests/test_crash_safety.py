@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import kill_during_saves
 from r4t_fast import Catalog
 from r4t_fast import _internal as I
 from r4t_fast.data.catalog import CatalogError
@@ -254,37 +252,6 @@ def test_stale_temporaries_are_cleaned_and_a_lost_link_recovered(tmp_path: Path)
 # ----------------------------------------------------------------------------------------------------
 # SIGKILL during save, at random points
 # ----------------------------------------------------------------------------------------------------
-def _kill_during_saves(save, load, check, tmp_path: Path, kills: int, seed: int) -> tuple[int, int]:
-    """Fork a child that saves generation 1, 2, 3, ... in a loop; SIGKILL it after a random delay;
-    load after each kill. Returns (kills, kills that left an unfinished temporary behind)."""
-    rng = random.Random(seed)  # seeded: the same delays on every run
-    t0 = time.perf_counter()
-    save(1)
-    once = time.perf_counter() - t0
-    check(load(), 1)
-    last, mid_write = 1, 0
-    for _ in range(kills):
-        start = last + 1
-        pid = os.fork()
-        if pid == 0:  # child: save forever, never return into pytest
-            try:
-                g = start
-                while True:
-                    save(g)
-                    g += 1
-            finally:
-                os._exit(0)
-        time.sleep(rng.uniform(0.0, 2.5 * once))
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        mid_write += any(p.name.startswith(".cat.tmp-") for p in tmp_path.iterdir())
-        loaded = load()  # previous or new version, never a broken one
-        g = check(loaded, None)
-        assert g >= last, f"went back from generation {last} to {g}"
-        last = g
-    return kills, mid_write
-
-
 @posix_only
 @fork_ok
 @pytest.mark.parametrize("index", ["exact", "usearch"])
@@ -307,7 +274,7 @@ def test_catalog_survives_sigkill_during_save(tmp_path: Path, index: str) -> Non
         assert gen is None or got == gen
         return got
 
-    kills, mid = _kill_during_saves(save, lambda: Catalog.load(path), check, tmp_path, kills=24, seed=13)
+    kills, mid = kill_during_saves(save, lambda: Catalog.load(path), check, tmp_path, kills=24, seed=13)
     assert kills >= 20
     assert mid >= 3, "too few kills landed inside a write: the test would not test anything"
     q = emb[:3].contiguous()
@@ -328,7 +295,7 @@ def test_mechanism_survives_sigkill(tmp_path: Path) -> None:
         assert all((m.path / k).read_bytes() == v for k, v in payload.items())
         return m.meta["gen"]
 
-    kills, mid = _kill_during_saves(save, lambda: I.verify_dir(path), check, tmp_path, kills=30, seed=7)
+    kills, mid = kill_during_saves(save, lambda: I.verify_dir(path), check, tmp_path, kills=30, seed=7)
     assert kills >= 20 and mid >= 3
 
 

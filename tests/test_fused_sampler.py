@@ -68,7 +68,7 @@ def test_matches_generate_sets(sampler: str, guidance: float, offset: float, B: 
     m = _model(cond_offset=offset)
     steps = STEPS[sampler]
     cond, x, sig, z = _inputs(m, sampler, steps, B)
-    want = generate_sets(EDM(m), cond, steps=steps, sampler=sampler, guidance=guidance, seed=0)
+    want = generate_sets(EDM(m), cond, steps=steps, sampler=sampler, guidance=guidance, seed=0, fused=False)
     got = ops.sample_sets(pack_denoiser(m), cond, x, sig, sampler=sampler, guidance=guidance, noise=z)
     assert got.ids is None and got.scores is None
     assert got.rows.shape == want.shape and got.rows.dtype == torch.float32
@@ -84,7 +84,7 @@ def test_cpu_small_batch_64(sampler: str, steps: int, guidance: float) -> None:
     _need(sampler)
     m = _model("cpu-small", seed=1, cond_offset=0.5)
     cond, x, sig, _ = _inputs(m, sampler, steps, 64)
-    want = generate_sets(EDM(m), cond, steps=steps, sampler=sampler, guidance=guidance, seed=0)
+    want = generate_sets(EDM(m), cond, steps=steps, sampler=sampler, guidance=guidance, seed=0, fused=False)
     got = ops.sample_sets(pack_denoiser(m), cond, x, sig, sampler=sampler, guidance=guidance).rows
     scale = float(want.abs().max())
     assert float((got - want).abs().max()) <= REL_TOL * scale
@@ -118,7 +118,7 @@ def test_odd_sizes(sizes: tuple[int, ...]) -> None:
     for sampler, w in (("heun", 1.0), ("dpmpp_2m", 0.0)):
         _need(sampler)
         cond, x, sig, _ = _inputs(m, sampler, 4, 3)
-        want = generate_sets(EDM(m), cond, steps=4, sampler=sampler, guidance=w, seed=0)
+        want = generate_sets(EDM(m), cond, steps=4, sampler=sampler, guidance=w, seed=0, fused=False)
         got = ops.sample_sets(pack_denoiser(m), cond, x, sig, sampler=sampler, guidance=w).rows
         assert float((got - want).abs().max()) <= REL_TOL * float(want.abs().max()), sampler
 
@@ -135,7 +135,7 @@ def test_error_against_float64_like_eager(sampler: str, guidance: float) -> None
         truth, _, _ = reference.sample_sets(
             m64, cond.double(), x.double(), sig, sampler=sampler, guidance=guidance
         )
-    eager = generate_sets(EDM(m), cond, steps=steps, sampler=sampler, guidance=guidance, seed=0)
+    eager = generate_sets(EDM(m), cond, steps=steps, sampler=sampler, guidance=guidance, seed=0, fused=False)
     fused = ops.sample_sets(pack_denoiser(m), cond, x, sig, sampler=sampler, guidance=guidance).rows
     scale = float(truth.abs().max())
     e_eager = float((eager.double() - truth).abs().max())

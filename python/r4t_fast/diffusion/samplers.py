@@ -17,30 +17,38 @@ forward of a doubled batch (conditional and unconditional rows together), so the
 Each sampler's schedule is :func:`sampler_sigmas` (Karras for the ODE/SDE solvers; the consistency
 sampler's levels stop at σ_data instead of σ_min, where re-noising still changes the sample).
 
-The elementwise work of every step (EDM preconditioning, the classifier-free guidance combine, the
-update and the injected noise) runs through the fused kernel :func:`r4t_fast.ops.edm_step` (C++ on the
-CPU, CUDA on the GPU); ``fused=False`` runs the pure-PyTorch reference :func:`r4t_fast.reference.edm_step`
-instead, which the tests compare against.
+On the CPU, :func:`generate_sets` runs a float32 :class:`~r4t_fast.diffusion.SetDenoiser`'s whole
+sampling in one call of the fused kernel :func:`r4t_fast.ops.sample_sets` (network, every step, optionally
+the grounding: :func:`fused_sample_sets`). Elsewhere (CUDA, other models, ``fused=False``) it runs the
+eager samplers below (:func:`eager_sample_sets`), whose every step's elementwise work (EDM
+preconditioning, the classifier-free guidance combine, the update and the injected noise) runs through
+the fused step kernel :func:`r4t_fast.ops.edm_step` (C++ on the CPU, CUDA on the GPU); a sampler's
+``fused=False`` runs the pure-PyTorch reference :func:`r4t_fast.reference.edm_step` instead, which the
+tests compare against.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from r4t_fast._internal import check_positive_int
-from r4t_fast.diffusion.model import EDM, DiffusionConfig
+from r4t_fast._internal import check_positive_int, check_seed
+from r4t_fast.diffusion.model import EDM, DiffusionConfig, SetDenoiser
 from r4t_fast.kernels import ops, reference
+from r4t_fast.kernels.sampler_pack import SampledSets, pack_denoiser, step_noise
 
 __all__ = [
     "SAMPLERS",
     "SAMPLING_DEFAULTS",
     "SamplingDefaults",
     "consistency_sigmas",
+    "eager_sample_sets",
+    "fused_sample_sets",
+    "fused_unavailable",
     "generate_sets",
     "get_sampler",
     "karras_sigmas",
@@ -359,6 +367,117 @@ def sampler_sigmas(
     return karras_sigmas(steps, smin, smax)
 
 
+SeedArg = int | Sequence[int] | None
+"""``seed`` of :func:`generate_sets`: one int (one generator for the batch), a sequence of ints (one
+generator per group of consecutive condition rows), or None (torch's global generator)."""
+
+
+def _stochastic(sampler: str, steps: int) -> bool:
+    return sampler == "euler_maruyama" or (sampler == "consistency" and steps > 1)
+
+
+def _seed_groups(seed: SeedArg, B: int) -> list[tuple[torch.Generator | None, int]]:
+    """(generator, rows) per group of consecutive condition rows: the one rule of how seeds map to rows."""
+    if seed is None or not isinstance(seed, Sequence):
+        g = None if seed is None else torch.Generator().manual_seed(check_seed(seed))
+        return [(g, B)]
+    seeds = [check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
+    if not seeds or B % len(seeds):
+        raise ValueError(f"seed: the number of seeds must divide the batch ({B} rows), got {len(seeds)}")
+    return [(torch.Generator().manual_seed(s), B // len(seeds)) for s in seeds]
+
+
+def fused_unavailable(edm: EDM, cond: torch.Tensor) -> str | None:
+    """Why the fused sampler kernel cannot run this model on ``cond`` (None: it can)."""
+    m = edm.model
+    if not isinstance(m, SetDenoiser):
+        return f"the model is a {type(m).__name__}, not a SetDenoiser"
+    if cond.device.type != "cpu":
+        return f"cond is on {cond.device} (the fused sampler is CPU only)"
+    if cond.dtype != torch.float32:
+        return f"cond is {cond.dtype}, not float32"
+    for p in m.parameters():
+        if p.device.type != "cpu" or p.dtype != torch.float32:
+            return f"the model's parameters are {p.dtype} on {p.device} (need float32 on the CPU)"
+    if m.training and edm.cfg.dropout > 0:
+        return "the model is in training mode with dropout (the fused sampler has inference semantics)"
+    return None
+
+
+@torch.no_grad()
+def fused_sample_sets(
+    edm: EDM,
+    cond: torch.Tensor,
+    sigmas: list[float],
+    *,
+    sampler: str,
+    guidance: float,
+    seed: SeedArg,
+    catalog: torch.Tensor | None = None,
+    group: int = 1,
+    allowed: torch.Tensor | None = None,
+    check_finite: bool = True,
+) -> SampledSets:
+    """The whole sampling (and with ``catalog`` the grounding of each ``group`` consecutive sets jointly)
+    in one :func:`r4t_fast.ops.sample_sets` call, with the initial and step noise drawn exactly as the
+    eager path of :func:`generate_sets` draws them for ``seed`` (a CPU float32 SetDenoiser)."""
+    why = fused_unavailable(edm, cond)
+    if why is not None:
+        raise ValueError(f"fused: the fused sampler cannot run here: {why}; pass fused=None or False")
+    cfg = edm.cfg
+    xs, zs = [], []
+    for g, n in _seed_groups(seed, cond.shape[0]):
+        shape = (n, cfg.set_size, cfg.dim)
+        xs.append(torch.randn(shape, generator=g) * sigmas[0])
+        zs.append(step_noise(sampler, sigmas, shape, g))
+    x = xs[0] if len(xs) == 1 else torch.cat(xs)
+    z = None if zs[0] is None else zs[0] if len(zs) == 1 else torch.cat(zs, dim=1)
+    return ops.sample_sets(
+        pack_denoiser(edm.model),
+        cond.contiguous(),
+        x,
+        sigmas,
+        sampler=sampler,
+        guidance=guidance,
+        noise=z,
+        catalog=catalog,
+        group=group,
+        allowed=allowed,
+        check_finite=check_finite,
+    )
+
+
+@torch.no_grad()
+def eager_sample_sets(
+    edm: EDM,
+    cond: torch.Tensor,
+    sigmas: list[float],
+    *,
+    sampler: str,
+    guidance: float,
+    seed: SeedArg,
+    step_kernel: bool = True,
+) -> torch.Tensor:
+    """The eager path of :func:`generate_sets` (any model, any device): the sampler loop in PyTorch,
+    each step's elementwise work through :func:`r4t_fast.ops.edm_step` (``step_kernel=False``: the
+    pure-PyTorch :func:`r4t_fast.reference.edm_step`). Returns (B, L, d) in data space."""
+    cfg, fn = edm.cfg, get_sampler(sampler)
+    groups = _seed_groups(seed, cond.shape[0])
+    shape = (cfg.set_size, cfg.dim)
+    if len(groups) == 1 or not _stochastic(sampler, len(sigmas) - 1):
+        # one batched run: only the initial noise depends on the groups' generators
+        x = torch.cat([torch.randn((n, *shape), generator=g) for g, n in groups]).to(cond.device) * sigmas[0]
+        x = fn(edm, x, sigmas, cond, guidance=guidance, generator=groups[0][0], fused=step_kernel)
+        return edm.uncenter(x, cond)
+    outs, start = [], 0  # stochastic sampler with one generator per group: one run per group
+    for g, n in groups:
+        c = cond[start : start + n]
+        x = torch.randn((n, *shape), generator=g).to(cond.device) * sigmas[0]
+        outs.append(fn(edm, x, sigmas, c, guidance=guidance, generator=g, fused=step_kernel))
+        start += n
+    return edm.uncenter(torch.cat(outs), cond)
+
+
 @torch.no_grad()
 def generate_sets(
     edm: EDM,
@@ -367,19 +486,35 @@ def generate_sets(
     steps: int = SAMPLING_DEFAULTS.steps,
     sampler: str = SAMPLING_DEFAULTS.sampler,
     guidance: float = SAMPLING_DEFAULTS.guidance,
-    seed: int | None = SAMPLING_DEFAULTS.seed,
+    seed: SeedArg = SAMPLING_DEFAULTS.seed,
     sigma_min: float | None = None,
     sigma_max: float | None = None,
-    fused: bool = True,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """Sample one (L, d) set per condition row: cond (B, cond_dim) -> (B, L, d) (in data space: the
     model's ``cond_offset`` is added back, :meth:`r4t_fast.diffusion.EDM.uncenter`). The noise levels
-    are :func:`sampler_sigmas` (``sigma_min``/``sigma_max`` override its defaults)."""
+    are :func:`sampler_sigmas` (``sigma_min``/``sigma_max`` override its defaults).
+
+    ``seed``: an int (one generator draws the initial noise of the whole batch, then each step's noise),
+    a sequence of ints (one generator per group of ``B / len(seed)`` consecutive rows: a group's sets
+    then do not depend on the rest of the batch), or None (torch's global generator).
+
+    ``fused``: None (default) runs the whole sampling in one :func:`r4t_fast.ops.sample_sets` call when
+    the model is a float32 :class:`~r4t_fast.diffusion.SetDenoiser` on the CPU (equal to the eager path
+    within float32 rounding, ~1e-6 of the row scale, for the same noise), and otherwise the eager
+    samplers with each step through :func:`r4t_fast.ops.edm_step`; True requires the fused kernel
+    (ValueError saying why it cannot run); False runs the eager samplers with the pure-PyTorch
+    reference step :func:`r4t_fast.reference.edm_step`.
+    """
     cfg = edm.cfg
     if cond.dim() != 2 or cond.shape[1] != cfg.cond_dim:
         raise ValueError(f"cond: expected (B, {cfg.cond_dim}), got {tuple(cond.shape)}")
+    if fused is not None and not isinstance(fused, bool):
+        raise ValueError(f"fused: expected None, True or False, got {fused!r}")
     sigmas = sampler_sigmas(sampler, steps, cfg, sigma_min, sigma_max)
-    g = torch.Generator().manual_seed(seed) if seed is not None else None
-    x = torch.randn((cond.shape[0], cfg.set_size, cfg.dim), generator=g).to(cond.device) * sigmas[0]
-    x = get_sampler(sampler)(edm, x, sigmas, cond, guidance=guidance, generator=g, fused=fused)
-    return edm.uncenter(x, cond)
+    if fused or (fused is None and fused_unavailable(edm, cond) is None):
+        kw = dict(sampler=sampler, guidance=guidance, seed=seed)
+        return fused_sample_sets(edm, cond, sigmas, **kw).rows.to(cond.device)
+    return eager_sample_sets(
+        edm, cond, sigmas, sampler=sampler, guidance=guidance, seed=seed, step_kernel=fused is None
+    )
