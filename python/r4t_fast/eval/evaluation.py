@@ -212,7 +212,8 @@ def evaluate(
         )
     retriever, name = resolve_method(method, data, method_name=method_name, method_kwargs=method_kwargs)
     catalog = data.catalog
-    catalog_fp = check_catalog(retriever, catalog)
+    source = os.fspath(method) if isinstance(method, (str, os.PathLike)) else None
+    catalog_fp = check_catalog(retriever, catalog, source=source, target=data.dataset.name)
     sets, n_untitled = _sets_of_split(data, split, limit)
     if k > len(catalog):
         raise ValueError(f"k: expected an int <= catalog size ({len(catalog)}), got {k}")
@@ -454,6 +455,25 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _check_out_file(out: str | os.PathLike[str], name: str = "--out") -> Path:
+    """``out`` as a Path, checked before a long run: a file path (not an existing directory) whose
+    nearest existing parent is a directory this process can write (missing parents are made at write
+    time). Raises ValueError (a directory), NotADirectoryError or PermissionError, naming ``name``."""
+    if not os.fspath(out):
+        raise ValueError(f"{name}: expected a JSON file path, got ''")
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{name}: {os.fspath(out)!r} is a directory; expected a JSON file path")
+    parent = path.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{name}: cannot write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{name}: cannot write {path}: no write permission in {parent}")
+    return path
+
+
 def _command(args: argparse.Namespace) -> str:
     """The command line of this run: ``sys.argv`` when run as ``r4t eval``, else rebuilt from ``args``."""
     if sys.argv[1:2] == ["eval"]:
@@ -515,6 +535,7 @@ def cli_main(args: argparse.Namespace) -> int:
         )
         return 2
     try:
+        out = _check_out_file(args.out)
         data = load_eval_data(
             args.dataset,
             encoder=args.encoder,
@@ -540,10 +561,16 @@ def cli_main(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             command=_command(args),
         )
-    except (DataError, ValueError, FileNotFoundError, ImportError) as exc:
+    except (
+        DataError,
+        ValueError,
+        ImportError,
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+    ) as exc:
         print(f"r4t eval: error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out)
     atomic_write_text(out, json.dumps(record, indent=1) + "\n")
     print(format_table(record))
     print(f"wrote {out}")

@@ -17,6 +17,16 @@ def _is_policy_dir(text: str) -> bool:
     return Path(text).expanduser().is_dir()
 
 
+def _saved_catalog(text: str) -> Any:
+    """The catalog saved in retriever directory ``text``, or None where it cannot be read."""
+    from r4t_fast.data.catalog import Catalog
+
+    try:
+        return Catalog.load(Path(text).expanduser() / "catalog", verify=False)
+    except (OSError, ValueError):
+        return None
+
+
 def resolve_method(
     method: Any,
     data: EvalData,
@@ -48,7 +58,16 @@ def resolve_method(
             from r4t_fast.diffusion.retriever import Retriever
 
             name = method_name or "r4t-diffusion"
-            return Retriever.from_pretrained(text, encoder=data.encoder, **kwargs), name
+            try:
+                retriever = Retriever.from_pretrained(text, encoder=data.encoder, **kwargs)
+            except ValueError:
+                # a retriever of another dataset or encoder fails on the query dimension first; the
+                # catalog check says what is wrong (ids or embeddings differ), naming both sides
+                own = _saved_catalog(text)
+                if own is not None:
+                    check_catalog(None, data.catalog, source=text, target=data.dataset.name, own=own)
+                raise
+            return retriever, name
         if text == "folm" or _is_policy_dir(text):
             from r4t_fast.eval.llm_baselines import LLMFanOutBaseline
 
@@ -97,15 +116,24 @@ def _method_config(retriever: Any) -> dict[str, Any]:
     return _jsonable(out)
 
 
-def check_catalog(retriever: Any, catalog: Any) -> dict[str, Any]:
+def check_catalog(
+    retriever: Any,
+    catalog: Any,
+    *,
+    source: str | None = None,
+    target: str | None = None,
+    own: Any = None,
+) -> dict[str, Any]:
     """The evaluation catalog's fingerprint; raises ValueError if ``retriever`` brings another catalog.
 
     A retriever with its own ``.catalog`` (a diffusion retriever directory) is compared by item ids and
     by the sha256 of its float32 embeddings (:func:`r4t_fast.eval.records.catalog_fingerprint`); the
-    message says which of the two differs. Retrievers built on ``catalog`` itself pass at no cost.
+    message says which of the two differs, and names ``source`` (the retriever directory) and
+    ``target`` (the evaluation dataset) when given. ``own`` is the retriever's catalog when it is
+    already loaded apart from a retriever. Retrievers built on ``catalog`` itself pass at no cost.
     """
     fp = catalog_fingerprint(catalog)
-    own = getattr(retriever, "catalog", None)
+    own = getattr(retriever, "catalog", None) if own is None else own
     if own is None or own is catalog:
         return fp
     try:
@@ -114,10 +142,10 @@ def check_catalog(retriever: Any, catalog: Any) -> dict[str, Any]:
         return fp  # not a catalog object (e.g. a test double): nothing to compare
     why = catalog_mismatch(theirs, fp)
     if why is not None:
+        names = f"retriever {source!r}" if source else "the retriever"
+        names += f" vs dataset {target!r}" if target else ""
         raise ValueError(
             "method: the retriever's catalog is not the evaluation catalog: "
-            f"{why}; train or rebuild the retriever on this dataset's catalog"
+            f"{why}; {names}: train or rebuild the retriever on this dataset's catalog"
         )
     return fp
-
-
