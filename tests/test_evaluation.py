@@ -323,7 +323,8 @@ def test_cli_llm_methods_with_a_tiny_policy(sets_file: Path, cache_dir: Path, tm
     per_batch = rec["config"]["latency"]["per_batch"]
     assert per_batch["1"]["calls"] == 2 == per_batch["2"]["calls"]
     assert set(rec["latency_ms_per_query"]) == {"1", "2"}
-    assert rec["config"]["method"]["max_new_tokens"] == 4
+    assert rec["config"]["method"]["max_new_tokens"] == 80  # raised to the constraint minimum (k = 10)
+    assert rec["config"]["method"]["constrained"] is True and st["usable_subqueries"] == 10
     out = tmp_path / "folm.json"
     assert (
         _eval_cli(sets_file, cache_dir, out, "--method", str(policy), "--latency-batches", "none", *common)

@@ -221,7 +221,9 @@ def test_bad_arguments_name_the_argument(world) -> None:
 
 def test_tiny_llama_policy_end_to_end(world, tiny_policy: Path) -> None:
     cat, enc = world
-    base = get_baseline("llm-zeroshot", catalog=cat, encoder=enc, policy=str(tiny_policy), max_new_tokens=6)
+    base = get_baseline(
+        "llm-zeroshot", catalog=cat, encoder=enc, policy=str(tiny_policy), max_new_tokens=6, constrained=False
+    )
     assert isinstance(base, LLMFanOutBaseline) and base.name == "llm-zeroshot"
     res = base.retrieve(["summer beach", "rainy office day"], 3, n_candidates=4)
     assert [r.item_indices.shape for r in res] == [(3,), (3,)]
@@ -234,9 +236,43 @@ def test_tiny_llama_policy_end_to_end(world, tiny_policy: Path) -> None:
     assert folm.name == "folm" and folm.config()["policy"] == str(tiny_policy.resolve())
 
 
+def test_tiny_llama_constrained_by_default(world, tiny_policy: Path) -> None:
+    """The LLM baselines decode constrained (think off) by default: even a random model writes k usable
+    subqueries; a cap below the constraint's minimum is raised to it with a warning."""
+    from r4t_fast.fanout.constrained import FanOutConstraint
+
+    cat, enc = world
+    base = LLMFanOutBaseline(cat, enc, policy=str(tiny_policy), max_new_tokens=6)
+    assert base.config()["constrained"] is True and base.config()["think"] is False
+    with pytest.warns(UserWarning, match="max_new_tokens"):
+        base.retrieve(["summer beach", "rainy office day"], 3)
+    need = FanOutConstraint(k=3).min_new_tokens(base.lm.tokenizer)
+    assert base.config()["max_new_tokens"] == need
+    st = base.stats
+    assert st["usable_subqueries"] == 3.0 and st["no_subquery_rate"] == 0.0
+    assert st["strict_format_failure_rate"] == 0.0 and st["n_missing_rows"] == 0
+    bon = BestOfNBaseline(cat, enc, policy=base.lm, n=2, max_new_tokens=need, think=True)
+    bon.retrieve(["city walk"], 2)
+    assert bon.stats["usable_subqueries"] == 2.0 and bon.config()["think"] is True
+
+
+def test_constrained_and_think_reach_generate(world) -> None:
+    cat, enc = world
+    lm = ScriptedLM(lambda q, s: _answer(["red dress", "blue jeans"], 2))
+    LLMFanOutBaseline(cat, enc, policy=lm, k=2).retrieve(["a"], 2)
+    BestOfNBaseline(cat, enc, policy=lm, k=2, n=2, constrained=False).retrieve(["a"], 2)
+    assert [(c["constrained"], c["think"]) for c in lm.calls] == [(True, False), (False, True)]
+    with pytest.raises(ValueError, match="constrained"):
+        LLMFanOutBaseline(cat, enc, policy=lm, constrained="yes")
+    with pytest.raises(ValueError, match="think"):
+        LLMFanOutBaseline(cat, enc, policy=lm, think=1)
+
+
 def test_tiny_llama_best_of_n(world, tiny_policy: Path) -> None:
     cat, enc = world
-    bon = get_baseline("llm-bon", catalog=cat, encoder=enc, policy=str(tiny_policy), n=2, max_new_tokens=4)
+    bon = get_baseline(
+        "llm-bon", catalog=cat, encoder=enc, policy=str(tiny_policy), n=2, max_new_tokens=4, constrained=False
+    )
     assert isinstance(bon, BestOfNBaseline)
     (res,) = bon.retrieve(["city walk"], 2)
     assert res.item_indices.shape == (2,) and bon.last_rewards.shape == (1, 2)

@@ -277,3 +277,44 @@ def test_catalog_object_and_errors(setup) -> None:
         ]
     )
     assert fn.__name__ == "r4t_reward"
+
+
+# ----------------------------------------------------------------------------------------------------
+# task 'mixed', task 'auto' and build_reward (the one constructor RL and synthesis call)
+# ----------------------------------------------------------------------------------------------------
+def test_mixed_reward_is_the_weighted_sum_of_coverage_and_composite(setup) -> None:
+    enc, cat = setup
+    completions = [
+        _answer(["red wool scarf", "black leather boots", "silver hoop earrings"]),
+        _answer(["green canvas tote bag"]),
+        "nothing usable here",
+    ]
+    queries, refs = ["winter look", "tote", "x"], [[0, 1, 2, 3], [4, 5], [6]]
+    oar = R.RewardFunction(cat, enc, task="oar", k=3, budget_per_row=2).score(completions, queries, refs)
+    wscr = R.RewardFunction(cat, enc, task="wscr", k=3, budget_per_row=2).score(completions, queries, refs)
+    for w in (0.0, 0.3, 1.0):
+        fn = R.build_reward("mixed", cat, enc, k=3, budget_per_row=2, mixed_weight=w)
+        got = fn.score(completions, queries, refs).reward
+        np.testing.assert_allclose(got, w * wscr.reward + (1 - w) * oar.reward, atol=1e-12)
+    assert got[2] == 0.0  # a format failure scores 0 under every task
+    with pytest.raises(ValueError, match="references"):
+        R.build_reward("mixed", cat, enc, k=3).score(completions, queries)
+    with pytest.raises(ValueError, match="mixed_weight"):
+        R.build_reward("mixed", cat, enc, mixed_weight=1.5)
+
+
+def test_auto_task_is_wscr_with_reference_sets_else_oar(setup) -> None:
+    enc, cat = setup
+    assert R.resolve_task("auto", [[0, 1], [2]]) == "wscr"
+    assert R.resolve_task("auto", [[0, 1], []]) == "oar"  # one query without items: no coverage
+    assert R.resolve_task("auto", None) == "oar"
+    assert R.resolve_task("mixed", [[1]]) == "mixed"
+    with pytest.raises(ValueError, match="task"):
+        R.resolve_task("wscr", [[1], []])
+    with pytest.raises(ValueError, match="task"):
+        R.resolve_task("coverage", None)
+    assert R.build_reward("auto", cat, enc, references=[[0]]).task == "wscr"
+    assert R.build_reward("auto", cat, enc).task == "oar"
+    with pytest.raises(ValueError, match="auto"):  # RewardFunction takes a resolved task only
+        R.RewardFunction(cat, enc, task="auto")
+    assert R.TASK_CHOICES == ("auto", "oar", "wscr", "mixed")

@@ -120,6 +120,15 @@ def test_config_defaults_help_and_errors(tmp_path: Path) -> None:
         rl.RLConfig(weights=[1.0, 0.0])
     with pytest.raises(ValueError, match="temperature"):
         rl.RLConfig(temperature=0.0)
+    assert (cfg.constrained, cfg.think, cfg.task, cfg.mixed_weight) == (True, False, "auto", 0.5)
+    with pytest.raises(ValueError, match="task"):
+        rl.RLConfig(task="coverage")
+    with pytest.raises(ValueError, match="mixed_weight"):
+        rl.RLConfig(task="mixed", mixed_weight=-0.1)
+    with pytest.raises(ValueError, match="constrained"):
+        rl.RLConfig(constrained="yes")
+    with pytest.raises(ValueError, match="think"):
+        rl.RLConfig(think=1)
     p = tmp_path / "c.json"
     p.write_text("{not json")
     with pytest.raises(ValueError, match="JSON"):
@@ -198,8 +207,13 @@ def test_train_rl_smoke_resume_and_load(tmp_path: Path) -> None:
         str(cfg_path),
     ]
 
-    assert main([*base, "--max-steps", "2"]) == 0
+    with pytest.warns(UserWarning, match="max_completion_length"):  # 8 < the constraint's minimum
+        assert main([*base, "--max-steps", "2"]) == 0
     assert (out / "checkpoint-2").is_dir()
+    record = json.loads((out / "rl_config.json").read_text())
+    assert record["reward_task"] == "wscr"  # task 'auto' with reference sets
+    assert record["rollouts"]["constrained"] is True and record["rollouts"]["think"] is False
+    assert record["rollouts"]["max_completion_length"] > 8
     recs = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "train_runtime" not in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -212,8 +226,9 @@ def test_train_rl_smoke_resume_and_load(tmp_path: Path) -> None:
         "loss",
     ):
         assert key in steps[0], key
-    assert steps[0]["no_subquery_rate"] == 1.0  # a random model writes no usable subquery
-    assert steps[0]["reward"] == 0.0
+    # constrained rollouts: even a random model writes k = 3 distinct usable subqueries
+    assert steps[0]["no_subquery_rate"] == 0.0 and steps[0]["usable_subqueries"] == 3.0
+    assert steps[0]["strict_format_failure_rate"] == 0.0
     assert "soft_ppo/penalty" in steps[1]  # the generation batch of step 1 is reused at step 2
     assert (out / "reward_curve.png").is_file()
 
@@ -231,6 +246,12 @@ def test_train_rl_smoke_resume_and_load(tmp_path: Path) -> None:
     assert len(outs) == 1 and len(outs[0]) == 1 and isinstance(outs[0][0].text, str)
     meta = json.loads((out / "policy" / "r4t_policy.json").read_text())
     assert meta["steps"] == 3 and meta["lora_merged"] is True
+    # saved crash-safely: a symlink to a version with a manifest, verified on load
+    assert (out / "policy").is_symlink() and (out / "policy" / "manifest.json").is_file()
+    from r4t_fast._internal import SavedDirError
+    from r4t_fast.fanout.policy import resolve_policy
+
+    assert resolve_policy(out / "policy") == (out / "policy").resolve()
 
     assert main([*base, "--eval-only"]) == 0
     ev = json.loads((out / "eval" / "before_after.json").read_text())
@@ -239,3 +260,13 @@ def test_train_rl_smoke_resume_and_load(tmp_path: Path) -> None:
     assert (out / "eval" / "before_after.md").read_text().startswith("#")
     rebuilt = rl.rebuild_before_after(out / "eval")  # from per_query.jsonl, no generation
     assert rebuilt["table"]["tuned"]["reward"] == ev["table"]["tuned"]["reward"]
+    # the evaluation decodes as the rollouts do: constrained, k usable subqueries for both policies
+    assert ev["decoding"]["constrained"] is True and ev["decoding"]["think"] is False
+    for name in ("zero-shot", "tuned"):
+        assert ev["table"][name]["usable_subqueries"]["mean"] == 3.0
+        assert ev["table"][name]["parse_ok"]["mean"] == 1.0
+
+    weights = next((out / "policy").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # same size, one byte flipped
+    with pytest.raises(SavedDirError, match="sha256|checksum"):
+        resolve_policy(out / "policy")

@@ -11,6 +11,13 @@ Two baselines of the paper, behind the ``r4t_fast.baselines`` protocol
   one with the best OAR composite reward ``0.6 g + 0.2 d + 0.2 a`` (``r4t_fast.objectives.composite``,
   ``[0, 1]`` forms).
 
+Both decode with the constrained decoding every stage uses (``constrained=True``, ``think=False`` by
+default; :class:`r4t_fast.fanout.constrained.FanOutConstraint`): every completion is then exactly ``k``
+distinct short subqueries; ``constrained=False`` gives the free-running policy (``think`` then defaults
+to the paper's prompt with a reasoning block, as ``FanOutLM.generate``). A ``max_new_tokens`` below the
+constraint's ``min_new_tokens`` is raised to it with a warning (:meth:`LLMFanOutBaseline.config`
+records the cap used).
+
 Per query, with ``B`` queries, ``k`` rows, embedding width ``d``:
 
 1. the policy writes a completion, parsed by :func:`r4t_fast.llm.parse_subqueries` (at most ``k``
@@ -137,6 +144,9 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
         seed: sampling seed passed to every ``generate`` call.
         device: torch device of the policy when it is loaded here.
         one_shot: include the worked example in the prompt.
+        constrained: constrained decoding (default; see the module docstring); False = free-running.
+        think: ask for (and, constrained, force) a ``<think>`` block; ``None`` = off when constrained,
+            on otherwise (the paper's prompt).
         name: method name for records (default ``"llm-zeroshot"``; use ``"folm"`` for a tuned policy).
 
     See the module docstring for the missing-row rule and the counters in :attr:`stats`.
@@ -160,6 +170,8 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
         seed: int = 0,
         device: str = "cpu",
         one_shot: bool = True,
+        constrained: bool = True,
+        think: bool | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__(catalog, encoder)
@@ -172,6 +184,12 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
         self.max_sequences = check_positive_int(max_sequences, "max_sequences")
         self.seed = check_seed(seed)
         self.one_shot = bool(one_shot)
+        if not isinstance(constrained, bool):
+            raise ValueError(f"constrained: expected a bool, got {constrained!r}")
+        if think is not None and not isinstance(think, bool):
+            raise ValueError(f"think: expected a bool or None, got {think!r}")
+        self.constrained = constrained
+        self.think = (not constrained) if think is None else think
         if name is not None:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"name: expected a non-empty string, got {name!r}")
@@ -190,6 +208,26 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
                 f"got {type(policy).__name__}"
             )
         self._stats = FanOutStats()
+
+    def _cap(self, k: int) -> int:
+        """``max_new_tokens`` for ``k`` subqueries: raised to the constraint's minimum when constrained
+        (policies without a ``tokenizer``, such as test doubles, are taken as they are)."""
+        tokenizer = getattr(self.lm, "tokenizer", None)
+        if not self.constrained or tokenizer is None:
+            return self.max_new_tokens
+        from r4t_fast.fanout.constrained import FanOutConstraint
+
+        need = FanOutConstraint(k=k, think=self.think).min_new_tokens(tokenizer)
+        if self.max_new_tokens < need:
+            import warnings
+
+            warnings.warn(
+                f"max_new_tokens: constrained decoding of k={k} subqueries needs at least {need} new "
+                f"tokens with this tokenizer; raised from {self.max_new_tokens} to {need}",
+                stacklevel=3,
+            )
+            self.max_new_tokens = need
+        return self.max_new_tokens
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     @property
@@ -214,6 +252,8 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
             "max_sequences": self.max_sequences,
             "seed": self.seed,
             "one_shot": self.one_shot,
+            "constrained": self.constrained,
+            "think": self.think,
             "missing_rows": MISSING_ROW_RULE,
         }
 
@@ -243,6 +283,7 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
         if isinstance(query_texts, str) or not all(isinstance(t, str) and t.strip() for t in query_texts):
             raise ValueError("query_texts: expected a list of non-empty strings")
         queries = list(query_texts)
+        max_new_tokens = self._cap(k)
         outs: list[list[FanOut]] = []
         for start in range(0, len(queries), self.batch_size):
             batch = queries[start : start + self.batch_size]
@@ -253,10 +294,12 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
                 temperature=temp,
                 top_p=self.top_p,
                 repetition_penalty=self.repetition_penalty,
-                max_new_tokens=self.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 batch_size=min(len(batch) * num_samples, self.max_sequences),
                 seed=self.seed,
                 one_shot=self.one_shot,
+                constrained=self.constrained,
+                think=self.think,
             )
             timing = getattr(self.lm, "last_timing", None)
             if timing is not None:

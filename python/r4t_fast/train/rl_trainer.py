@@ -299,6 +299,7 @@ def _step_logger_class() -> type:
         def __init__(self, path: str | os.PathLike[str], resume_step: int | None = None) -> None:
             self.path = Path(path)
             self.offset = 0.0
+            main = os.environ.get("RANK", "0") == "0"  # under accelerate launch only rank 0 writes
             if self.path.is_file():
                 kept = []
                 for line in self.path.read_text().splitlines():
@@ -313,7 +314,8 @@ def _step_logger_class() -> type:
                     ):
                         kept.append(line)
                         self.offset = max(self.offset, float(rec.get("elapsed_s", 0.0)))
-                self.path.write_text("".join(f"{x}\n" for x in kept))
+                if main:
+                    self.path.write_text("".join(f"{x}\n" for x in kept))
             self.t0 = time.time()
 
         def on_log(
@@ -345,7 +347,8 @@ def _time_budget_class() -> type:
 
     class _TimeBudget(TrainerCallback):
         """Stops training after ``minutes`` of wall time (checked after each optimizer step) and asks the
-        Trainer to checkpoint that step, so ``--resume`` continues from it."""
+        Trainer to checkpoint that step, so ``--resume`` continues from it. With several processes the
+        main process's clock decides (broadcast), so that all stop at the same step."""
 
         def __init__(self, minutes: float) -> None:
             self.seconds = 60.0 * minutes
@@ -356,7 +359,12 @@ def _time_budget_class() -> type:
             self.t0 = time.time()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
-            if time.time() - self.t0 >= self.seconds and state.global_step < state.max_steps:
+            elapsed = time.time() - self.t0
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                t = torch.tensor([elapsed], dtype=torch.float64)
+                torch.distributed.broadcast(t, src=0)
+                elapsed = float(t)
+            if elapsed >= self.seconds and state.global_step < state.max_steps:
                 control.should_training_stop = True
                 control.should_save = True
                 self.stopped_at = int(state.global_step)
