@@ -100,7 +100,11 @@ class RLConfig:
     require_strict_format: bool = _f(
         False, "score 0 also for completions that parse but break the strict format"
     )
-    budget_per_row: int = _f(10, "WSCR (and logged coverage): catalog items retrieved per subquery")
+    budget_per_row: int | None = _f(
+        None,
+        "WSCR (and logged coverage): catalog items retrieved per subquery; None: the fair budget's share "
+        "(objectives.fair_budget(N, k) // k, as r4t eval's recall_at_fair: 66 on Polyvore)",
+    )
     encoder: str = _f("minilm", "frozen text encoder of the retriever: 'minilm', 'hashing:<dim>' or a path")
     # -- GRPO ------------------------------------------------------------------------------------------
     num_generations: int = _f(8, "completions per query (the GRPO group size G; paper: 8)")
@@ -211,11 +215,11 @@ class RLConfig:
 
         for name in ("lora_r", "lora_alpha", "k", "num_generations", "prompts_per_step"):
             pos_int(name, upper=MAX_K if name == "k" else None)
-        for name in ("max_completion_length", "budget_per_row", "num_iterations", "max_steps", "save_steps"):
+        for name in ("max_completion_length", "num_iterations", "max_steps", "save_steps"):
             pos_int(name)
         for name in ("save_total_limit", "eval_max_new_tokens", "eval_batch_size", "eval_n_boot"):
             pos_int(name)
-        for name in ("max_train_queries", "num_threads", "eval_max_queries"):
+        for name in ("max_train_queries", "num_threads", "eval_max_queries", "budget_per_row"):
             pos_int(name, allow_none=True)
         if self.num_generations < 2:
             raise ValueError(

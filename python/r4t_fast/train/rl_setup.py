@@ -106,6 +106,7 @@ def _reward_function(cfg: RLConfig, data: Any) -> Any:
     reference sets, so training and evaluation score with the same regime)."""
     from r4t_fast.data.encoders import EmbeddingCache
     from r4t_fast.fanout.rewards import build_reward
+    from r4t_fast.objectives import fair_budget
 
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir is not None else default_cache_dir()
     refs = None
@@ -119,7 +120,7 @@ def _reward_function(cfg: RLConfig, data: Any) -> Any:
         k=cfg.k,
         weights=cfg.weights,
         mixed_weight=cfg.mixed_weight,
-        budget_per_row=cfg.budget_per_row,
+        budget_per_row=cfg.budget_per_row or max(1, fair_budget(len(data.catalog), cfg.k) // cfg.k),
         missing=cfg.missing,
         require_strict_format=cfg.require_strict_format,
         cache=EmbeddingCache(root / "embeddings"),  # the embedding cache r4t eval uses
