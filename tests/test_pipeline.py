@@ -72,7 +72,7 @@ def test_pipeline_smoke_end_to_end_and_resume(tmp_path: Path, monkeypatch) -> No
         progress=False,
         methods=("r4t-diffusion", "folm", "dense"),
     )
-    assert set(rec["stages"]) == {"rl", "synthesis", "diffusion", "eval", "report"}
+    assert set(rec["stages"]) == {"rl", "synthesis", "diffusion", "select", "eval", "report"}
     assert (out / "rl" / "policy").is_dir()
     assert (out / "diffusion" / "retriever.json").is_file()
     recs = {
@@ -109,9 +109,11 @@ def test_pipeline_smoke_end_to_end_and_resume(tmp_path: Path, monkeypatch) -> No
 
 
 def test_pipeline_bad_arguments(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"preset: unknown 'big'; valid choices: \['cpu-small', 'smoke'\]"):
+    with pytest.raises(
+        ValueError, match=r"preset: unknown 'big'; valid choices: \['cpu-full', 'cpu-small', 'smoke'\]"
+    ):
         run_pipeline("polyvore", tmp_path, preset="big")
     with pytest.raises(ValueError, match="methods: unknown"):
         run_pipeline("polyvore", tmp_path, preset="smoke", methods=("bm25",))
-    assert set(PIPELINE_PRESETS) == {"cpu-small", "smoke"}
-    assert DEFAULT_METHODS == ("dense", "mmr", "dpp", "llm-zeroshot", "folm", "r4t-diffusion")
+    assert set(PIPELINE_PRESETS) == {"cpu-full", "cpu-small", "smoke"}
+    assert DEFAULT_METHODS == ("dense", "mmr", "dpp", "llm-zeroshot", "llm-bon", "folm", "r4t-diffusion")

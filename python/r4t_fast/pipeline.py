@@ -8,6 +8,9 @@ Stages and their outputs under ``--out``:
 2. ``synthesis/``  the tuned policy sampled on the training queries (:mod:`r4t_fast.train.synthesis`).
 3. ``diffusion/``  the set diffusion model trained on those pairs, saved with its catalog as a
    :class:`~r4t_fast.Retriever` directory (load with ``Retriever.from_pretrained``).
+   ``selection.json``: the retrieval-time settings (query-anchored row share, guidance, sampler and
+   steps) chosen on the **validation** split (:func:`r4t_fast.eval.selection.select_retrieval_settings`)
+   and stored in the retriever's defaults before any test query is scored.
 4. ``eval/``       one ``r4t eval`` record per method on the test split, by default ``dense``, ``mmr``,
    ``dpp``, ``llm-zeroshot`` (the base policy), ``folm`` (the tuned policy) and ``r4t-diffusion``. The
    LLM methods are slow, so they are scored on the first ``eval.llm_limit`` test queries; every other
@@ -34,11 +37,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from r4t_fast._internal import atomic_write_text
 from r4t_fast.diffusion.samplers import SAMPLING_DEFAULTS
 
 __all__ = ["DEFAULT_METHODS", "LLM_EVAL_METHODS", "PIPELINE_PRESETS", "PRESETS", "run_pipeline"]
 
-DEFAULT_METHODS = ("dense", "mmr", "dpp", "llm-zeroshot", "folm", "r4t-diffusion")
+DEFAULT_METHODS = ("dense", "mmr", "dpp", "llm-zeroshot", "llm-bon", "folm", "r4t-diffusion")
 """What the pipeline evaluates by default: the non-fan-out baselines, the LLM fan-outs and R4T-Diffusion."""
 LLM_EVAL_METHODS = frozenset({"llm-zeroshot", "folm", "llm-bon"})
 """Methods scored on the first ``eval.llm_limit`` test queries only (every other method also on those)."""
@@ -65,14 +69,19 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
             "save_steps": 10,
             "time_budget_minutes": 12,
         },
+        # constrained decoding, the RL stage's reward ('auto': WSCR where references exist) ranks the
+        # samples of each query and the best `keep` are kept
         "synthesis": {
             "samples": 4,
-            "max_queries": 192,
-            "max_new_tokens": 128,
-            "batch_size": 16,
+            "keep": 2,
+            "max_queries": 256,
+            "max_new_tokens": 96,
+            "batch_size": 32,
             "temperature": 0.9,
             "queries_per_shard": 32,
+            "reward": "auto",
         },
+        # teacher pairs + reference_samples k-row draws of every titled train-split set
         "diffusion": {
             "preset": "cpu-small",
             "steps": 2000,
@@ -80,6 +89,8 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
             "lr": 5e-4,
             "warmup": 100,
             "ema": 0.995,
+            "targets": "both",
+            "reference_samples": 8,
         },
         # the one set of sampling defaults (chosen on validation; see SamplingDefaults)
         "retriever": {k: v for k, v in SAMPLING_DEFAULTS.as_dict().items() if k != "seed"},
@@ -99,7 +110,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
         "policy": "smollm2",
         "rl": {
             "num_generations": 2,
-            "max_completion_length": 16,
+            "max_completion_length": 80,
             "max_steps": 1,
             "save_steps": 1,
             "lora": True,
@@ -108,7 +119,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
         "synthesis": {
             "samples": 2,
             "max_queries": 6,
-            "max_new_tokens": 32,
+            "max_new_tokens": 80,
             "batch_size": 8,
             "min_subqueries": 1,
             "queries_per_shard": 3,
@@ -119,16 +130,25 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
             "sampler": SAMPLING_DEFAULTS.sampler,
             "guidance": SAMPLING_DEFAULTS.guidance,
         },
+        "select": {
+            "limit": 3,
+            "anchors": [0.0, 0.3],
+            "guidances": [0.0],
+            "grid": [["heun", 4], ["euler", 1]],
+        },
         "eval": {
             "llm_limit": 3,
             "limit": 3,
             "llm_batch_size": 4,
-            "llm_max_new_tokens": 32,
+            "llm_max_new_tokens": 80,
             "latency_calls": 1,
             "latency_batches": [1, 8],
         },
     },
 }
+
+_EXTRA = ("train_config", "train_log", "n_pairs", "pairs_by_source")
+"""The diffusion stage's notes kept in the retriever's config.json when the select stage re-saves it."""
 
 PRESETS = PIPELINE_PRESETS  # deprecated name (0.1); model presets are r4t_fast.diffusion.MODEL_PRESETS
 
@@ -138,6 +158,19 @@ def _merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+# cpu-full: the committed headline run, <= 150 min on the 2-core CPU (every training query in synthesis,
+# >= 20,000 diffusion pairs, every test query for every method)
+PIPELINE_PRESETS["cpu-full"] = _merge(
+    PIPELINE_PRESETS["cpu-small"],
+    {
+        "rl": {"num_generations": 8, "max_steps": 60, "save_steps": 20, "time_budget_minutes": 25},
+        "synthesis": {"samples": 4, "keep": 2, "max_queries": None, "batch_size": 64},
+        "diffusion": {"steps": 5000, "reference_samples": 16},
+        "eval": {"llm_limit": 100_000},
+    },
+)
 
 
 def run_pipeline(
@@ -255,19 +288,50 @@ def run_pipeline(
     def do_dif():
         if (dif_dir / "retriever.json").is_file() and not force:
             return {"skipped": "exists"}
-        shards = load_shards(syn_dir, "items")
-        if len(shards["cond"]) == 0:
-            raise RuntimeError(
-                f"synthesis: produced no usable (query, set) pairs in {syn_dir}; "
-                "the policy's outputs did not parse (see synthesis.json counts)"
-            )
+        from r4t_fast.train.targets import training_pairs
+
         dcfg = DiffusionTrainConfig(**cfg["diffusion"])
-        model, log = train_diffusion(shards["cond"], shards["targets"], dcfg, progress=progress)
+        shards = load_shards(syn_dir, "items") if dcfg.targets != "reference" else None
+        pairs = training_pairs(
+            dcfg.targets,
+            shards=shards,
+            data=data,
+            k=dcfg.k,
+            reference_samples=dcfg.reference_samples,
+            min_reward=dcfg.min_reward,
+            seed=dcfg.seed,
+        )
+        if len(pairs.cond) == 0:
+            raise RuntimeError(
+                f"diffusion: no (query, set) pairs for targets={dcfg.targets!r} (synthesis in {syn_dir}: "
+                "see synthesis.json counts)"
+            )
+        model, log = train_diffusion(pairs.cond, pairs.targets, dcfg, progress=progress)
         r = Retriever(model, data.catalog, data.encoder, encoder_spec=cfg["encoder"], **cfg["retriever"])
-        r.save(dif_dir, extra={"train_config": vars(dcfg), "train_log": log, "n_pairs": len(shards["cond"])})
-        return {"n_pairs": len(shards["cond"]), "final_loss": log[-1]["loss"]}
+        extra = {"train_config": vars(dcfg), "train_log": log, "n_pairs": len(pairs.cond)}
+        r.save(dif_dir, extra={**extra, "pairs_by_source": pairs.counts})
+        return {"n_pairs": len(pairs.cond), "pairs_by_source": pairs.counts, "final_loss": log[-1]["loss"]}
 
     stage("diffusion", do_dif)
+
+    # 3b. retrieval-time settings, chosen on the validation split -------------------------------------
+    sel_path = out / "selection.json"
+
+    def do_select():
+        if sel_path.is_file() and not force:
+            return {"skipped": "exists", **json.loads(sel_path.read_text())["chosen"]}
+        from r4t_fast.eval.selection import select_retrieval_settings
+
+        r = Retriever.from_pretrained(dif_dir, encoder=data.encoder)
+        sc = cfg.get("select") or {}
+        kw = {k: (tuple(map(tuple, v)) if k == "grid" else tuple(v)) for k, v in sc.items() if k != "limit"}
+        sel = select_retrieval_settings(r, data, split="val", limit=sc.get("limit"), progress=progress, **kw)
+        extra = {k: v for k, v in json.loads((dif_dir / "config.json").read_text()).items() if k in _EXTRA}
+        r.save(dif_dir, extra={**extra, "selection": sel})
+        atomic_write_text(sel_path, json.dumps(sel, indent=2, default=str))
+        return dict(sel["chosen"])
+
+    stage("select", do_select)
 
     # 4. evaluation ---------------------------------------------------------------------------------
     from r4t_fast.eval.evaluation import evaluate

@@ -8,7 +8,19 @@ Rows of every target set are randomly permuted each time a batch is drawn (the m
 on row order). Adam with linear warm-up then cosine decay; an EMA of the weights is what gets saved.
 σ_data is measured from the training targets unless given.
 
-CLI: ``r4t train-diffusion --data runs/x/synthesis --out runs/x/diffusion --preset cpu-small``.
+Training targets (``targets``, :mod:`r4t_fast.train.targets`): ``"teacher"`` (the synthesis shards),
+``"reference"`` (the dataset's own train-split sets, ``reference_samples`` k-row draws per set) or
+``"both"``; the saved ``config.json`` records the pairs of each source (``pairs``).
+
+Under ``accelerate launch --num_processes N [--cpu]`` (``WORLD_SIZE > 1``) the model is wrapped in DDP
+by ``accelerate.Accelerator``; rank ``r`` draws its batches (``batch_size // N`` sets) from the pairs
+``i % N == r`` with its own seed, gradients are averaged, and rank 0 alone saves. A plain run imports
+no accelerate and behaves as before. The output directory is saved crash-safely
+(:func:`r4t_fast._internal.save_dir_atomically`, format :data:`FORMAT`); :func:`load_trained` verifies
+it on load.
+
+CLI: ``r4t train-diffusion --data runs/x/synthesis --out runs/x/diffusion --preset cpu-small``;
+``r4t train-diffusion --targets reference --dataset polyvore --out runs/x/diffusion-ref``.
 """
 
 from __future__ import annotations
@@ -26,18 +38,28 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from r4t_fast._internal import check_positive_int
+from r4t_fast._internal import (
+    check_choice,
+    check_positive_int,
+    save_dir_atomically,
+    verify_dir,
+)
 from r4t_fast.diffusion.model import (
     EDM,
     SetDenoiser,
     clone_for_ema,
     ema_update,
     get_preset,
+    load_model,
     save_model,
     shift_rows,
 )
+from r4t_fast.train.targets import TARGET_CHOICES, process_info, rank_items, training_pairs
 
-__all__ = ["DiffusionTrainConfig", "load_shards", "train_diffusion"]
+__all__ = ["FORMAT", "DiffusionTrainConfig", "load_shards", "load_trained", "train_diffusion"]
+
+FORMAT = "r4t_fast.diffusion"
+"""``format`` of the manifest of a ``r4t train-diffusion`` output directory."""
 
 
 @dataclass
@@ -66,10 +88,26 @@ class DiffusionTrainConfig:
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     log_every: int = field(default=50, metadata={"help": "steps between log lines"})
     overrides: dict[str, Any] = field(default_factory=dict, metadata={"help": "model config overrides"})
+    targets: str = field(
+        default="teacher",
+        metadata={
+            "help": "training targets: 'teacher' (synthesis shards), 'reference' (the dataset's train-split "
+            "sets; needs --dataset) or 'both' (concatenated)"
+        },
+    )
+    reference_samples: int = field(
+        default=4, metadata={"help": "targets 'reference'/'both': k-row draws per reference set"}
+    )
+    k: int | None = field(
+        default=None, metadata={"help": "rows of a reference target (None: the shards' set size, else 10)"}
+    )
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "reference_samples"):
             setattr(self, name, check_positive_int(getattr(self, name), name))
+        if self.k is not None:
+            self.k = check_positive_int(self.k, "k")
+        check_choice(self.targets, TARGET_CHOICES, "targets")
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
         if not 0 <= self.ema < 1:
@@ -159,7 +197,9 @@ def train_diffusion(
     """Train on pairs cond (n, cond_dim) -> targets (n, L, d). Returns (EMA model, log rows).
 
     When ``out_dir`` is given, the EMA model is saved there (config.json + model.safetensors) with
-    the training config and log (``train_log.jsonl``).
+    the training config and log (``train_log.jsonl``), crash-safely, by rank 0 only (:func:`save_trained`;
+    load with :func:`load_trained`). Launched with ``WORLD_SIZE > 1``, every rank must call it with the
+    same pairs (module docstring).
     """
     _check_pairs(cond, targets)
     if cfg.threads:
@@ -176,20 +216,33 @@ def train_diffusion(
     mcfg = get_preset(
         cfg.preset, **{**shape, "sigma_data": sigma_data, "cond_offset": offset, **cfg.overrides}
     )
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
+    proc = process_info()
     dev = torch.device(cfg.device)
+    acc = None
+    if proc.world > 1:  # launched: DDP through accelerate (imported only here)
+        from accelerate import Accelerator
+
+        acc = Accelerator(cpu=dev.type == "cpu")
+        dev = acc.device
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    g = torch.Generator().manual_seed(cfg.seed + proc.rank)
     model = SetDenoiser(mcfg).to(dev).train()
     ema = clone_for_ema(model)
     edm = EDM(model)
+    if acc is not None:
+        edm.model = acc.prepare(model)  # forward through the DDP wrapper: gradients are all-reduced
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    local = torch.tensor(rank_items(n, proc), dtype=torch.long)
+    if local.numel() == 0:
+        raise ValueError(f"targets: {n} pairs cannot be shared by {proc.world} processes")
+    batch = min(max(1, cfg.batch_size // proc.world), local.numel())
     cond, targets = cond.to(dev), targets.to(dev)
     log: list[dict] = []
     t0 = time.perf_counter()
     running = 0.0
-    bar = tqdm(range(cfg.steps), desc="train-diffusion", disable=not progress)
+    bar = tqdm(range(cfg.steps), desc="train-diffusion", disable=not progress or not proc.is_main)
     for step in bar:
-        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=g).to(dev)
+        idx = local[torch.randint(0, local.numel(), (batch,), generator=g)].to(dev)
         perm = torch.argsort(torch.rand(len(idx), L, generator=g), dim=1).to(dev)  # random row order
         x0 = torch.gather(targets[idx], 1, perm[:, :, None].expand(-1, -1, d))
         for group in opt.param_groups:
@@ -204,6 +257,8 @@ def train_diffusion(
         running += float(loss.detach())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             k = (step % cfg.log_every) + 1
+            if acc is not None:  # the mean over the ranks' batches
+                running = float(acc.reduce(torch.tensor([running], device=dev), reduction="mean")[0])
             row = {
                 "step": step + 1,
                 "loss": running / k,
@@ -214,18 +269,42 @@ def train_diffusion(
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             running = 0.0
     ema.eval()
-    if out_dir is not None:
+    if out_dir is not None and proc.is_main:
         meta = {
             "train_config": asdict(cfg),
             "n_pairs": n,
+            "world_size": proc.world,
             "train_wall_s": time.perf_counter() - t0,
             **(extra_meta or {}),
         }
-        save_model(ema, out_dir, extra=meta)
-        with open(Path(out_dir) / "train_log.jsonl", "w") as f:
-            for row in log:
-                f.write(json.dumps(row) + "\n")
+        save_trained(ema, out_dir, meta, log)
+    if acc is not None:
+        acc.wait_for_everyone()  # every rank returns once the model is saved
     return ema, log
+
+
+def save_trained(model: SetDenoiser, out_dir: str | os.PathLike, meta: dict, log: list[dict]) -> Path:
+    """Save ``model`` (``config.json`` with ``meta``, ``model.safetensors``) and ``train_log.jsonl`` as
+    one crash-safe directory (:func:`r4t_fast._internal.save_dir_atomically`, format :data:`FORMAT`)."""
+
+    def write(tmp: Path) -> None:
+        save_model(model, tmp, extra=meta)
+        (tmp / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
+
+    return save_dir_atomically(
+        out_dir, write, format=FORMAT, legacy=lambda p: (p / "model.safetensors").is_file()
+    )
+
+
+def load_trained(
+    path: str | os.PathLike, device: str = "cpu", *, verify: bool = True
+) -> tuple[SetDenoiser, dict]:
+    """Load a ``r4t train-diffusion`` directory, checking its manifest (sizes, and sha256 with
+    ``verify``) first; a plain directory without a manifest loads unverified."""
+    d = Path(path)
+    if d.is_symlink() or (d / "manifest.json").is_file():
+        d = verify_dir(d, format=FORMAT, verify=verify).path
+    return load_model(d, device=device)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -237,11 +316,27 @@ def _float_or_name(text: str) -> float | str:
 
 
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="directory of synthesis shards (r4t synthesize --out)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="directory of synthesis shards (r4t synthesize --out); targets teacher/both",
+    )
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument(
         "--target", default="items", choices=["items", "subqueries"], help="target kind (OAR: items)"
     )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="targets reference/both: polyvore | spotify | PATH.jsonl (default: the shards' space.json)",
+    )
+    p.add_argument(
+        "--encoder", default=None, help="targets reference/both: encoder spec (default: space.json)"
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="data directory (default: $R4T_DATA_DIR or ../shared/data)"
+    )
+    p.add_argument("--cache-dir", default=None, help="cache directory (default: $R4T_CACHE_DIR)")
     for f in fields(DiffusionTrainConfig):
         if f.name == "overrides":
             continue
@@ -252,24 +347,72 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
             typ = float
         if f.name == "cond_offset":
             typ = _float_or_name
+        extra = {"choices": TARGET_CHOICES} if f.name == "targets" else {}
         p.add_argument(
-            f"--{f.name.replace('_', '-')}", type=typ or str, default=f.default, help=f.metadata.get("help")
+            f"--{f.name.replace('_', '-')}",
+            type=typ or str,
+            default=f.default,
+            help=f.metadata.get("help"),
+            **extra,
         )
+
+
+def _space(data_dir: str | None) -> dict[str, Any]:
+    """The shards' ``space.json`` (``{}`` when absent), after checking that they come from the train split."""
+    if data_dir is None:
+        return {}
+    d = Path(data_dir)
+    syn = d / "synthesis.json"
+    if syn.is_file():
+        split = json.loads(syn.read_text()).get("config", {}).get("split", "train")
+        if split != "train":
+            raise ValueError(f"data: {d} was synthesized from the {split!r} split; train only on 'train'")
+    space = d / "space.json"
+    return json.loads(space.read_text()) if space.is_file() else {}
 
 
 def cli_main(args: argparse.Namespace) -> int:
     cfg = DiffusionTrainConfig(
         **{f.name: getattr(args, f.name) for f in fields(DiffusionTrainConfig) if f.name != "overrides"}
     )
-    data = load_shards(args.data, args.target)
-    cond, targets = data["cond"], data["targets"]
-    if cfg.min_reward is not None:
-        keep = data["reward"] >= cfg.min_reward
-        cond, targets = cond[keep], targets[keep]
-    meta = {}
-    space = Path(args.data) / "space.json"
-    if space.is_file():
-        meta["space"] = json.loads(space.read_text())
-    _, log = train_diffusion(cond, targets, cfg, args.out, extra_meta=meta)
-    print(f"saved {args.out}: {len(cond)} pairs, final loss {log[-1]['loss']:.4f}")
+    shards = data = None
+    space = _space(args.data)
+    if cfg.targets in ("teacher", "both"):
+        if args.data is None:
+            raise ValueError(f"data: --data (synthesis shards) is required with --targets {cfg.targets}")
+        shards = load_shards(args.data, args.target)
+    if cfg.targets in ("reference", "both"):
+        from r4t_fast.data.prepare import load_eval_data
+
+        if args.target != "items":
+            raise ValueError("target: reference sets give item embeddings only; use --target items")
+        dataset = args.dataset or space.get("dataset_spec")
+        if not dataset:
+            raise ValueError(f"dataset: --dataset is required with --targets {cfg.targets}")
+        encoder = args.encoder or space.get("encoder_spec") or "minilm"
+        data = load_eval_data(
+            dataset, encoder=encoder, data_dir=args.data_dir, cache_dir=args.cache_dir, progress=False
+        )
+        if space.get("encoder") and data.encoder.name != space["encoder"]:
+            raise ValueError(
+                f"encoder: {data.encoder.name!r} differs from the shards' {space['encoder']!r} (space.json)"
+            )
+    pairs = training_pairs(
+        cfg.targets,
+        shards=shards,
+        data=data,
+        k=cfg.k,
+        reference_samples=cfg.reference_samples,
+        min_reward=cfg.min_reward,
+        seed=cfg.seed,
+    )
+    meta: dict[str, Any] = {"pairs": pairs.counts}
+    if space:
+        meta["space"] = space
+    if data is not None:
+        meta["reference_dataset"] = {"dataset": data.dataset.name, "encoder": data.encoder.name}
+    _, log = train_diffusion(pairs.cond, pairs.targets, cfg, args.out, extra_meta=meta)
+    if process_info().is_main:
+        src = ", ".join(f"{k} {pairs.counts[k]}" for k in ("teacher", "reference"))
+        print(f"saved {args.out}: {len(pairs.cond)} pairs ({src}), final loss {log[-1]['loss']:.4f}")
     return 0

@@ -1,0 +1,156 @@
+"""Retrieval-time settings of a trained diffusion retriever, chosen on the validation split.
+
+The pipeline's ``select`` stage (and anyone tuning a retriever) calls :func:`select_retrieval_settings`
+on the **validation** split, never the test split. Two steps, each scored with the yardstick of
+:func:`r4t_fast.eval.evaluation.evaluate` (same queries for every setting, item-level metrics, the fair
+candidate budget):
+
+1. **Quality settings** at the reference sampler (Heun, 16 steps = 31 network evaluations): every
+   ``anchor`` (the query-anchored row's share of the candidate budget) × ``guidance`` pair; the one with
+   the highest ``recall_at_fair`` is kept (ties: higher ``vendi``).
+2. **Fewest network evaluations**: at those settings, every ``(sampler, steps)`` of ``grid``; the one with
+   the fewest NFE whose ``recall_at_fair`` and ``vendi`` are at least ``tolerance[0]`` / ``tolerance[1]``
+   of the reference's and whose ``item_relevance`` is at least ``tolerance[2]`` of it (issue 12: 97 %,
+   97 %, 99 %) is kept; the reference itself when none qualifies.
+
+The result records every row scored, so the choice can be audited (``selection.json`` in a pipeline run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from r4t_fast._internal import check_float
+
+__all__ = ["DEFAULT_ANCHORS", "DEFAULT_GRID", "DEFAULT_GUIDANCES", "select_retrieval_settings"]
+
+DEFAULT_ANCHORS: tuple[float, ...] = (0.0, 0.2, 0.3)
+"""Query-anchored row shares tried (0: no anchor row)."""
+DEFAULT_GUIDANCES: tuple[float, ...] = (0.0, 1.0)
+"""Classifier-free guidance strengths tried."""
+DEFAULT_GRID: tuple[tuple[str, int], ...] = (
+    ("heun", 16),
+    ("heun", 8),
+    ("dpmpp_2m", 8),
+    ("heun", 4),
+    ("dpmpp_2m", 4),
+    ("dpmpp_2m", 2),
+    ("euler", 1),
+)
+"""(sampler, steps) pairs tried for the fewest network evaluations; the first is the reference."""
+
+_KEYS = ("recall_at_fair", "vendi", "item_relevance", "hit_at_fair", "row_groundedness")
+
+
+def _score(retriever: Any, data: Any, split: str, limit: int | None, settings: dict[str, Any]) -> dict:
+    from r4t_fast.diffusion.samplers import nfe
+    from r4t_fast.eval.evaluation import evaluate
+
+    saved = dict(retriever.defaults)
+    retriever.defaults.update(settings)
+    try:
+        rec = evaluate(
+            retriever,
+            data.dataset,
+            split,
+            method_name="r4t-diffusion",
+            data=data,
+            limit=limit,
+            latency_batch_sizes=(),
+            n_boot=100,
+            progress=False,
+        )
+    finally:
+        retriever.defaults.clear()
+        retriever.defaults.update(saved)
+    row = {**settings, "nfe": nfe(settings["sampler"], settings["steps"]), "n_queries": rec["n_queries"]}
+    row.update({k: rec["metrics"].get(k) for k in _KEYS})
+    return row
+
+
+def select_retrieval_settings(
+    retriever: Any,
+    data: Any,
+    *,
+    split: str = "val",
+    anchors: Sequence[float] = DEFAULT_ANCHORS,
+    guidances: Sequence[float] = DEFAULT_GUIDANCES,
+    grid: Sequence[tuple[str, int]] = DEFAULT_GRID,
+    tolerance: tuple[float, float, float] = (0.97, 0.97, 0.99),
+    limit: int | None = None,
+    apply: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Choose ``anchor``, ``guidance``, ``sampler`` and ``steps`` for ``retriever`` on ``split`` (module doc).
+
+    Args:
+        retriever: a :class:`~r4t_fast.Retriever` whose catalog is ``data.catalog``.
+        data: the :class:`~r4t_fast.data.prepare.EvalData` of the dataset.
+        split: the split scored (``"val"``; refusing ``"test"`` keeps the test split for the report).
+        anchors, guidances: the quality settings tried at the reference ``grid[0]``.
+        grid: ``(sampler, steps)`` pairs; ``grid[0]`` is the reference.
+        tolerance: fractions of the reference's ``recall_at_fair``, ``vendi``, ``item_relevance``.
+        limit: score only the first ``limit`` queries of the split.
+        apply: store the choice in ``retriever.defaults``.
+
+    Returns:
+        ``{"chosen": {...}, "reference": row, "rows": [...], "rule": str, "split": split}``.
+    """
+    if split == "test":
+        raise ValueError("split: settings are chosen on the validation split, not 'test'")
+    if not anchors or not guidances or not grid:
+        raise ValueError("anchors, guidances, grid: each needs at least one value")
+    tol = tuple(check_float(t, "tolerance", low=0.0, high=1.0) for t in tolerance)
+    if len(tol) != 3:
+        raise ValueError(f"tolerance: expected 3 fractions, got {tolerance!r}")
+    if retriever.model.cfg.cond_dim != retriever.model.cfg.dim:
+        anchors = (0.0,)  # an anchor row needs the query in the rows' space
+    ref_sampler, ref_steps = grid[0]
+    rows: list[dict[str, Any]] = []
+
+    def log(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if progress:
+            shown = {k: row[k] for k in ("sampler", "steps", "guidance", "anchor")}
+            print(
+                f"[select] {shown}: recall_at_fair {row['recall_at_fair']:.4f} vendi {row['vendi']:.3f} "
+                f"item_relevance {row['item_relevance']:.4f}",
+                flush=True,
+            )
+
+    quality = []
+    for a in anchors:
+        for w in guidances:
+            s = {"sampler": ref_sampler, "steps": ref_steps, "guidance": float(w), "anchor": float(a)}
+            row = _score(retriever, data, split, limit, s)
+            log(row)
+            quality.append(row)
+    ref = max(quality, key=lambda r: (r["recall_at_fair"], r["vendi"]))
+    best = ref
+    for sampler, steps in grid[1:]:
+        s = {"sampler": sampler, "steps": steps, "guidance": ref["guidance"], "anchor": ref["anchor"]}
+        row = _score(retriever, data, split, limit, s)
+        log(row)
+        ok = (
+            row["recall_at_fair"] >= tol[0] * ref["recall_at_fair"]
+            and row["vendi"] >= tol[1] * ref["vendi"]
+            and row["item_relevance"] >= tol[2] * ref["item_relevance"]
+        )
+        row["meets_tolerance"] = ok
+        if ok and row["nfe"] < best["nfe"]:
+            best = row
+    chosen = {k: best[k] for k in ("sampler", "steps", "guidance", "anchor")}
+    if apply:
+        retriever.defaults.update(chosen)
+    return {
+        "split": split,
+        "chosen": chosen,
+        "reference": ref,
+        "rows": rows,
+        "rule": (
+            f"anchor x guidance: the highest recall_at_fair at {ref_sampler} {ref_steps} steps; then the "
+            f"fewest NFE with recall_at_fair >= {tol[0]:.0%}, vendi >= {tol[1]:.0%} and item_relevance "
+            f">= {tol[2]:.0%} of that reference"
+        ),
+    }

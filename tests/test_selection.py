@@ -1,0 +1,82 @@
+"""Retrieval-time settings chosen on the validation split (r4t_fast.eval.selection)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import sets_jsonl
+from r4t_fast.data.prepare import load_eval_data
+from r4t_fast.diffusion.model import SetDenoiser, get_preset
+from r4t_fast.diffusion.retriever import Retriever
+from r4t_fast.diffusion.samplers import nfe
+from r4t_fast.eval.selection import select_retrieval_settings
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("sel")
+    data = load_eval_data(
+        sets_jsonl(root / "sets.jsonl", n=60), encoder="hashing:32", cache_dir=root / "cache", progress=False
+    )
+    torch.manual_seed(0)
+    model = SetDenoiser(get_preset("tiny", dim=data.catalog.dim, cond_dim=data.catalog.dim)).eval()
+    with torch.no_grad():  # zero-initialised output layers would make every sample trivial
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return data, Retriever(model, data.catalog, data.encoder, encoder_spec="hashing:32")
+
+
+def test_choice_follows_the_rule_and_is_applied(setup) -> None:
+    data, r = setup
+    grid = (("heun", 4), ("dpmpp_2m", 2), ("euler", 1))
+    res = select_retrieval_settings(
+        r, data, anchors=(0.0, 0.3), guidances=(0.0,), grid=grid, tolerance=(0.0, 0.0, 0.0), progress=False
+    )
+    rows = res["rows"]
+    assert len(rows) == 2 + 2  # two quality settings at the reference, then the rest of the grid
+    ref = res["reference"]
+    assert ref["recall_at_fair"] == max(x["recall_at_fair"] for x in rows[:2])
+    # tolerance 0: every grid point qualifies, so the fewest network evaluations wins
+    assert res["chosen"]["sampler"] == "euler" and res["chosen"]["steps"] == 1
+    assert res["chosen"]["anchor"] == ref["anchor"]
+    assert {k: r.defaults[k] for k in res["chosen"]} == res["chosen"]
+    assert all(x["nfe"] == nfe(x["sampler"], x["steps"]) for x in rows)
+    assert res["split"] == "val" and all(x["n_queries"] > 0 for x in rows)
+
+
+def test_strict_tolerance_keeps_the_reference(setup) -> None:
+    data, r = setup
+    before = dict(r.defaults)
+    res = select_retrieval_settings(
+        r,
+        data,
+        anchors=(0.0,),
+        guidances=(0.0,),
+        grid=(("heun", 4), ("euler", 1)),
+        tolerance=(1.0, 1.0, 1.0),
+        apply=False,
+        progress=False,
+    )
+    assert r.defaults == before  # apply=False leaves the retriever alone
+    # the euler point may tie the reference exactly; otherwise the reference stays
+    if not res["rows"][1].get("meets_tolerance"):
+        assert (res["chosen"]["sampler"], res["chosen"]["steps"]) == ("heun", 4)
+
+
+def test_bad_arguments(setup) -> None:
+    data, r = setup
+    with pytest.raises(ValueError, match="split"):
+        select_retrieval_settings(r, data, split="test", progress=False)
+    with pytest.raises(ValueError, match="tolerance"):
+        select_retrieval_settings(r, data, tolerance=(1.5, 1.0, 1.0), progress=False)
+    with pytest.raises(ValueError, match="grid"):
+        select_retrieval_settings(r, data, grid=(), progress=False)
+
+
+def test_defaults_restored_when_scoring_fails(setup) -> None:
+    data, r = setup
+    before = dict(r.defaults)
+    with pytest.raises(ValueError):
+        select_retrieval_settings(r, data, grid=(("nosuch", 2),), guidances=(0.0,), anchors=(0.0,))
+    assert r.defaults == before
