@@ -1,28 +1,39 @@
-"""R4T-Diffusion sampling: ms/query per sampler and NFE, against dense kNN in the same run, and quality
-against NFE on the validation split.
+"""R4T-Diffusion sampling: ms/query per sampler and NFE, eager and fused, against dense kNN and FOLM in the
+same run, and quality against NFE on the validation split.
 
-Question: how long does ``Retriever.retrieve_embeddings(q, k=10)`` (sampling + grounding; query
-embeddings given, so no text encoding) take per query at batch 1, 8 and 64 for each sampler at NFE 1, 2,
-4, 8, 16, 31 (where the sampler reaches that count exactly), and dense kNN (``ops.knn``, k = 10) over
-the same catalog with the same query embeddings? With ``--quality-dataset``, what do the item-level
-metrics (``r4t_fast.train.distill.quality_vs_nfe``) give at each grid point?
+Question: how long does ``Retriever.retrieve_embeddings(q, k=10, fused=False | True)`` (sampling +
+grounding; query embeddings given, so no text encoding) take per query at batch 1, 8 and 64 for each
+sampler at NFE 1, 2, 4, 8, 16, 31 (where the sampler reaches that count exactly) and at the retriever's
+saved default (sampler, steps), with its saved guidance and anchor; and dense kNN (``ops.knn``, k = 10)
+over the same catalog with the same query embeddings? With ``--folm POLICY``, how long does FOLM (the
+tuned LLM fan-out, ``retrieve(query_texts, k=10)``) take on the same queries at batch 8 and 64? With
+``--quality-dataset``, what do the item-level metrics (``r4t_fast.train.distill.quality_vs_nfe``) give
+at each grid point?
 
     python benchmarks/bench_sampler.py                          # random cpu-small, clustered catalog
     python benchmarks/bench_sampler.py --quick                  # reduced grid, < 2 min
     python benchmarks/bench_sampler.py --prepare-model runs/oracle --dataset polyvore   # see below
-    python benchmarks/bench_sampler.py --model runs/oracle/diffusion --distilled runs/oracle/distilled \\
-        --quality-dataset polyvore                               # -> results/sampler_cpu.{json,md}
+    python benchmarks/bench_sampler.py --model runs/polyvore-small/diffusion \\
+        --folm runs/polyvore-small/rl/policy --quality-dataset polyvore --split val \\
+        --threads 1                                              # -> results/sampler_cpu.{json,md}
+
+Both paths are the real ``Retriever`` (what users get): ``eager`` is ``fused=False`` (PyTorch forwards,
+the fused elementwise EDM step, ``ops.ground_sets``), ``fused`` is ``fused=True`` (sampling and grounding
+in one ``ops.sample_sets`` call; the default on the CPU, ``--no-fused`` skips it). Their equality is
+``tests/test_fused_sampler.py``'s business, not this benchmark's.
+
+Queries: with ``--folm`` or ``--quality-dataset`` the first 64 titled sets of the dataset's ``--split``
+(``query_text``, as ``r4t eval``), embedded by the retriever's encoder for the diffusion and dense rows,
+as texts for FOLM (so every method answers the same queries); otherwise synthetic embeddings near
+catalog rows. FOLM is ``resolve_method``'s class for ``"folm"`` (``LLMFanOutBaseline``) on the
+retriever's catalog and encoder, constrained decoding, ``max_new_tokens`` 128 (the cpu-small pipeline's
+eval), batch size = the batch; one timed call per batch size, no warm-up.
 
 ``--prepare-model OUT`` makes a real trained model without the RL and synthesis stages: shards of
 (query embedding, the reference set's item embeddings) pairs from the dataset's *train* split
 (``OUT/shards``, each set's items cycled to the model's L = 10 rows), a cpu-small model trained on them
 with the pipeline's cpu-small settings (``OUT/diffusion``, a retriever directory). Distil it with
 ``r4t distill --teacher OUT/diffusion --data OUT/shards --out OUT/distilled``.
-
-The eager path is today's (PyTorch forwards + the fused elementwise step + fused grounding). The fused
-path (``ops.sample_sets``: the whole set in one ``_C`` call) is one flag away: ``--fused`` adds a row
-per grid point through :func:`fused_retrieve` (it needs k = L; its equality with the eager path is
-``tests/test_fused_sampler.py``'s business, not this benchmark's).
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ from r4t_fast._internal import machine_description
 from r4t_fast.data.catalog import Catalog
 from r4t_fast.diffusion.model import SetDenoiser, get_preset
 from r4t_fast.diffusion.retriever import Retriever
-from r4t_fast.diffusion.samplers import nfe, steps_for_nfe
+from r4t_fast.diffusion.samplers import fused_unavailable, nfe, steps_for_nfe
 
 K = 10
 NFE_GRID = (1, 2, 4, 8, 16, 31)
@@ -56,42 +67,25 @@ REPEATS = {1: 9, 8: 5, 64: 3}
 
 
 # ---------------------------------------------------------------------------------------------- paths
-def eager_retrieve(r: Retriever, q: torch.Tensor, sampler: str, steps: int) -> Any:
-    """Today's path: PyTorch forwards, the fused elementwise EDM step, fused grounding."""
-    return r.retrieve_embeddings(q, K, steps=steps, sampler=sampler, guidance=0.0, seed=0)
-
-
-def fused_available() -> bool:
-    return hasattr(ops, "sample_sets")
-
-
-def fused_retrieve(r: Retriever, q: torch.Tensor, sampler: str, steps: int) -> Any:
-    """The fused path: sampling and grounding of the batch in one ``ops.sample_sets`` call (weights
-    packed once per model, cached), with the eager path's initial noise and schedule (k = L: one set per
-    query, as at k = 10 with the cpu-small model)."""
-    if not fused_available():
-        raise SystemExit("bench_sampler: --fused needs ops.sample_sets, which this build does not have")
-    from r4t_fast.diffusion.samplers import sampler_sigmas
-    from r4t_fast.kernels.sampler_pack import pack_denoiser, step_noise
-
-    cfg = r.model.cfg
-    sig = sampler_sigmas(sampler, steps, cfg)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn((q.shape[0], cfg.set_size, cfg.dim), generator=g) * sig[0]
-    noise = step_noise(sampler, sig, tuple(x.shape), g)
-    return ops.sample_sets(
-        pack_denoiser(r.model),
+def retrieve(r: Retriever, q: torch.Tensor, sampler: str, steps: int, fused: bool) -> Any:
+    """The real ``Retriever`` path users get: ``fused=False`` is the eager one (PyTorch forwards, the
+    fused elementwise EDM step, ``ops.ground_sets``), ``fused=True`` the whole sampling and grounding in
+    one ``ops.sample_sets`` call. Guidance and anchor are the retriever's saved defaults."""
+    return r.retrieve_embeddings(
         q,
-        x,
-        sig,
+        K,
+        steps=steps,
         sampler=sampler,
-        noise=noise,
-        catalog=r._cat_dev,
-        check_finite=False,
+        guidance=r.defaults["guidance"],
+        anchor=r.defaults["anchor"],
+        seed=0,
+        fused=fused,
     )
 
 
-PATHS = {"eager": eager_retrieve, "fused": fused_retrieve}
+def fused_unsupported(r: Retriever, q: torch.Tensor) -> str | None:
+    """Why ``retrieve_embeddings(fused=True)`` cannot run for ``r`` (None: it can)."""
+    return fused_unavailable(r.edm, q)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -102,16 +96,45 @@ def clustered(n: int, d: int, seed: int, clusters: int = 256) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1)
 
 
-def random_retriever(n_items: int = 18_800, d: int = 384) -> Retriever:
+def random_retriever(
+    n_items: int = 18_800, d: int = 384, catalog: Catalog | None = None, encoder: Any = None
+) -> Retriever:
     """A randomly initialised cpu-small model (Polyvore's shape: 384-d MiniLM rows, L = 10) over a clustered
-    catalog of Polyvore's size. Latency does not depend on the weights."""
+    catalog of Polyvore's size (or over ``catalog``, with ``encoder``, when given). Latency does not
+    depend on the weights."""
+    d = catalog.dim if catalog is not None else d
     torch.manual_seed(0)
     model = SetDenoiser(get_preset("cpu-small", dim=d, cond_dim=d, sigma_data=0.05)).eval()
     with torch.no_grad():  # zero-initialised output layers: give every layer some signal
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    cat = Catalog([f"i{j}" for j in range(n_items)], clustered(n_items, d, 0), None)
-    return Retriever(model, cat)
+    if catalog is None:
+        catalog = Catalog([f"i{j}" for j in range(n_items)], clustered(n_items, d, 0), None)
+    return Retriever(model, catalog, encoder)
+
+
+_DATA: dict[str, Any] = {}
+
+
+def eval_data(name: str, encoder: Any = None) -> Any:
+    """``load_eval_data(name)`` once per run (``encoder``: an already loaded encoder to reuse)."""
+    from r4t_fast.data.prepare import load_eval_data
+
+    if name not in _DATA:
+        _DATA[name] = load_eval_data(name, encoder=encoder or "minilm", progress=False)
+    return _DATA[name]
+
+
+def query_texts(data: Any, split: str, n: int = max(BATCHES)) -> tuple[list[str], int]:
+    """The first ``n`` titled sets' queries of ``split`` (``query_text``, as ``r4t eval``), cycled when the
+    split has fewer; and how many distinct queries there are."""
+    from r4t_fast.data.datasets import query_text
+
+    sets = [s for s in (data.dataset.get_set(i) for i in getattr(data.split, split)) if s.query is not None]
+    if not sets:
+        raise SystemExit(f"bench_sampler: the {split} split has no titled set")
+    texts = [query_text(s) for s in sets[:n]]
+    return [texts[i % len(texts)] for i in range(n)], len(texts)
 
 
 def _reference_pairs(data: Any, set_ids: list[str], L: int) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -168,8 +191,16 @@ def grid(quick: bool) -> list[tuple[str, int]]:
     return sorted(set(out), key=lambda p: (SAMPLERS_TIMED.index(p[0]), p[1]))
 
 
+def _order(sampler: str) -> int:
+    return SAMPLERS_TIMED.index(sampler) if sampler in SAMPLERS_TIMED else len(SAMPLERS_TIMED)
+
+
 def _batches(args) -> tuple[int, ...]:
     return (1, 8) if args.quick else BATCHES
+
+
+def _folm_batches(args) -> tuple[int, ...]:
+    return ((1,) if args.folm_b1 else ()) + ((8,) if args.quick else (8, 64))
 
 
 def _paired(fn, dense, repeat: int) -> tuple[list[float], list[float]]:
@@ -191,12 +222,17 @@ def _paired(fn, dense, repeat: int) -> tuple[list[float], list[float]]:
 def run_latency(args, teacher: Retriever, student: Retriever | None, pool: torch.Tensor) -> list[dict]:
     """One row per (batch, sampler, steps, path): median ms/query, and the median ms/query of dense kNN
     timed alternately with it (``vs_dense`` is the ratio of the two); plus one dense-knn row per batch
-    (the median over all its paired calls)."""
+    (the median over all its paired calls). The grid always holds the retriever's default (sampler,
+    steps) (``default: true``); every row uses its retriever's saved guidance and anchor."""
     rows = []
     paths = ["eager"] + (["fused"] if args.fused else [])
     batches = _batches(args)
     reps = {b: max(1, REPEATS[b] // (3 if args.quick else 1)) for b in batches}
     cat = teacher._cat_dev
+    default = (teacher.defaults["sampler"], teacher.defaults["steps"])
+    points = grid(args.quick)
+    if default not in points:
+        points = sorted([*points, default], key=lambda p: (_order(p[0]), p[1]))
     for B in batches:
         q = pool[:B].contiguous()
 
@@ -204,11 +240,11 @@ def run_latency(args, teacher: Retriever, student: Retriever | None, pool: torch
             return ops.knn(q, cat, K, check_finite=False)
 
         dense_all = []
-        for sampler, steps in grid(args.quick):
+        for sampler, steps in points:
             r = student if (sampler == "consistency" and student is not None) else teacher
             for path in paths:
-                fn = PATHS[path]
-                ts, td = _paired(lambda: fn(r, q, sampler, steps), dense, reps[B])
+                fused = path == "fused"
+                ts, td = _paired(lambda: retrieve(r, q, sampler, steps, fused), dense, reps[B])
                 dense_all += td
                 ms, dms = 1e3 * float(np.median(ts)) / B, 1e3 * float(np.median(td)) / B
                 rows.append(
@@ -218,6 +254,9 @@ def run_latency(args, teacher: Retriever, student: Retriever | None, pool: torch
                         "sampler": sampler,
                         "steps": steps,
                         "nfe": nfe(sampler, steps),
+                        "guidance": r.defaults["guidance"],
+                        "anchor": r.defaults["anchor"],
+                        "default": r is teacher and (sampler, steps) == default,
                         "batch": B,
                         "ms_per_query": ms,
                         "min_ms_per_query": 1e3 * min(ts) / B,
@@ -243,6 +282,49 @@ def run_latency(args, teacher: Retriever, student: Retriever | None, pool: torch
     return rows
 
 
+def run_folm(args, teacher: Retriever, texts: list[str]) -> tuple[list[dict], dict]:
+    """FOLM (``resolve_method``'s ``LLMFanOutBaseline`` with ``name="folm"``) on the retriever's catalog
+    and encoder, constrained decoding (the default), ``max_new_tokens`` 128 (the cpu-small pipeline's
+    eval), batch size = the batch: ms/query of ``retrieve(texts[:B], k=10)``, one timed call per batch
+    size and no warm-up (an LLM call takes seconds to minutes; the first call pays one-off costs)."""
+    from r4t_fast.eval.llm_baselines import LLMFanOutBaseline
+
+    if teacher.encoder is None:
+        raise SystemExit("bench_sampler: --folm needs a text encoder (the retriever has none)")
+    t = time.perf_counter()
+    folm = LLMFanOutBaseline(
+        teacher.catalog, teacher.encoder, policy=args.folm, name="folm", max_new_tokens=128, batch_size=1
+    )
+    load_s = time.perf_counter() - t
+    print(f"FOLM: policy {folm.policy} loaded in {load_s:.1f} s; one timed call per batch, no warm-up")
+    rows = []
+    for B in _folm_batches(args):
+        folm.batch_size = B  # one generate call per retrieve
+        folm.reset_stats()
+        gc.collect()
+        t = time.perf_counter()
+        folm.retrieve(texts[:B], K)
+        sec = time.perf_counter() - t
+        st = folm.stats
+        rows.append(
+            {
+                "method": "folm",
+                "batch": B,
+                "ms_per_query": 1e3 * sec / B,
+                "call_s": sec,
+                "repeat": 1,
+                "warmup": 0,
+                "mean_new_tokens": st.get("mean_new_tokens"),
+                "truncated_rate": st.get("truncated_rate"),
+                "missing_row_rate": st.get("missing_row_rate"),
+            }
+        )
+        print(
+            f"B={B:3d} folm  {1e3 * sec / B:10.1f} ms/query (one call, {sec:.1f} s, no warm-up)", flush=True
+        )
+    return rows, {"policy": folm.policy, "load_s": load_s, **folm.config()}
+
+
 # ---------------------------------------------------------------------------------------------- quality
 def dense_quality(r: Retriever, q: torch.Tensor, refs: list) -> dict:
     """The same item-level metrics for dense kNN (the query's top k items; its top K as the union)."""
@@ -266,10 +348,9 @@ def dense_quality(r: Retriever, q: torch.Tensor, refs: list) -> dict:
 
 
 def run_quality(args, teacher: Retriever, student: Retriever | None) -> tuple[list[dict], dict]:
-    from r4t_fast.data.prepare import load_eval_data
     from r4t_fast.train.distill import nfe_grid, quality_vs_nfe
 
-    data = load_eval_data(args.quality_dataset, progress=False)
+    data = eval_data(args.quality_dataset, teacher.encoder)
     if len(data.catalog) != len(teacher.catalog) or data.catalog.ids != teacher.catalog.ids:
         raise SystemExit("bench_sampler: the model's catalog is not the dataset's catalog")
     q, _, refs = _reference_pairs(data, getattr(data.split, args.split), teacher.model.cfg.set_size)
@@ -295,7 +376,88 @@ def run_quality(args, teacher: Retriever, student: Retriever | None) -> tuple[li
 
 
 # ---------------------------------------------------------------------------------------------- report
+def _setting(r: dict | None) -> str:
+    if r is None:
+        return "—"
+    return (
+        f"{r['sampler']} {r['steps']} steps ({r['nfe']} NFE), w = {r['guidance']:g}, anchor = {r['anchor']:g}"
+    )
+
+
+def _comparison(setup: dict, lat: list[dict]) -> list[str]:
+    """The table of the default setting (eager and fused) against dense kNN and FOLM."""
+    defaults = [r for r in lat if r.get("method") == "r4t-diffusion" and r.get("default")]
+    if not defaults:
+        return []
+    folm = {r["batch"]: r for r in lat if r["method"] == "folm"}
+    batches = sorted({r["batch"] for r in lat if r["method"] == "dense-knn"} | set(folm))
+    dense = {r["batch"]: r["ms_per_query"] for r in lat if r["method"] == "dense-knn"}
+    by = {(r["path"], r["batch"]): r for r in defaults}
+
+    def ms(x: float | None) -> str:
+        return "—" if x is None else (f"{x:.2f}" if x < 100 else f"{x:,.0f}")
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return "—" if a is None or b is None else f"{a / b:,.1f}×"
+
+    def get(path: str, b: int) -> float | None:
+        r = by.get((path, b))
+        return None if r is None else r["ms_per_query"]
+
+    fi = setup.get("folm")
+    folm_name = f"FOLM ({fi['policy']})" if fi else "FOLM (not timed: pass --folm)"
+    setting = _setting(next(iter(by.values())))
+    head = " | ".join(f"B={b}" for b in batches)
+    md = [
+        "",
+        "## R4T-Diffusion vs FOLM and dense kNN, same queries, same run",
+        "",
+        f"Queries: {setup.get('queries', 'synthetic query embeddings')}. ms per query at each batch size. "
+        f"R4T-Diffusion: the retriever's saved default setting ({setting}), "
+        "`retrieve_embeddings(q, k=10, fused=False | True)` on the queries' embeddings from the retriever's "
+        "encoder (text encoding not timed), median as above; dense kNN: `ops.knn(q, catalog, 10)` on the "
+        "same embeddings, the median over its paired calls.",
+    ]
+    if fi:
+        md[-1] += (
+            f" FOLM: `LLMFanOutBaseline(catalog, encoder, policy={fi['policy']!r}, name='folm')` "
+            f"(`resolve_method`'s class for 'folm'), constrained decoding = {fi.get('constrained')}, "
+            f"max_new_tokens = {fi.get('max_new_tokens')}, batch size = the batch, "
+            f"`retrieve(query_texts, k=10)` (encoding, generation, grounding): **one timed call per batch "
+            "size, no warm-up**."
+        )
+    md += [
+        "",
+        f"| method | {head} |",
+        "|---|" + "---|" * len(batches),
+        "| dense kNN (`ops.knn`) | " + " | ".join(ms(dense.get(b)) for b in batches) + " |",
+        "| R4T-Diffusion eager, default setting | " + " | ".join(ms(get("eager", b)) for b in batches) + " |",
+        "| R4T-Diffusion fused, default setting | " + " | ".join(ms(get("fused", b)) for b in batches) + " |",
+        f"| {folm_name} | "
+        + " | ".join(ms(folm[b]["ms_per_query"]) if b in folm else "—" for b in batches)
+        + " |",
+        "| speed-up fused vs FOLM (FOLM ÷ fused) | "
+        + " | ".join(ratio(folm[b]["ms_per_query"] if b in folm else None, get("fused", b)) for b in batches)
+        + " |",
+        "| speed-up fused vs eager (eager ÷ fused) | "
+        + " | ".join(ratio(get("eager", b), get("fused", b)) for b in batches)
+        + " |",
+        "| fused ÷ dense kNN (paired calls) | "
+        + " | ".join(f"{by[('fused', b)]['vs_dense']:.1f}×" if ("fused", b) in by else "—" for b in batches)
+        + " |",
+    ]
+    return md
+
+
 def _markdown(env: dict, machine: dict, setup: dict, lat: list[dict], qual: list[dict], qinfo: dict) -> str:
+    d = setup.get("defaults")
+    used = (
+        f"Every diffusion row uses the retriever's saved guidance w = {d['guidance']:g} and anchor = "
+        f"{d['anchor']:g} (`Retriever.defaults`; the grid sets only sampler and steps); the default "
+        f"setting ({d['sampler']} {d['steps']} steps) is marked ★. "
+        if d
+        else ""
+    )
     md = [
         "# R4T-Diffusion sampling on the CPU: ms/query per sampler and NFE, dense kNN in the same run",
         "",
@@ -306,17 +468,21 @@ def _markdown(env: dict, machine: dict, setup: dict, lat: list[dict], qual: list
         f"Load average (1, 5, 15 min) at the end of the run: {env['load_average_1_5_15']}. The 2 cores are "
         "shared with other jobs: compare the ratios, taken in the same run, rather than absolute times.",
         "",
-        f"Model: {setup['model']}. Catalog: {setup['catalog']}. k = {K}; times are the median of "
+        f"Model: {setup['model']}. Catalog: {setup['catalog']}. "
+        f"Queries: {setup.get('queries', 'synthetic query embeddings')}. k = {K}; times are the median of "
         f"{' / '.join(str(v) for v in setup['repeats'].values())} calls at batch "
         f"{' / '.join(str(b) for b in setup['repeats'])} after one warm-up, ms per query of "
-        "`retrieve_embeddings(q, k=10)` (sampling + grounding; query embeddings given). Dense kNN "
+        "`Retriever.retrieve_embeddings(q, k=10, seed=0, fused=...)` (sampling + grounding; query "
+        "embeddings given): path `eager` is `fused=False` (PyTorch forwards, the fused elementwise step, "
+        "`ops.ground_sets`), `fused` is `fused=True` (one `ops.sample_sets` call). " + used + "Dense kNN "
         "(`ops.knn(q, catalog, 10)`, same queries) is called alternately with every grid point, and "
         "each ratio (×) is to those paired calls, so both sides saw the same load; the dense row is "
         "the median over all of them. NFE = network evaluations (`samplers.nfe`). "
         f"Consistency rows: {setup.get('distilled', 'the same model (latency only)')}.",
         "",
     ]
-    batches = sorted({r["batch"] for r in lat})
+    diff = [r for r in lat if r["method"] == "r4t-diffusion"]
+    batches = sorted({r["batch"] for r in diff})
     dense = {r["batch"]: r["ms_per_query"] for r in lat if r["method"] == "dense-knn"}
     md += [
         "| sampler | steps | NFE | path | " + " | ".join(f"B={b} ms (× dense)" for b in batches) + " |",
@@ -324,19 +490,21 @@ def _markdown(env: dict, machine: dict, setup: dict, lat: list[dict], qual: list
         "| dense kNN | – | – | ops.knn | " + " | ".join(f"{dense[b]:.2f}" for b in batches) + " |",
     ]
     keys = sorted(
-        {(r["sampler"], r["steps"], r["path"]) for r in lat if r["method"] == "r4t-diffusion"},
-        key=lambda x: (SAMPLERS_TIMED.index(x[0]), x[1], x[2]),
+        {(r["sampler"], r["steps"], r["path"]) for r in diff},
+        key=lambda x: (_order(x[0]), x[1], x[2]),
     )
     for s, st, p in keys:
-        cells = []
+        cells, star = [], ""
         for b in batches:
             hit = [
                 r
-                for r in lat
-                if r.get("sampler") == s and r.get("steps") == st and r.get("path") == p and r["batch"] == b
+                for r in diff
+                if r["sampler"] == s and r["steps"] == st and r["path"] == p and r["batch"] == b
             ]
             cells.append(f"{hit[0]['ms_per_query']:.2f} ({hit[0]['vs_dense']:.1f}×)" if hit else "—")
-        md.append(f"| {s} | {st} | {nfe(s, st)} | {p} | " + " | ".join(cells) + " |")
+            star = star or ("★" if hit and hit[0].get("default") else "")
+        md.append(f"| {s} | {st} | {nfe(s, st)} | {p}{star and ' ' + star} | " + " | ".join(cells) + " |")
+    md += _comparison(setup, lat)
     if qual:
         md += [
             "",
@@ -375,18 +543,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="retriever directory (default: a random cpu-small model)")
     ap.add_argument("--distilled", help="retriever directory of the distilled model (consistency rows)")
-    ap.add_argument("--quick", action="store_true", help="reduced grid (< 2 min)")
-    ap.add_argument("--fused", action="store_true", help="also time the fused path (needs ops.sample_sets)")
+    ap.add_argument("--quick", action="store_true", help="reduced grid (< 2 min without --folm)")
+    ap.add_argument(
+        "--fused",
+        dest="fused",
+        action="store_true",
+        default=None,
+        help="time the fused path (retrieve_embeddings(fused=True)) too: the default where it can run; "
+        "with the flag, an error where it cannot",
+    )
+    ap.add_argument("--no-fused", dest="fused", action="store_false", help="skip the fused rows")
+    ap.add_argument(
+        "--folm",
+        metavar="POLICY",
+        help="also time FOLM (a tuned policy directory, or 'smollm2') at batch 8 and 64 on the same queries",
+    )
+    ap.add_argument("--folm-b1", action="store_true", help="--folm: also at batch 1")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--quality-dataset", help="also score quality against NFE on this dataset's split")
-    ap.add_argument("--split", default="val", choices=["train", "val", "test"])
+    ap.add_argument(
+        "--split", default="val", choices=["train", "val", "test"], help="quality and query-text split"
+    )
     ap.add_argument(
         "--quality-only", action="store_true", help="recompute quality, keep results/NAME.json's latency"
     )
     ap.add_argument(
         "--prepare-model", metavar="OUT", help="make shards + a trained cpu-small model, then exit"
     )
-    ap.add_argument("--dataset", default="polyvore", help="--prepare-model: the dataset")
+    ap.add_argument(
+        "--dataset",
+        default="polyvore",
+        help="--prepare-model: the dataset; also the query texts' dataset without --quality-dataset",
+    )
     ap.add_argument("--train-steps", type=int, default=2000, help="--prepare-model: optimizer steps")
     ap.add_argument("--out", default="sampler_cpu", help="results name under benchmarks/results/")
     args = ap.parse_args()
@@ -395,13 +583,25 @@ def main() -> None:
     if args.prepare_model:
         prepare_model(Path(args.prepare_model), args.dataset, args.train_steps, args.threads)
         return
-    if args.fused and not fused_available():
-        raise SystemExit("bench_sampler: --fused needs ops.sample_sets, which this build does not have")
+    if args.quality_dataset and not args.model:
+        ap.error("--quality-dataset needs --model (a random model's catalog is not the dataset's)")
+    if args.folm_b1 and not args.folm:
+        ap.error("--folm-b1 needs --folm")
+    real = bool(args.folm or args.quality_dataset)  # real query texts: the dataset's split titles
+    qname = args.quality_dataset or args.dataset
     if args.model:
         teacher = Retriever.from_pretrained(args.model)
         setup = {
             "model": f"trained, {args.model}",
             "catalog": f"the model's, {len(teacher.catalog):,} × {teacher.catalog.dim}",
+        }
+    elif real:  # a random model over the dataset's catalog, with its encoder (FOLM needs both)
+        data = eval_data(qname)
+        teacher = random_retriever(catalog=data.catalog, encoder=data.encoder)
+        setup = {
+            "model": f"randomly initialised cpu-small (d = {teacher.catalog.dim}, L = 10; latency does not "
+            "depend on weights)",
+            "catalog": f"{qname}'s, {len(teacher.catalog):,} × {teacher.catalog.dim}",
         }
     else:
         teacher = random_retriever()
@@ -415,19 +615,45 @@ def main() -> None:
         setup["distilled"] = args.distilled
     n_par = sum(p.numel() for p in teacher.model.parameters())
     setup["parameters"] = n_par
-    pool = torch.nn.functional.normalize(
-        teacher.catalog.embeddings[
-            torch.randperm(len(teacher.catalog), generator=torch.Generator().manual_seed(1))[:64]
-        ].float()
-        + 0.3 * clustered(64, teacher.catalog.dim, 2),
-        dim=1,
-    )
+    setup["defaults"] = dict(teacher.defaults)
+    if student is not None:
+        setup["distilled_defaults"] = dict(student.defaults)
+    texts: list[str] = []
+    if real:
+        if teacher.encoder is None:
+            raise SystemExit("bench_sampler: real queries need the retriever's text encoder (it has none)")
+        texts, n_distinct = query_texts(eval_data(qname, teacher.encoder), args.split)
+        pool = torch.from_numpy(np.asarray(teacher.encoder.encode(texts), dtype=np.float32)).contiguous()
+        enc = teacher.encoder_spec or getattr(teacher.encoder, "name", "given")
+        setup["queries"] = (
+            f"the first {len(texts)} titled {args.split}-split sets of {qname} (`query_text`, "
+            f"{n_distinct} distinct), embedded by the retriever's encoder ({enc})"
+        )
+        setup["query_texts"] = texts
+    else:
+        pool = torch.nn.functional.normalize(
+            teacher.catalog.embeddings[
+                torch.randperm(len(teacher.catalog), generator=torch.Generator().manual_seed(1))[:64]
+            ].float()
+            + 0.3 * clustered(64, teacher.catalog.dim, 2),
+            dim=1,
+        )
+        setup["queries"] = "synthetic: 64 catalog rows + 0.3 × clustered noise, renormalised"
+    why = fused_unsupported(teacher, pool[:1])
+    if args.fused is None:
+        args.fused = why is None
+        if why is not None:
+            print(f"bench_sampler: no fused rows ({why})", flush=True)
+    elif args.fused and why is not None:
+        raise SystemExit(f"bench_sampler: --fused cannot run: {why}")
     t0 = time.perf_counter()
     setup["repeats"] = {b: max(1, REPEATS[b] // (3 if args.quick else 1)) for b in _batches(args)}
     name = args.out + ("_quick" if args.quick else "")
     if args.quality_only:
         old = json.loads((RESULTS / f"{name}.json").read_text())
         lat, setup = old["latency"], {**old["setup"], **{k: v for k, v in setup.items() if k != "repeats"}}
+        if args.folm:
+            print("bench_sampler: --quality-only keeps the saved latency; --folm is not timed", flush=True)
     else:
         lat = run_latency(args, teacher, student, pool)
 
@@ -445,7 +671,11 @@ def main() -> None:
         return write_results(name, payload, _markdown(env, machine, setup, lat, qual, qinfo))
 
     if not args.quality_only:
-        jp, mp = save([], {})  # the latency first: a failure in the quality part keeps it
+        jp, mp = save([], {})  # the latency first: a failure in a later part keeps it
+        if args.folm:
+            folm_rows, setup["folm"] = run_folm(args, teacher, texts)
+            lat += folm_rows
+            jp, mp = save([], {})
     if args.quality_dataset:
         jp, mp = save(*run_quality(args, teacher, student))
     print(f"wrote {jp} and {mp}")
