@@ -82,6 +82,9 @@ def test_pipeline_smoke_end_to_end_and_resume(tmp_path: Path, monkeypatch) -> No
         assert r["method"] == m and r["n_queries"] > 0 and "recall_at_fair" in r["metrics"]
         assert "row_composite" in r["metrics"] and "composite" not in r["metrics"]
     assert recs["folm"]["n_queries"] == 3 < recs["dense"]["n_queries"] == recs["r4t-diffusion"]["n_queries"]
+    # per-method LLM latency settings (eval.llm_latency): the FOLM timed at batch 4 only
+    assert set(recs["folm"]["latency_ms_per_query"]) == {"4"}
+    assert set(recs["dense"]["latency_ms_per_query"]) == {"1", "8"}
     assert "latency_breakdown_ms" in recs["r4t-diffusion"]
     # every method is also scored on the LLM methods' queries, and the headline uses those
     for m in ("dense", "r4t-diffusion"):

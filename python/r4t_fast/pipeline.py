@@ -97,9 +97,16 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
         "eval": {
             "llm_limit": 48,
             "limit": None,
-            "llm_batch_size": 16,
+            "llm_batch_size": 8,
             "llm_max_new_tokens": 128,
             "latency_calls": 8,
+            # LLM methods: seconds per call, so fewer timed calls; batch 8 reuses the quality run's
+            # batches (5 timed calls after the first); the FOLM is also timed at 64 (issue 11/12 ratios)
+            "llm_latency": {
+                "folm": {"batches": [8, 64], "calls": {"8": 5, "64": 1}},
+                "llm-zeroshot": {"batches": [8], "calls": 5},
+                "llm-bon": {"batches": [8], "calls": 5},
+            },
             # chosen on the validation splits (benchmarks/results/eval/val-sweep/)
             "method_kwargs": {"mmr": MMR_VAL_CHOICE, "dpp": DPP_VAL_CHOICE},
         },
@@ -143,6 +150,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
             "llm_max_new_tokens": 80,
             "latency_calls": 1,
             "latency_batches": [1, 8],
+            "llm_latency": {"folm": {"batches": [4], "calls": {"4": 1}}},
         },
     },
 }
@@ -371,6 +379,13 @@ def run_pipeline(
                 )
             elif m in LLM_EVAL_METHODS:
                 policy = folm if m == "folm" else cfg["policy"]
+                ll = (e.get("llm_latency") or {}).get(m)
+                if ll is not None:
+                    calls = ll.get("calls")
+                    kw["latency_batch_sizes"] = tuple(int(b) for b in ll["batches"])
+                    kw["latency_calls"] = (
+                        {int(b): int(c) for b, c in calls.items()} if isinstance(calls, dict) else calls
+                    )
                 rec = evaluate(
                     m,
                     data.dataset,
