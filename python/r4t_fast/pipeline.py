@@ -168,13 +168,14 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-# cpu-full: the committed headline run, <= 150 min on the 2-core CPU (every training query in synthesis,
-# >= 20,000 diffusion pairs, every test query for every method)
+# cpu-full: the committed headline run, <= 150 min on the 2-core CPU (512 training queries in synthesis,
+# >= 20,000 diffusion pairs with the reference draws, every test query for every method)
 PIPELINE_PRESETS["cpu-full"] = _merge(
     PIPELINE_PRESETS["cpu-small"],
     {
         "rl": {"num_generations": 8, "max_steps": 60, "save_steps": 20, "time_budget_minutes": 25},
-        "synthesis": {"samples": 4, "keep": 2, "max_queries": None, "batch_size": 64},
+        # 0.63 constrained answers/s at batch 32 (cpu-small run, 2026-12-02): 2,048 answers ~ 55 min
+        "synthesis": {"samples": 4, "keep": 2, "max_queries": 512, "batch_size": 64},
         "diffusion": {"steps": 5000, "reference_samples": 16},
         "eval": {"llm_limit": 100_000},
     },
