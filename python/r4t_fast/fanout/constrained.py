@@ -81,7 +81,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 
 
-
 @dataclass(frozen=True)
 class FanOutConstraint:
     """What every constrained answer satisfies; build processors with :meth:`logits_processor`.
