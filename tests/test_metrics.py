@@ -567,3 +567,18 @@ def test_evaluate_sets_accepts_torch_and_float16_catalog() -> None:
     for key in ref.means:
         assert res.means[key] == pytest.approx(ref.means[key], abs=2e-3, nan_ok=True), key
     assert res.means["row_groundedness"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_fixed_quota_keys_count_set_items_not_rows() -> None:
+    """A method with more candidate rows than set items (query-anchored rows) is scored at the same K =
+    k * b as everyone else: floor(K / L) per row, key recall@{k * b}."""
+    cat = np.eye(8)
+    items = np.array([[0, 4]])  # k = 2 items
+    rows = cat[[0, 4]][None]
+    cand = [np.array([[0, 1, 2], [4, 5, 6], [7, 3, 2]])]  # L = 3 rows
+    res = M_metrics.evaluate_sets(
+        items, rows, cat[:1], cat, references=[{7, 5}], candidates=cand, budget_per_row=[3], fair_k=2
+    )
+    assert "recall@6" in res.per_query and "recall@9" not in res.per_query
+    # K = 6, floor(6 / 3) = 2 per row: {0, 1, 4, 5, 7, 3} holds both reference items
+    np.testing.assert_allclose(res.per_query["recall@6"], [1.0])

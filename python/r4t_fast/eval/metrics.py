@@ -289,9 +289,13 @@ def evaluate_sets(
             per["recall_at_fair_quota"] = recall_at_k(quota, references)
             per["hit_at_fair_quota"] = hit_at_k(quota, references)
         for b in budgets:
-            retrieved = [union_candidates(c, b) for c in cand]
-            per[f"recall@{n_rows * b}"] = recall_at_k(retrieved, references)
-            per[f"hit@{n_rows * b}"] = hit_at_k(retrieved, references)
+            # K = k * b whatever the number of rows: a method with more rows than set items (the query-
+            # anchored rows of the diffusion retriever) gets floor(K / L) per row, so keys line up
+            big = k_set * b
+            per_row = b if n_rows <= k_set else max(1, big // n_rows)
+            retrieved = [union_candidates(c, per_row) for c in cand]
+            per[f"recall@{big}"] = recall_at_k(retrieved, references)
+            per[f"hit@{big}"] = hit_at_k(retrieved, references)
         mk = mrecall_k if mrecall_k is not None else k_set
         per[f"mrecall@{mk}"] = mrecall_at_k(item_lists, references, mk)
         if item_categories is not None and len(item_categories) != n_items:
