@@ -230,7 +230,7 @@ def run_pipeline(
         raise FileNotFoundError(f"rl_policy: {rl_policy} is not a model directory (no config.json)")
     from r4t_fast.diffusion.retriever import Retriever
     from r4t_fast.train import rl as rl_mod
-    from r4t_fast.train.diffusion import DiffusionTrainConfig, load_shards, train_diffusion
+    from r4t_fast.train.diffusion import DiffusionTrainConfig, config_pairs, load_shards, train_diffusion
     from r4t_fast.train.synthesis import SynthesisConfig, synthesize
 
     def stage(name: str, fn) -> Any:
@@ -297,19 +297,9 @@ def run_pipeline(
     def do_dif():
         if (dif_dir / "retriever.json").is_file() and not force:
             return {"skipped": "exists"}
-        from r4t_fast.train.targets import training_pairs
-
         dcfg = DiffusionTrainConfig(**cfg["diffusion"])
         shards = load_shards(syn_dir, "items") if dcfg.targets != "reference" else None
-        pairs = training_pairs(
-            dcfg.targets,
-            shards=shards,
-            data=data,
-            k=dcfg.k,
-            reference_samples=dcfg.reference_samples,
-            min_reward=dcfg.min_reward,
-            seed=dcfg.seed,
-        )
+        pairs = config_pairs(dcfg, shards=shards, data=data)
         if len(pairs.cond) == 0:
             raise RuntimeError(
                 f"diffusion: no (query, set) pairs for targets={dcfg.targets!r} (synthesis in {syn_dir}: "

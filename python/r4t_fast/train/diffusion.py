@@ -54,7 +54,7 @@ from r4t_fast.diffusion.model import (
     save_model,
     shift_rows,
 )
-from r4t_fast.train.targets import TARGET_CHOICES, process_info, rank_items, training_pairs
+from r4t_fast.train.targets import TARGET_CHOICES, TrainingPairs, process_info, rank_items, training_pairs
 
 __all__ = ["FORMAT", "DiffusionTrainConfig", "load_shards", "load_trained", "train_diffusion"]
 
@@ -144,6 +144,22 @@ def load_shards(path: str | os.PathLike, target: str = "items") -> dict[str, tor
         parts["reward"].append(t.get("reward", torch.full((t["cond"].shape[0],), float("nan"))).float())
     out = {k: torch.cat(v) for k, v in parts.items()}
     return out
+
+
+def config_pairs(
+    cfg: DiffusionTrainConfig, *, shards: dict[str, torch.Tensor] | None, data: Any
+) -> TrainingPairs:
+    """The training pairs ``cfg`` asks for (``targets``, ``k``, ``reference_samples``, ``min_reward``,
+    ``seed``): :func:`r4t_fast.train.targets.training_pairs` over ``shards`` and ``data``."""
+    return training_pairs(
+        cfg.targets,
+        shards=shards,
+        data=data,
+        k=cfg.k,
+        reference_samples=cfg.reference_samples,
+        min_reward=cfg.min_reward,
+        seed=cfg.seed,
+    )
 
 
 def _check_pairs(cond: torch.Tensor, targets: torch.Tensor) -> None:
@@ -397,15 +413,7 @@ def cli_main(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"encoder: {data.encoder.name!r} differs from the shards' {space['encoder']!r} (space.json)"
             )
-    pairs = training_pairs(
-        cfg.targets,
-        shards=shards,
-        data=data,
-        k=cfg.k,
-        reference_samples=cfg.reference_samples,
-        min_reward=cfg.min_reward,
-        seed=cfg.seed,
-    )
+    pairs = config_pairs(cfg, shards=shards, data=data)
     meta: dict[str, Any] = {"pairs": pairs.counts}
     if space:
         meta["space"] = space
