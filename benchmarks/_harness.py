@@ -84,9 +84,9 @@ def timeit(
 
 
 def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     jp = RESULTS / f"{name}.json"
     mp = RESULTS / f"{name}.md"
+    jp.parent.mkdir(parents=True, exist_ok=True)
     jp.write_text(json.dumps(payload, indent=2) + "\n")
     mp.write_text(markdown)
     return jp, mp

@@ -229,7 +229,8 @@ def run_latency(args, teacher: Retriever, student: Retriever | None, pool: torch
     batches = _batches(args)
     reps = {b: max(1, REPEATS[b] // (3 if args.quick else 1)) for b in batches}
     cat = teacher._cat_dev
-    default = (teacher.defaults["sampler"], teacher.defaults["steps"])
+    head = student if (student is not None and args.default_distilled) else teacher
+    default = (head.defaults["sampler"], head.defaults["steps"])
     points = grid(args.quick)
     if default not in points:
         points = sorted([*points, default], key=lambda p: (_order(p[0]), p[1]))
@@ -256,7 +257,7 @@ def run_latency(args, teacher: Retriever, student: Retriever | None, pool: torch
                         "nfe": nfe(sampler, steps),
                         "guidance": r.defaults["guidance"],
                         "anchor": r.defaults["anchor"],
-                        "default": r is teacher and (sampler, steps) == default,
+                        "default": r is head and (sampler, steps) == default,
                         "batch": B,
                         "ms_per_query": ms,
                         "min_ms_per_query": 1e3 * min(ts) / B,
@@ -543,6 +544,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="retriever directory (default: a random cpu-small model)")
     ap.add_argument("--distilled", help="retriever directory of the distilled model (consistency rows)")
+    ap.add_argument(
+        "--default-distilled",
+        action="store_true",
+        help="R4T-Diffusion's default setting is the --distilled model's saved default (the pipeline's "
+        "distill stage chose it on validation) instead of --model's",
+    )
     ap.add_argument("--quick", action="store_true", help="reduced grid (< 2 min without --folm)")
     ap.add_argument(
         "--fused",
@@ -618,6 +625,10 @@ def main() -> None:
     setup["defaults"] = dict(teacher.defaults)
     if student is not None:
         setup["distilled_defaults"] = dict(student.defaults)
+    if args.default_distilled:
+        if student is None:
+            raise SystemExit("bench_sampler: --default-distilled needs --distilled")
+        setup["default_is_distilled"] = True
     texts: list[str] = []
     if real:
         if teacher.encoder is None:

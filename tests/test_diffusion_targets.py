@@ -173,3 +173,26 @@ def test_load_trained_detects_a_corrupt_file(data, tmp_path) -> None:
     weights.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="model.safetensors"):
         load_trained(tmp_path / "M")
+
+
+def test_cli_distill_uses_the_teachers_own_targets(data, tmp_path, capsys) -> None:
+    """`r4t distill` rebuilds the pairs the teacher trained on (targets, reference draws) by default."""
+    cache = ["--cache-dir", data.cache]
+    shards = _shards(tmp_path / "syn", data)
+    train = ["train-diffusion", "--targets", "both", "--data", str(shards), "--reference-samples", "2"]
+    assert r4t_main([*train, "--out", str(tmp_path / "B"), *cache, *SMALL]) == 0
+    small = ["--steps", "2", "--pool-size", "4", "--teacher-steps", "2", "--batch-size", "4", *cache]
+    base = ["distill", "--teacher", str(tmp_path / "B"), "--data", str(shards)]
+    assert r4t_main([*base, "--out", str(tmp_path / "D"), *small]) == 0
+    meta = json.loads((tmp_path / "D" / "config.json").read_text())
+    n_ref = 2 * len(_train_sets(data))
+    assert meta["targets"] == "both" and meta["pairs"]["teacher"] == 6 and meta["pairs"]["reference"] == n_ref
+    assert meta["n_pairs"] == 6 + n_ref and "pairs (both)" in capsys.readouterr().out
+    assert r4t_main([*base, "--targets", "teacher", "--out", str(tmp_path / "T"), *small]) == 0
+    assert json.loads((tmp_path / "T" / "config.json").read_text())["n_pairs"] == 6
+    no_data = ["distill", "--teacher", str(tmp_path / "B"), "--out", str(tmp_path / "X"), *small]
+    assert r4t_main([*no_data, "--targets", "teacher"]) == 2
+    assert "data: --data (synthesis shards) is required" in capsys.readouterr().err
+    assert r4t_main([*no_data, "--targets", "reference"]) == 2
+    assert "dataset: --dataset is required" in capsys.readouterr().err
+    assert not (tmp_path / "X").exists()

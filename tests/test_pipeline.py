@@ -63,6 +63,8 @@ def test_pipeline_smoke_end_to_end_and_resume(tmp_path: Path, monkeypatch) -> No
         "synthesis": {"k": 3},
         # every test query for the fast methods, the first 3 for the LLM ones: exercises the same-queries rule
         "eval": {"limit": None, "llm_limit": 3},
+        # the optional few-step stage, tolerance of its rule left at issue 12's
+        "distill": {"steps": 2, "pool_size": 4, "teacher_steps": 2, "batch_size": 4, "warmup": 1},
     }
     rec = run_pipeline(
         str(data),
@@ -72,7 +74,12 @@ def test_pipeline_smoke_end_to_end_and_resume(tmp_path: Path, monkeypatch) -> No
         progress=False,
         methods=("r4t-diffusion", "folm", "dense"),
     )
-    assert set(rec["stages"]) == {"rl", "synthesis", "diffusion", "select", "eval", "report"}
+    assert set(rec["stages"]) == {"rl", "synthesis", "diffusion", "select", "distill", "eval", "report"}
+    dis = json.loads((out / "distill.json").read_text())
+    assert [r["steps"] for r in dis["rows"]] == [1, 2, 3, 4] and dis["reference"]["nfe"] == 7
+    assert all(r["sampler"] == "consistency" and r["n_queries"] == 3 for r in dis["rows"])
+    used = out / ("distilled" if dis["chosen"] else "diffusion")
+    assert rec["r4t_diffusion_model"] == str(used) and (out / "distilled" / "retriever.json").is_file()
     assert (out / "rl" / "policy").is_dir()
     assert (out / "diffusion" / "retriever.json").is_file()
     recs = {
@@ -109,6 +116,7 @@ def test_pipeline_smoke_end_to_end_and_resume(tmp_path: Path, monkeypatch) -> No
     )
     assert rec2["stages"]["rl"]["skipped"] == "exists"
     assert rec2["stages"]["diffusion"]["skipped"] == "exists"
+    assert rec2["stages"]["distill"]["skipped"] == "exists"
 
 
 def test_pipeline_bad_arguments(tmp_path: Path) -> None:

@@ -80,3 +80,30 @@ def test_defaults_restored_when_scoring_fails(setup) -> None:
     with pytest.raises(ValueError):
         select_retrieval_settings(r, data, grid=(("nosuch", 2),), guidances=(0.0,), anchors=(0.0,))
     assert r.defaults == before
+
+
+def test_select_distilled_follows_the_rule(setup) -> None:
+    from r4t_fast.eval.selection import select_distilled
+
+    data, r = setup
+    base = select_retrieval_settings(
+        r, data, anchors=(0.3,), guidances=(0.0,), grid=(("heun", 4),), apply=False, progress=False
+    )
+    ref = base["reference"]
+    before = dict(r.defaults)
+    res = select_distilled(r, data, ref, steps=(2, 1), tolerance=(0.0, 0.0, 0.0), progress=False)
+    assert [x["steps"] for x in res["rows"]] == [1, 2]  # fewest first
+    assert res["chosen"] == {"sampler": "consistency", "steps": 1, "guidance": 0.0, "anchor": 0.3}
+    assert {k: r.defaults[k] for k in res["chosen"]} == res["chosen"]
+    assert all(x["n_queries"] == ref["n_queries"] and x["nfe"] == x["steps"] for x in res["rows"])
+    r.defaults.clear()
+    r.defaults.update(before)
+    unreachable = {**ref, "recall_at_fair": 2.0, "vendi": 99.0, "item_relevance": 2.0}
+    res = select_distilled(r, data, unreachable, steps=(1,), progress=False)
+    assert res["chosen"] is None and r.defaults == before and res["rows"][0]["meets_tolerance"] is False
+    with pytest.raises(ValueError, match="split"):
+        select_distilled(r, data, ref, split="test", progress=False)
+    with pytest.raises(ValueError, match="reference: .*missing"):
+        select_distilled(r, data, {"vendi": 1.0}, progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        select_distilled(r, data, ref, steps=(), progress=False)

@@ -11,6 +11,10 @@ Stages and their outputs under ``--out``:
    ``selection.json``: the retrieval-time settings (query-anchored row share, guidance, sampler and
    steps) chosen on the **validation** split (:func:`r4t_fast.eval.selection.select_retrieval_settings`)
    and stored in the retriever's defaults before any test query is scored.
+   ``distilled/`` (optional, ``settings.distill``): the chosen model distilled into a 1-4 step
+   consistency model (:mod:`r4t_fast.train.distill`, on the same training pairs, the teacher's chosen
+   guidance) and put through the same rule on validation (:func:`r4t_fast.eval.selection.select_distilled`,
+   ``distill.json``); when a step count qualifies, it is the ``r4t-diffusion`` the test split scores.
 4. ``eval/``       one ``r4t eval`` record per method on the test split, by default ``dense``, ``mmr``,
    ``dpp``, ``llm-zeroshot`` (the base policy), ``folm`` (the tuned policy) and ``r4t-diffusion``. The
    LLM methods are slow, so they are scored on the first ``eval.llm_limit`` test queries; every other
@@ -94,6 +98,9 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
         },
         # the one set of sampling defaults (chosen on validation; see SamplingDefaults)
         "retriever": {k: v for k, v in SAMPLING_DEFAULTS.as_dict().items() if k != "seed"},
+        # the few-step stage (issue 12): DistillConfig fields (r4t_fast.train.distill), None = off; the
+        # distilled model is used only if its val quality meets the select rule against the teacher's
+        "distill": {"method": "ode", "steps": 1500, "pool_size": 2048, "sample_steps": 2},
         "eval": {
             "llm_limit": 48,
             "limit": None,
@@ -132,6 +139,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
             "queries_per_shard": 3,
         },
         "diffusion": {"preset": "tiny", "steps": 20, "batch_size": 16, "warmup": 5, "log_every": 5},
+        "distill": None,
         "retriever": {
             "steps": 4,
             "sampler": SAMPLING_DEFAULTS.sampler,
@@ -332,6 +340,49 @@ def run_pipeline(
 
     stage("select", do_select)
 
+    # 3c. optional: the chosen model distilled into a few-step consistency model --------------------
+    dis_dir, dis_path = out / "distilled", out / "distill.json"
+
+    def do_distill():
+        dc = cfg.get("distill")
+        if not dc:
+            return {"skipped": "off (settings.distill is null)"}
+        if dis_path.is_file() and not force:
+            return {"skipped": "exists", "chosen": json.loads(dis_path.read_text())["chosen"]}
+        from dataclasses import asdict
+
+        from r4t_fast.eval.selection import select_distilled
+        from r4t_fast.train.distill import DistillConfig, distill_consistency
+
+        sel = json.loads(sel_path.read_text())
+        teacher = Retriever.from_pretrained(dif_dir, encoder=data.encoder)
+        dcfg = DistillConfig(**{"teacher_guidance": float(sel["chosen"]["guidance"]), **dc})
+        tcfg = DiffusionTrainConfig(**cfg["diffusion"])
+        shards = load_shards(syn_dir, "items") if tcfg.targets != "reference" else None
+        pairs = config_pairs(tcfg, shards=shards, data=data)
+        student, log = distill_consistency(teacher.model, pairs.cond, pairs.targets, dcfg, progress=progress)
+        kw = {"sampler": "consistency", "steps": dcfg.sample_steps, "guidance": 0.0}
+        sr = Retriever(student, data.catalog, data.encoder, encoder_spec=cfg["encoder"],
+                       anchor=float(sel["chosen"]["anchor"]), **kw)  # fmt: skip
+        limit = (cfg.get("select") or {}).get("limit")
+        res = select_distilled(sr, data, sel["reference"], limit=limit, progress=progress)
+        extra = {
+            "distill_config": asdict(dcfg),
+            "distill_log": log,
+            "n_pairs": len(pairs.cond),
+            "pairs_by_source": pairs.counts,
+            "distilled_from": str(dif_dir),
+            "selection": res,
+        }
+        sr.save(dis_dir, extra=extra)
+        atomic_write_text(dis_path, json.dumps(res, indent=2, default=str))
+        return {"chosen": res["chosen"], "n_pairs": len(pairs.cond), "final_loss": log[-1]["loss"]}
+
+    stage("distill", do_distill)
+    use_distilled = dis_path.is_file() and json.loads(dis_path.read_text()).get("chosen") is not None
+    r4t_dir = dis_dir if use_distilled else dif_dir
+    record["r4t_diffusion_model"] = str(r4t_dir)
+
     # 4. evaluation ---------------------------------------------------------------------------------
     from r4t_fast.eval.evaluation import evaluate
     from r4t_fast.eval.records import subset_record
@@ -362,7 +413,7 @@ def run_pipeline(
             }
             if m == "r4t-diffusion":
                 rec = evaluate(
-                    Retriever.from_pretrained(dif_dir, encoder=data.encoder),
+                    Retriever.from_pretrained(r4t_dir, encoder=data.encoder),
                     data.dataset,
                     method_name="r4t-diffusion",
                     limit=e["limit"],

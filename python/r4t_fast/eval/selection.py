@@ -14,6 +14,10 @@ candidate budget):
    97 %, 99 %) is kept; the reference itself when none qualifies.
 
 The result records every row scored, so the choice can be audited (``selection.json`` in a pipeline run).
+
+A distilled model (``r4t distill``) is put through the same rule by :func:`select_distilled`: its
+consistency steps (1 NFE each, guidance 0: the student learnt the teacher's guided ODE) against the
+*teacher's* reference row, at the reference's anchor; the fewest steps that qualify are kept, or none.
 """
 
 from __future__ import annotations
@@ -23,7 +27,15 @@ from typing import Any
 
 from r4t_fast._internal import check_float
 
-__all__ = ["DEFAULT_ANCHORS", "DEFAULT_GRID", "DEFAULT_GUIDANCES", "select_retrieval_settings"]
+__all__ = [
+    "DEFAULT_ANCHORS",
+    "DEFAULT_CONSISTENCY_STEPS",
+    "DEFAULT_GRID",
+    "DEFAULT_GUIDANCES",
+    "meets_tolerance",
+    "select_distilled",
+    "select_retrieval_settings",
+]
 
 DEFAULT_ANCHORS: tuple[float, ...] = (0.0, 0.2, 0.3)
 """Query-anchored row shares tried (0: no anchor row)."""
@@ -39,6 +51,9 @@ DEFAULT_GRID: tuple[tuple[str, int], ...] = (
     ("euler", 1),
 )
 """(sampler, steps) pairs tried for the fewest network evaluations; the first is the reference."""
+
+DEFAULT_CONSISTENCY_STEPS: tuple[int, ...] = (1, 2, 3, 4)
+"""Consistency step counts of a distilled model tried by :func:`select_distilled`."""
 
 _KEYS = ("recall_at_fair", "vendi", "item_relevance", "hit_at_fair", "row_groundedness")
 
@@ -67,6 +82,23 @@ def _score(retriever: Any, data: Any, split: str, limit: int | None, settings: d
     row = {**settings, "nfe": nfe(settings["sampler"], settings["steps"]), "n_queries": rec["n_queries"]}
     row.update({k: rec["metrics"].get(k) for k in _KEYS})
     return row
+
+
+def meets_tolerance(row: dict[str, Any], ref: dict[str, Any], tol: Sequence[float]) -> bool:
+    """The one rule of issue 12: ``row`` keeps ``tol[0]`` of ``ref``'s ``recall_at_fair``, ``tol[1]`` of its
+    ``vendi`` and ``tol[2]`` of its ``item_relevance``."""
+    return bool(
+        row["recall_at_fair"] >= tol[0] * ref["recall_at_fair"]
+        and row["vendi"] >= tol[1] * ref["vendi"]
+        and row["item_relevance"] >= tol[2] * ref["item_relevance"]
+    )
+
+
+def _check_tolerance(tolerance: Sequence[float]) -> tuple[float, ...]:
+    tol = tuple(check_float(t, "tolerance", low=0.0, high=1.0) for t in tolerance)
+    if len(tol) != 3:
+        raise ValueError(f"tolerance: expected 3 fractions, got {tolerance!r}")
+    return tol
 
 
 def select_retrieval_settings(
@@ -101,9 +133,7 @@ def select_retrieval_settings(
         raise ValueError("split: settings are chosen on the validation split, not 'test'")
     if not anchors or not guidances or not grid:
         raise ValueError("anchors, guidances, grid: each needs at least one value")
-    tol = tuple(check_float(t, "tolerance", low=0.0, high=1.0) for t in tolerance)
-    if len(tol) != 3:
-        raise ValueError(f"tolerance: expected 3 fractions, got {tolerance!r}")
+    tol = _check_tolerance(tolerance)
     if retriever.model.cfg.cond_dim != retriever.model.cfg.dim:
         anchors = (0.0,)  # an anchor row needs the query in the rows' space
     ref_sampler, ref_steps = grid[0]
@@ -132,12 +162,7 @@ def select_retrieval_settings(
         s = {"sampler": sampler, "steps": steps, "guidance": ref["guidance"], "anchor": ref["anchor"]}
         row = _score(retriever, data, split, limit, s)
         log(row)
-        ok = (
-            row["recall_at_fair"] >= tol[0] * ref["recall_at_fair"]
-            and row["vendi"] >= tol[1] * ref["vendi"]
-            and row["item_relevance"] >= tol[2] * ref["item_relevance"]
-        )
-        row["meets_tolerance"] = ok
+        ok = row["meets_tolerance"] = meets_tolerance(row, ref, tol)
         if ok and row["nfe"] < best["nfe"]:
             best = row
     chosen = {k: best[k] for k in ("sampler", "steps", "guidance", "anchor")}
@@ -152,5 +177,68 @@ def select_retrieval_settings(
             f"anchor x guidance: the highest recall_at_fair at {ref_sampler} {ref_steps} steps; then the "
             f"fewest NFE with recall_at_fair >= {tol[0]:.0%}, vendi >= {tol[1]:.0%} and item_relevance "
             f">= {tol[2]:.0%} of that reference"
+        ),
+    }
+
+
+def select_distilled(
+    student: Any,
+    data: Any,
+    reference: dict[str, Any],
+    *,
+    split: str = "val",
+    steps: Sequence[int] = DEFAULT_CONSISTENCY_STEPS,
+    tolerance: tuple[float, float, float] = (0.97, 0.97, 0.99),
+    limit: int | None = None,
+    apply: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The fewest consistency ``steps`` of the distilled ``student`` retriever whose quality on ``split``
+    meets ``tolerance`` of the teacher's ``reference`` row (``select_retrieval_settings(...)["reference"]``),
+    sampled at guidance 0 and the reference's ``anchor``.
+
+    Returns ``{"chosen": {...} | None, "reference": reference, "rows": [...], "rule": str, "split": split}``;
+    with ``apply`` and a qualifying point, ``student.defaults`` takes the choice. ``n_queries`` of every
+    row must equal the reference's (same queries)."""
+    if split == "test":
+        raise ValueError("split: settings are chosen on the validation split, not 'test'")
+    if not steps:
+        raise ValueError("steps: needs at least one consistency step count")
+    tol = _check_tolerance(tolerance)
+    missing = {"recall_at_fair", "vendi", "item_relevance", "nfe", "anchor"} - set(reference)
+    if missing:
+        raise ValueError(f"reference: a row of select_retrieval_settings, missing {sorted(missing)}")
+    rows: list[dict[str, Any]] = []
+    best = None
+    for n in sorted(int(x) for x in steps):
+        s = {"sampler": "consistency", "steps": n, "guidance": 0.0, "anchor": float(reference["anchor"])}
+        row = _score(student, data, split, limit, s)
+        if row["n_queries"] != reference.get("n_queries", row["n_queries"]):
+            raise ValueError(
+                f"reference: scored on {reference['n_queries']} queries, the student on {row['n_queries']}"
+            )
+        row["meets_tolerance"] = meets_tolerance(row, reference, tol)
+        rows.append(row)
+        if progress:
+            print(
+                f"[select-distilled] consistency {n}: recall_at_fair {row['recall_at_fair']:.4f} vendi "
+                f"{row['vendi']:.3f} item_relevance {row['item_relevance']:.4f} "
+                f"meets {row['meets_tolerance']}",
+                flush=True,
+            )
+        if row["meets_tolerance"] and best is None and row["nfe"] < reference["nfe"]:
+            best = row
+    chosen = None if best is None else {k: best[k] for k in ("sampler", "steps", "guidance", "anchor")}
+    if apply and chosen is not None:
+        student.defaults.update(chosen)
+    return {
+        "split": split,
+        "chosen": chosen,
+        "reference": reference,
+        "rows": rows,
+        "rule": (
+            f"the fewest consistency steps with recall_at_fair >= {tol[0]:.0%}, vendi >= {tol[1]:.0%} and "
+            f"item_relevance >= {tol[2]:.0%} of the teacher's reference ({reference.get('sampler')} "
+            f"{reference.get('steps')} steps, {reference['nfe']} NFE)"
         ),
     }

@@ -331,13 +331,13 @@ def _float_or_name(text: str) -> float | str:
         return text
 
 
-def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+def add_pair_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments :func:`cli_pairs` reads (``r4t train-diffusion`` and ``r4t distill``)."""
     p.add_argument(
         "--data",
         default=None,
         help="directory of synthesis shards (r4t synthesize --out); targets teacher/both",
     )
-    p.add_argument("--out", required=True, help="output model directory")
     p.add_argument(
         "--target", default="items", choices=["items", "subqueries"], help="target kind (OAR: items)"
     )
@@ -353,6 +353,11 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
         "--data-dir", default=None, help="data directory (default: $R4T_DATA_DIR or ../shared/data)"
     )
     p.add_argument("--cache-dir", default=None, help="cache directory (default: $R4T_CACHE_DIR)")
+
+
+def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output model directory")
+    add_pair_arguments(p)
     for f in fields(DiffusionTrainConfig):
         if f.name == "overrides":
             continue
@@ -387,24 +392,32 @@ def _space(data_dir: str | None) -> dict[str, Any]:
     return json.loads(space.read_text()) if space.is_file() else {}
 
 
-def cli_main(args: argparse.Namespace) -> int:
-    cfg = DiffusionTrainConfig(
-        **{f.name: getattr(args, f.name) for f in fields(DiffusionTrainConfig) if f.name != "overrides"}
-    )
+def cli_pairs(
+    args: argparse.Namespace,
+    targets: str,
+    *,
+    k: int | None,
+    reference_samples: int,
+    min_reward: float | None,
+    seed: int,
+) -> tuple[TrainingPairs, dict[str, Any]]:
+    """The training pairs of the command-line arguments ``--data`` (synthesis shards), ``--target``,
+    ``--dataset``, ``--encoder``, ``--data-dir``, ``--cache-dir`` for ``targets``; shared by
+    ``r4t train-diffusion`` and ``r4t distill``. Returns (pairs, meta for the saved model)."""
     shards = data = None
     space = _space(args.data)
-    if cfg.targets in ("teacher", "both"):
+    if targets in ("teacher", "both"):
         if args.data is None:
-            raise ValueError(f"data: --data (synthesis shards) is required with --targets {cfg.targets}")
+            raise ValueError(f"data: --data (synthesis shards) is required with --targets {targets}")
         shards = load_shards(args.data, args.target)
-    if cfg.targets in ("reference", "both"):
+    if targets in ("reference", "both"):
         from r4t_fast.data.prepare import load_eval_data
 
         if args.target != "items":
             raise ValueError("target: reference sets give item embeddings only; use --target items")
         dataset = args.dataset or space.get("dataset_spec")
         if not dataset:
-            raise ValueError(f"dataset: --dataset is required with --targets {cfg.targets}")
+            raise ValueError(f"dataset: --dataset is required with --targets {targets}")
         encoder = args.encoder or space.get("encoder_spec") or "minilm"
         data = load_eval_data(
             dataset, encoder=encoder, data_dir=args.data_dir, cache_dir=args.cache_dir, progress=False
@@ -413,12 +426,35 @@ def cli_main(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"encoder: {data.encoder.name!r} differs from the shards' {space['encoder']!r} (space.json)"
             )
-    pairs = config_pairs(cfg, shards=shards, data=data)
+    pairs = training_pairs(
+        targets,
+        shards=shards,
+        data=data,
+        k=k,
+        reference_samples=reference_samples,
+        min_reward=min_reward,
+        seed=seed,
+    )
     meta: dict[str, Any] = {"pairs": pairs.counts}
     if space:
         meta["space"] = space
     if data is not None:
         meta["reference_dataset"] = {"dataset": data.dataset.name, "encoder": data.encoder.name}
+    return pairs, meta
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    cfg = DiffusionTrainConfig(
+        **{f.name: getattr(args, f.name) for f in fields(DiffusionTrainConfig) if f.name != "overrides"}
+    )
+    pairs, meta = cli_pairs(
+        args,
+        cfg.targets,
+        k=cfg.k,
+        reference_samples=cfg.reference_samples,
+        min_reward=cfg.min_reward,
+        seed=cfg.seed,
+    )
     _, log = train_diffusion(pairs.cond, pairs.targets, cfg, args.out, extra_meta=meta)
     if process_info().is_main:
         src = ", ".join(f"{k} {pairs.counts[k]}" for k in ("teacher", "reference"))

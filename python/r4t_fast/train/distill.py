@@ -36,7 +36,8 @@ previous phase's errors, and each phase's student serves a single step count. He
 candidates, K = ``fair_budget``),
 ``vendi`` (of the k items), ``item_relevance`` (mean (1 + cos(item, query)) / 2), ``row_groundedness``.
 
-CLI: ``r4t distill --teacher runs/x/diffusion --data runs/x/synthesis --out runs/x/distilled``.
+CLI: ``r4t distill --teacher runs/x/diffusion --data runs/x/synthesis --out runs/x/distilled`` (the pairs
+are the teacher's own training targets by default: teacher shards, reference sets or both).
 """
 
 from __future__ import annotations
@@ -507,13 +508,24 @@ class _InputError(ValueError):
 
 
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    from r4t_fast.train.diffusion import add_pair_arguments
+    from r4t_fast.train.targets import TARGET_CHOICES
+
     p.add_argument("--teacher", required=True, help="trained model or retriever directory (the teacher)")
-    p.add_argument(
-        "--data", required=True, help="directory of shard-*.safetensors pairs (the teacher's data)"
-    )
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    add_pair_arguments(p)
     p.add_argument(
-        "--target", default="items", choices=["items", "subqueries"], help="target kind (OAR: items)"
+        "--targets",
+        default=None,
+        choices=TARGET_CHOICES,
+        help="the pairs distilled on: teacher (--data shards), reference (--dataset's train sets) or "
+        "both; default: the teacher's own training targets (its train_config), else teacher",
+    )
+    p.add_argument(
+        "--reference-samples",
+        type=int,
+        default=None,
+        help="targets reference/both: k-row draws per reference set (default: the teacher's)",
     )
     for f in fields(DistillConfig):
         typ: Any = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], float)
@@ -522,8 +534,8 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
         )
 
 
-def _check_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    teacher, data, out = Path(args.teacher), Path(args.data), Path(args.out)
+def _check_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
+    teacher, out = Path(args.teacher), Path(args.out)
     if not teacher.is_dir():
         raise _InputError(f"--teacher: {teacher} is not a directory")
     if not _is_model_dir(teacher):
@@ -531,54 +543,65 @@ def _check_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path]:
             f"--teacher: {teacher} is not a diffusion model directory (needs config.json and "
             "model.safetensors; r4t train-diffusion writes one)"
         )
-    if not data.is_dir():
-        raise _InputError(f"--data: {data} is not a directory")
-    if not any(data.glob("shard-*.safetensors")):
-        raise _InputError(f"--data: no shard-*.safetensors files in {data} (run `r4t synthesize` first)")
+    if args.data is not None:
+        data = Path(args.data)
+        if not data.is_dir():
+            raise _InputError(f"--data: {data} is not a directory")
+        if not any(data.glob("shard-*.safetensors")):
+            raise _InputError(f"--data: no shard-*.safetensors files in {data} (run `r4t synthesize` first)")
     if out.exists() and not out.is_dir():
         raise _InputError(f"--out: {out} exists and is not a directory")
     if out.resolve() == teacher.resolve():
         raise _InputError(f"--out: {out} is the teacher directory; choose another")
-    return teacher, data, out
+    return teacher, out
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from r4t_fast.train.diffusion import load_shards
+    from r4t_fast.train.diffusion import cli_pairs
 
     try:
-        teacher_dir, data_dir, out = _check_inputs(args)
+        teacher_dir, out = _check_inputs(args)
         cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
         try:
             teacher, tmeta = load_model(teacher_dir, device=cfg.device)
         except (ValueError, FileNotFoundError) as exc:
             raise _InputError(f"--teacher: {exc}") from exc
+        tcfg = tmeta.get("train_config") or {}
+        targets = args.targets or tcfg.get("targets") or "teacher"
+        ref_samples = args.reference_samples or tcfg.get("reference_samples") or 4
         try:
-            data = load_shards(data_dir, args.target)
+            pairs, pmeta = cli_pairs(
+                args,
+                targets,
+                k=tcfg.get("k"),
+                reference_samples=ref_samples,
+                min_reward=cfg.min_reward,
+                seed=int(tcfg.get("seed", 0)),
+            )
         except (ValueError, FileNotFoundError) as exc:
-            raise _InputError(f"--data: {exc}") from exc
-        cond, targets = data["cond"], data["targets"]
-        if cfg.min_reward is not None:
-            keep = data["reward"] >= cfg.min_reward
-            cond, targets = cond[keep], targets[keep]
-            if not len(cond):
-                raise _InputError(f"--min-reward: no pair has reward >= {cfg.min_reward}")
+            msg = str(exc)
+            named = msg.startswith(("data:", "dataset:", "target", "encoder:"))
+            raise _InputError(msg if named else f"--data: {msg}") from exc
+        cond, targets_t = pairs.cond, pairs.targets
+        if not len(cond):
+            raise _InputError(f"--min-reward: no pair has reward >= {cfg.min_reward}")
         tc = teacher.cfg
-        if targets.shape[1:] != (tc.set_size, tc.dim) or cond.shape[1] != tc.cond_dim:
+        if targets_t.shape[1:] != (tc.set_size, tc.dim) or cond.shape[1] != tc.cond_dim:
             raise _InputError(
-                f"--data: pairs cond (n, {cond.shape[1]}), targets (n, {targets.shape[1]}, "
-                f"{targets.shape[2]}) do not match the teacher (cond_dim {tc.cond_dim}, "
+                f"--data: pairs cond (n, {cond.shape[1]}), targets (n, {targets_t.shape[1]}, "
+                f"{targets_t.shape[2]}) do not match the teacher (cond_dim {tc.cond_dim}, "
                 f"set_size {tc.set_size}, dim {tc.dim})"
             )
     except (_InputError, ValueError) as exc:
         print(f"r4t distill: {exc}", file=sys.stderr)
         return 2
-    student, log = distill_consistency(teacher, cond, targets, cfg)
-    meta = {"n_pairs": int(len(cond)), "teacher_config": tmeta.get("train_config")}
+    student, log = distill_consistency(teacher, cond, targets_t, cfg)
+    meta = {"n_pairs": int(len(cond)), "targets": targets, "teacher_config": tcfg or None, **pmeta}
     if "space" in tmeta:
         meta["space"] = tmeta["space"]
     save_distilled(student, out, cfg, log, teacher_dir=teacher_dir, meta=meta)
     print(
-        f"saved {out}: distilled {teacher_dir} on {len(cond)} pairs in {cfg.steps} steps, final loss "
-        f"{log[-1]['loss']:.4f}; sample with sampler=consistency, steps={cfg.sample_steps}"
+        f"saved {out}: distilled {teacher_dir} on {len(cond)} pairs ({targets}) in {cfg.steps} steps, "
+        f"final loss {log[-1]['loss']:.4f}; sample with sampler=consistency, steps={cfg.sample_steps}"
     )
     return 0
