@@ -9,7 +9,7 @@ each lever of issue 11 on the **validation** split, with the yardstick of ``r4t 
   run's reward (trained here with the run's RL settings, ``--skip-oar`` to leave it out);
 * diffusion (every val query, the run's chosen retrieval settings): training targets teacher /
   reference / both, the number of pairs (reference draws per set), the query-anchored row, the
-  distilled few-step model;
+  distilled few-step model, and the query pull (``Retriever(pull=...)``) on the evaluated retriever;
 * the classical baselines (dense, MMR, DPP at the run's settings) on the same queries.
 
 Every row is one ``evaluate`` record under ``--out/eval`` (reused when present: the script resumes);
@@ -68,6 +68,12 @@ def main() -> int:
     ap.add_argument("--llm-limit", type=int, default=48, help="val queries for the LLM rows")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--skip-oar", action="store_true", help="leave out the OAR-reward RL run")
+    ap.add_argument(
+        "--pulls",
+        type=lambda t: [float(x) for x in t.split(",")],
+        default=[0.4, 0.8, 1.2],
+        help="query pulls scored on the evaluated retriever (comma-separated)",
+    )
     ap.add_argument("--data-dir", default=None)
     args = ap.parse_args()
 
@@ -176,6 +182,18 @@ def main() -> int:
             dr.defaults.update(sampler="consistency", steps=n, guidance=0.0)
             p = record(f"r4t-distilled-{n}", dr, method_name="r4t-diffusion")
             rows.append(_row(f"distilled, {n} consistency step(s)", "few-step", p, main_name))
+    # the query pull (retrieval time): rows moved toward the query before grounding
+    dpath = run / "distill.json"
+    dchosen = json.loads(dpath.read_text()).get("chosen") if dpath.is_file() else None
+    head = Retriever.from_pretrained(run / ("distilled" if dchosen else "diffusion"), encoder=data.encoder)
+    head.defaults.update(dchosen or sel)
+    head_name = "r4t-diffusion as evaluated (pull 0)"
+    p = record("r4t-head", head, method_name="r4t-diffusion")
+    rows.append(_row(head_name, "query pull", p, None))
+    for pl in args.pulls:
+        head.defaults["pull"] = pl
+        p = record(f"r4t-head-pull{pl:g}", head, method_name="r4t-diffusion")
+        rows.append(_row(f"pull {pl:g}", "query pull", p, head_name))
     for m in ("dense", "mmr", "dpp"):
         kw = (e.get("method_kwargs") or {}).get(m)
         p = record(m, m, method_kwargs=kw)

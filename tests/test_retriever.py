@@ -74,6 +74,29 @@ def test_fused_equals_eager(r: Retriever, sampler: str, guidance: float) -> None
         assert a.item_ids == f.item_ids and np.array_equal(a.row_embeddings, f.row_embeddings)
 
 
+@pytest.mark.parametrize("sampler", ["heun", "consistency"])
+def test_query_pull_moves_rows_toward_the_query_on_both_paths(r: Retriever, sampler: str) -> None:
+    kw = dict(k=6, sampler=sampler, steps=STEPS[sampler], seed=5)
+    q = torch.from_numpy(np.asarray(r.encoder.encode(QUERIES), dtype=np.float32))
+    base = r.retrieve_embeddings(q, fused=False, **kw)
+    for pull in (0.5, 2.0):
+        fused = r.retrieve_embeddings(q, fused=True, pull=pull, **kw)
+        eager = r.retrieve_embeddings(q, fused=False, pull=pull, **kw)
+        for i, (b, f, e) in enumerate(zip(base, fused, eager, strict=True)):
+            scale = float(np.abs(e.row_embeddings).max())
+            assert float(np.abs(f.row_embeddings - e.row_embeddings).max()) <= 1e-4 * scale
+            assert f.item_ids == e.item_ids
+            cos_b = (b.row_embeddings @ q[i].numpy()).mean()
+            assert (e.row_embeddings @ q[i].numpy()).mean() > cos_b
+    stored = _retriever(pull=0.5)
+    assert stored.defaults["pull"] == 0.5
+    same = stored.retrieve(QUERIES[:1], 6, seed=5, sampler=sampler, steps=STEPS[sampler])[0]
+    assert same.item_ids == r.retrieve(QUERIES[:1], pull=0.5, **kw)[0].item_ids
+    for bad in (-0.1, math.nan, 11.0, "x"):
+        with pytest.raises(ValueError, match="pull"):
+            r.retrieve(QUERIES, pull=bad)
+
+
 def test_fused_option_on_the_retriever() -> None:
     eager = _retriever(fused=False)
     assert eager.fused is False and eager.with_catalog(eager.catalog).fused is False
@@ -328,7 +351,7 @@ def test_legacy_directory_and_missing_paths(tmp_path) -> None:
 # ------------------------------------------------------------------------------------ CLI
 def _args(**kw) -> argparse.Namespace:
     base = dict(model="/nonexistent", query=["red outfit"], k=None, steps=None, sampler=None)
-    base.update(guidance=None, seed=None, anchor=None, json=False)
+    base.update(guidance=None, seed=None, anchor=None, pull=None, json=False)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -344,6 +367,7 @@ def test_cli_errors_name_the_argument(tmp_path) -> None:
         (dict(guidance=math.nan), "--guidance: expected a finite number"),
         (dict(guidance=1e30), "--guidance: expected a number in"),
         (dict(anchor=1.0), r"--anchor: expected a number in \[0, 1\)"),
+        (dict(pull=-1.0), "--pull: expected a number in"),
     ]:
         with pytest.raises(ValueError, match=msg):
             cli_main(_args(**kw))  # before any load: /nonexistent is never opened

@@ -31,12 +31,21 @@ def test_choice_follows_the_rule_and_is_applied(setup) -> None:
     data, r = setup
     grid = (("heun", 4), ("dpmpp_2m", 2), ("euler", 1))
     res = select_retrieval_settings(
-        r, data, anchors=(0.0, 0.3), guidances=(0.0,), grid=grid, tolerance=(0.0, 0.0, 0.0), progress=False
+        r,
+        data,
+        anchors=(0.0, 0.3),
+        guidances=(0.0,),
+        pulls=(0.0, 0.5),
+        grid=grid,
+        tolerance=(0.0, 0.0, 0.0),
+        progress=False,
     )
     rows = res["rows"]
-    assert len(rows) == 2 + 2  # two quality settings at the reference, then the rest of the grid
+    assert len(rows) == 4 + 2  # four quality settings at the reference, then the rest of the grid
+    assert {(x["anchor"], x["pull"]) for x in rows[:4]} == {(a, p) for a in (0.0, 0.3) for p in (0.0, 0.5)}
     ref = res["reference"]
-    assert ref["recall_at_fair"] == max(x["recall_at_fair"] for x in rows[:2])
+    assert ref["recall_at_fair"] == max(x["recall_at_fair"] for x in rows[:4])
+    assert all(x["pull"] == ref["pull"] for x in rows[4:])
     # tolerance 0: every grid point qualifies, so the fewest network evaluations wins
     assert res["chosen"]["sampler"] == "euler" and res["chosen"]["steps"] == 1
     assert res["chosen"]["anchor"] == ref["anchor"]
@@ -93,7 +102,13 @@ def test_select_distilled_follows_the_rule(setup) -> None:
     before = dict(r.defaults)
     res = select_distilled(r, data, ref, steps=(2, 1), tolerance=(0.0, 0.0, 0.0), progress=False)
     assert [x["steps"] for x in res["rows"]] == [1, 2]  # fewest first
-    assert res["chosen"] == {"sampler": "consistency", "steps": 1, "guidance": 0.0, "anchor": 0.3}
+    assert res["chosen"] == {
+        "sampler": "consistency",
+        "steps": 1,
+        "guidance": 0.0,
+        "anchor": 0.3,
+        "pull": 0.0,
+    }
     assert {k: r.defaults[k] for k in res["chosen"]} == res["chosen"]
     assert all(x["n_queries"] == ref["n_queries"] and x["nfe"] == x["steps"] for x in res["rows"])
     r.defaults.clear()

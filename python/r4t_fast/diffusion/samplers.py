@@ -29,6 +29,7 @@ tests compare against.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -417,10 +418,12 @@ def fused_sample_sets(
     group: int = 1,
     allowed: torch.Tensor | None = None,
     check_finite: bool = True,
+    pull: float = 0.0,
 ) -> SampledSets:
     """The whole sampling (and with ``catalog`` the grounding of each ``group`` consecutive sets jointly)
     in one :func:`r4t_fast.ops.sample_sets` call, with the initial and step noise drawn exactly as the
-    eager path of :func:`generate_sets` draws them for ``seed`` (a CPU float32 SetDenoiser)."""
+    eager path of :func:`generate_sets` draws them for ``seed`` (a CPU float32 SetDenoiser). ``pull``: the
+    rows leave in data space as x + (cond_offset + pull) * cond (the Retriever's query pull)."""
     why = fused_unavailable(edm, cond)
     if why is not None:
         raise ValueError(f"fused: the fused sampler cannot run here: {why}; pass fused=None or False")
@@ -432,8 +435,11 @@ def fused_sample_sets(
         zs.append(step_noise(sampler, sigmas, shape, g))
     x = xs[0] if len(xs) == 1 else torch.cat(xs)
     z = None if zs[0] is None else zs[0] if len(zs) == 1 else torch.cat(zs, dim=1)
+    packed = pack_denoiser(edm.model)
+    if pull:
+        packed = dataclasses.replace(packed, cond_offset=packed.cond_offset + float(pull))
     return ops.sample_sets(
-        pack_denoiser(edm.model),
+        packed,
         cond.contiguous(),
         x,
         sigmas,

@@ -52,6 +52,8 @@ DEFAULT_GRID: tuple[tuple[str, int], ...] = (
 )
 """(sampler, steps) pairs tried for the fewest network evaluations; the first is the reference."""
 
+_SETTINGS = ("sampler", "steps", "guidance", "anchor", "pull")
+
 DEFAULT_CONSISTENCY_STEPS: tuple[int, ...] = (1, 2, 3, 4)
 """Consistency step counts of a distilled model tried by :func:`select_distilled`."""
 
@@ -109,6 +111,7 @@ def select_retrieval_settings(
     anchors: Sequence[float] = DEFAULT_ANCHORS,
     guidances: Sequence[float] = DEFAULT_GUIDANCES,
     grid: Sequence[tuple[str, int]] = DEFAULT_GRID,
+    pulls: Sequence[float] = (0.0,),
     tolerance: tuple[float, float, float] = (0.97, 0.97, 0.99),
     limit: int | None = None,
     apply: bool = True,
@@ -121,6 +124,9 @@ def select_retrieval_settings(
         data: the :class:`~r4t_fast.data.prepare.EvalData` of the dataset.
         split: the split scored (``"val"``; refusing ``"test"`` keeps the test split for the report).
         anchors, guidances: the quality settings tried at the reference ``grid[0]``.
+        pulls: query pulls (``Retriever.retrieve_embeddings(pull=...)``) tried with them; the default
+            (0) keeps the model's rows. Recall rises with the pull while Vendi falls, so the highest-recall
+            rule favours the largest pull offered: offer only pulls whose Vendi you accept.
         grid: ``(sampler, steps)`` pairs; ``grid[0]`` is the reference.
         tolerance: fractions of the reference's ``recall_at_fair``, ``vendi``, ``item_relevance``.
         limit: score only the first ``limit`` queries of the split.
@@ -131,18 +137,18 @@ def select_retrieval_settings(
     """
     if split == "test":
         raise ValueError("split: settings are chosen on the validation split, not 'test'")
-    if not anchors or not guidances or not grid:
-        raise ValueError("anchors, guidances, grid: each needs at least one value")
+    if not anchors or not guidances or not grid or not pulls:
+        raise ValueError("anchors, guidances, grid, pulls: each needs at least one value")
     tol = _check_tolerance(tolerance)
     if retriever.model.cfg.cond_dim != retriever.model.cfg.dim:
-        anchors = (0.0,)  # an anchor row needs the query in the rows' space
+        anchors, pulls = (0.0,), (0.0,)  # anchor row and pull need the query in the rows' space
     ref_sampler, ref_steps = grid[0]
     rows: list[dict[str, Any]] = []
 
     def log(row: dict[str, Any]) -> None:
         rows.append(row)
         if progress:
-            shown = {k: row[k] for k in ("sampler", "steps", "guidance", "anchor")}
+            shown = {k: row[k] for k in ("sampler", "steps", "guidance", "anchor", "pull")}
             print(
                 f"[select] {shown}: recall_at_fair {row['recall_at_fair']:.4f} vendi {row['vendi']:.3f} "
                 f"item_relevance {row['item_relevance']:.4f}",
@@ -152,20 +158,22 @@ def select_retrieval_settings(
     quality = []
     for a in anchors:
         for w in guidances:
-            s = {"sampler": ref_sampler, "steps": ref_steps, "guidance": float(w), "anchor": float(a)}
-            row = _score(retriever, data, split, limit, s)
-            log(row)
-            quality.append(row)
+            for pl in pulls:
+                s = {"sampler": ref_sampler, "steps": ref_steps, "guidance": float(w), "anchor": float(a)}
+                row = _score(retriever, data, split, limit, {**s, "pull": float(pl)})
+                log(row)
+                quality.append(row)
     ref = max(quality, key=lambda r: (r["recall_at_fair"], r["vendi"]))
     best = ref
     for sampler, steps in grid[1:]:
         s = {"sampler": sampler, "steps": steps, "guidance": ref["guidance"], "anchor": ref["anchor"]}
+        s["pull"] = ref["pull"]
         row = _score(retriever, data, split, limit, s)
         log(row)
         ok = row["meets_tolerance"] = meets_tolerance(row, ref, tol)
         if ok and row["nfe"] < best["nfe"]:
             best = row
-    chosen = {k: best[k] for k in ("sampler", "steps", "guidance", "anchor")}
+    chosen = {k: best[k] for k in _SETTINGS}
     if apply:
         retriever.defaults.update(chosen)
     return {
@@ -212,6 +220,7 @@ def select_distilled(
     best = None
     for n in sorted(int(x) for x in steps):
         s = {"sampler": "consistency", "steps": n, "guidance": 0.0, "anchor": float(reference["anchor"])}
+        s["pull"] = float(reference.get("pull", 0.0))
         row = _score(student, data, split, limit, s)
         if row["n_queries"] != reference.get("n_queries", row["n_queries"]):
             raise ValueError(
@@ -228,7 +237,7 @@ def select_distilled(
             )
         if row["meets_tolerance"] and best is None and row["nfe"] < reference["nfe"]:
             best = row
-    chosen = None if best is None else {k: best[k] for k in ("sampler", "steps", "guidance", "anchor")}
+    chosen = None if best is None else {k: best[k] for k in _SETTINGS}
     if apply and chosen is not None:
         student.defaults.update(chosen)
     return {
