@@ -198,6 +198,9 @@ def main() -> int:
         kw = (e.get("method_kwargs") or {}).get(m)
         p = record(m, m, method_kwargs=kw)
         rows.append(_row(m if not kw else f"{m} {kw}", "baselines", p, main_name))
+    # issue 11's Vendi yardstick: MMR at lambda = 0.5
+    p = record("mmr-0.5", "mmr", method_kwargs={"lambda_": 0.5})
+    rows.append(_row("mmr {'lambda_': 0.5}", "baselines", p, main_name))
 
     # -- table -------------------------------------------------------------------------------------
     recs = {r["name"]: json.loads(Path(r["record"]).read_text()) for r in rows}
