@@ -41,21 +41,13 @@ def _row(name: str, group: str, path: Path, against: str | None) -> dict[str, An
 
 
 def _paired(a: dict, b: dict, key: str) -> dict[str, Any] | None:
-    from r4t_fast.eval.stats import paired_bootstrap_ci
+    from r4t_fast.eval.records import paired_difference
 
-    pa = dict(zip(a["per_query"]["set_id"], a["per_query"][key], strict=True))
-    pb = dict(zip(b["per_query"]["set_id"], b["per_query"][key], strict=True))
-    common = [s for s in pa if s in pb]
-    if not common:
+    diff = paired_difference(a, b, key, n_boot=1000, seed=0)
+    if diff is None:
         return None
-    ci = paired_bootstrap_ci([pa[s] for s in common], [pb[s] for s in common], n_boot=1000, seed=0)
-    return {
-        "n": len(common),
-        "mean": ci.mean,
-        "low": ci.low,
-        "high": ci.high,
-        "excludes_zero": ci.excludes_zero,
-    }
+    ci, n = diff
+    return {"n": n, "mean": ci.mean, "low": ci.low, "high": ci.high, "excludes_zero": ci.excludes_zero}
 
 
 def main() -> int:

@@ -302,12 +302,16 @@ def run_pipeline(
     # 3. diffusion ----------------------------------------------------------------------------------
     dif_dir = out / "diffusion"
 
+    def diffusion_pairs(dcfg: Any) -> Any:
+        """The diffusion stage's training pairs (also the distill stage's: the teacher's own)."""
+        shards = load_shards(syn_dir, "items") if dcfg.targets != "reference" else None
+        return config_pairs(dcfg, shards=shards, data=data)
+
     def do_dif():
         if (dif_dir / "retriever.json").is_file() and not force:
             return {"skipped": "exists"}
         dcfg = DiffusionTrainConfig(**cfg["diffusion"])
-        shards = load_shards(syn_dir, "items") if dcfg.targets != "reference" else None
-        pairs = config_pairs(dcfg, shards=shards, data=data)
+        pairs = diffusion_pairs(dcfg)
         if len(pairs.cond) == 0:
             raise RuntimeError(
                 f"diffusion: no (query, set) pairs for targets={dcfg.targets!r} (synthesis in {syn_dir}: "
@@ -357,9 +361,7 @@ def run_pipeline(
         sel = json.loads(sel_path.read_text())
         teacher = Retriever.from_pretrained(dif_dir, encoder=data.encoder)
         dcfg = DistillConfig(**{"teacher_guidance": float(sel["chosen"]["guidance"]), **dc})
-        tcfg = DiffusionTrainConfig(**cfg["diffusion"])
-        shards = load_shards(syn_dir, "items") if tcfg.targets != "reference" else None
-        pairs = config_pairs(tcfg, shards=shards, data=data)
+        pairs = diffusion_pairs(DiffusionTrainConfig(**cfg["diffusion"]))
         student, log = distill_consistency(teacher.model, pairs.cond, pairs.targets, dcfg, progress=progress)
         kw = {"sampler": "consistency", "steps": dcfg.sample_steps, "guidance": 0.0}
         sr = Retriever(student, data.catalog, data.encoder, encoder_spec=cfg["encoder"],

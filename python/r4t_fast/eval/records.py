@@ -1,7 +1,8 @@
 """What goes into an evaluation record next to the numbers: the machine and package versions
 (:func:`environment`), the identity of the queries scored (:func:`query_ids_sha256`) and of the catalog
 (:func:`catalog_fingerprint`, :func:`catalog_mismatch`), a record restricted to a subset of its
-queries (:func:`subset_record`), JSON-safe values (``_jsonable``) and the plain-text table ``r4t eval``
+queries (:func:`subset_record`), the paired difference of two records on their common queries
+(:func:`paired_difference`), JSON-safe values (``_jsonable``) and the plain-text table ``r4t eval``
 prints (:func:`format_table`).
 """
 
@@ -23,6 +24,8 @@ __all__ = [
     "catalog_mismatch",
     "environment",
     "format_table",
+    "paired_difference",
+    "per_query_values",
     "query_ids_sha256",
     "subset_record",
 ]
@@ -271,3 +274,27 @@ def num(x: Any) -> float | None:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return None
     return float(x) if math.isfinite(x) else None
+
+
+def per_query_values(rec: dict[str, Any], key: str) -> dict[str, float] | None:
+    """``{set_id: value}`` of ``rec["per_query"][key]`` (non-finite values left out); None without it."""
+    per = rec.get("per_query") or {}
+    ids, vals = per.get("set_id"), per.get(key)
+    if not isinstance(ids, list) or not isinstance(vals, list) or len(ids) != len(vals):
+        return None
+    return {sid: float(v) for sid, v in zip(ids, vals, strict=True) if num(v) is not None}
+
+
+def paired_difference(
+    a: dict[str, Any], b: dict[str, Any], key: str, *, n_boot: int = 1000, seed: int = 0
+) -> tuple[Any, int] | None:
+    """(paired bootstrap CI of ``a − b`` for ``key``, number of queries) over the queries both records
+    scored (:func:`r4t_fast.eval.stats.paired_bootstrap_ci`); None when they share none."""
+    from r4t_fast.eval.stats import paired_bootstrap_ci
+
+    pa, pb = per_query_values(a, key), per_query_values(b, key)
+    common = [sid for sid in (pa or {}) if pb is not None and sid in pb]
+    if not common:
+        return None
+    ci = paired_bootstrap_ci([pa[s] for s in common], [pb[s] for s in common], n_boot=n_boot, seed=seed)
+    return ci, len(common)

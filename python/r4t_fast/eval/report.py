@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from r4t_fast.eval.plots import plot_latency, plot_quality
-from r4t_fast.eval.records import HEADLINE_COLUMNS
+from r4t_fast.eval.records import HEADLINE_COLUMNS, paired_difference
 from r4t_fast.eval.records import num as _num
 from r4t_fast.eval.records import sort_records as _sorted
 
@@ -211,17 +211,7 @@ def _reference(records: Sequence[dict[str, Any]], reference: str | None) -> dict
     return records[0] if records else None
 
 
-def _per_query(rec: dict[str, Any], key: str) -> dict[str, float] | None:
-    per = rec.get("per_query") or {}
-    ids, vals = per.get("set_id"), per.get(key)
-    if not isinstance(ids, list) or not isinstance(vals, list) or len(ids) != len(vals):
-        return None
-    return {sid: float(v) for sid, v in zip(ids, vals, strict=True) if _num(v) is not None}
-
-
 def _differences(records: Sequence[dict[str, Any]], reference: str | None, n_boot: int) -> list[str]:
-    from r4t_fast.eval.stats import paired_bootstrap_ci
-
     ref = _reference(records, reference)
     if ref is None or len(records) < 2:
         return []
@@ -239,12 +229,11 @@ def _differences(records: Sequence[dict[str, Any]], reference: str | None, n_boo
             continue
         row = [label]
         for key, _, scale, digits in cols:
-            a, b = _per_query(r, key), _per_query(ref, key)
-            common = [sid for sid in (a or {}) if b is not None and sid in b]
-            if not common:
+            diff = paired_difference(r, ref, key, n_boot=n_boot)
+            if diff is None:
                 row.append("–")
                 continue
-            ci = paired_bootstrap_ci([a[s] for s in common], [b[s] for s in common], n_boot=n_boot, seed=0)
+            ci = diff[0]
             mark = "*" if ci.excludes_zero else ""
             lo, hi = f"{ci.low * scale:+.{digits}f}", f"{ci.high * scale:+.{digits}f}"
             row.append(f"{ci.mean * scale:+.{digits}f}{mark} ({lo}, {hi})")
