@@ -13,6 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "python" / "r4t_fast"
 # room -> floor; a module may import its own room and any lower floor
 FLOORS = {
     "_internal": 0,
+    "_threads": 0,
     "_C": 0,
     "_version": 0,
     "kernels": 1,

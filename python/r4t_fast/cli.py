@@ -150,6 +150,17 @@ def _fail(command: str, message: str) -> int:
     return 2
 
 
+def _configure_threads(args: argparse.Namespace) -> None:
+    """The package's thread rule (:mod:`r4t_fast._threads`), with the command's own ``--threads`` /
+    ``--num-threads`` value when the user gave one (0 or absent: the rule chooses)."""
+    from r4t_fast import _threads
+
+    given = getattr(args, "threads", None) or getattr(args, "num_threads", None)
+    if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < 0):
+        raise ValueError(f"--threads: expected a positive int, got {given!r}")
+    _threads.configure(given or None)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = next((a for a in argv if not a.startswith("-")), None)
@@ -171,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     guard = _OutGuard(getattr(args, "out", None))
     t0 = time.monotonic()
     try:
+        _configure_threads(args)  # before the command's module imports torch (r4t_fast._threads)
         mod = importlib.import_module(COMMANDS[args.command][0])
         rc = int(mod.cli_main(args) or 0)
     except BaseException as exc:

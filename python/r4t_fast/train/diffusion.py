@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from r4t_fast import _threads
 from r4t_fast._internal import (
     check_choice,
     check_positive_int,
@@ -84,7 +85,7 @@ class DiffusionTrainConfig:
     )
     min_reward: float | None = field(default=None, metadata={"help": "drop pairs with reward below this"})
     seed: int = field(default=0, metadata={"help": "seed for init, batches and noise"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: r4t_fast._threads rule)"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     log_every: int = field(default=50, metadata={"help": "steps between log lines"})
     overrides: dict[str, Any] = field(default_factory=dict, metadata={"help": "model config overrides"})
@@ -218,8 +219,7 @@ def train_diffusion(
     same pairs (module docstring).
     """
     _check_pairs(cond, targets)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(_threads.resolve(cfg.threads))  # 0: the package's rule
     n, L, d = targets.shape
     offset = resolve_cond_offset(cfg.cond_offset, cond, targets)
     sigma_data = cfg.sigma_data or float(shift_rows(targets, cond, -offset).std())

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from r4t_fast import _threads
 from r4t_fast._internal import atomic_write_text, check_positive_int, publish_dir, unit_rows
 from r4t_fast.diffusion.model import EDM, SetDenoiser, clone_for_ema, ema_update, load_model, save_model
 from r4t_fast.diffusion.samplers import SAMPLERS, karras_sigmas, nfe, sampler_sigmas, steps_for_nfe
@@ -115,7 +116,7 @@ class DistillConfig:
     )
     min_reward: float | None = field(default=None, metadata={"help": "drop pairs with reward below this"})
     seed: int = field(default=0, metadata={"help": "seed for batches, levels and noise"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch default)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: r4t_fast._threads rule)"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     log_every: int = field(default=50, metadata={"help": "steps between log lines"})
 
@@ -270,8 +271,7 @@ def distill_consistency(
             f"targets: pairs of shape cond (n, {cond.shape[1]}), targets (n, {L}, {d}) do not match the "
             f"teacher (cond_dim {tcfg.cond_dim}, set_size {tcfg.set_size}, dim {tcfg.dim})"
         )
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(_threads.resolve(cfg.threads))  # 0: the package's rule
     dev = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)

@@ -61,6 +61,7 @@ from typing import Any
 
 import torch
 
+from r4t_fast import _threads
 from r4t_fast._internal import atomic_write_text
 from r4t_fast.fanout.prompt import CHATML_END
 from r4t_fast.train.rl_config import LOSS_TYPE_CHOICES, RLConfig
@@ -252,8 +253,7 @@ def train(
     elif _last_checkpoint(out) is not None:
         raise FileExistsError(f"out: {out} already holds checkpoints; pass --resume or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.num_threads is not None:
-        torch.set_num_threads(cfg.num_threads)
+    torch.set_num_threads(_threads.resolve(cfg.num_threads))  # None: the package's rule
     t_setup = time.time()
     main = _is_main_process()
     with contextlib.ExitStack() as stack:
@@ -479,8 +479,7 @@ def cli_main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"r4t train-rl: error: {exc}", file=sys.stderr)
         return 2
-    if cfg.num_threads is not None:
-        torch.set_num_threads(cfg.num_threads)
+    torch.set_num_threads(_threads.resolve(cfg.num_threads))  # None: the package's rule
     out = Path(args.out)
     command = "r4t " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     if not args.eval_only:

@@ -138,7 +138,8 @@ class RLConfig:
     seed: int = _f(0, "seed of sampling, LoRA init and data order")
     num_threads: int | None = _f(
         None,
-        "torch CPU threads for training and evaluation (None: torch's default; 1 on an oversubscribed CPU)",
+        "torch CPU threads for training and evaluation (None: the CPUs other processes leave free, "
+        "r4t_fast._threads)",
     )
     time_budget_minutes: float | None = _f(
         None, "stop training (checkpoint + policy saved) once this many minutes of training have passed"
