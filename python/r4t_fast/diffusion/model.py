@@ -314,9 +314,19 @@ class EDM:
         return shift_rows(x, cond, self.cfg.cond_offset)
 
     def loss(
-        self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """λ(σ)-weighted x0 loss with condition dropout, averaged over the batch (x0: data rows)."""
+        self,
+        x0: torch.Tensor,
+        cond: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        return_denoised: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """λ(σ)-weighted x0 loss with condition dropout, averaged over the batch (x0: data rows).
+
+        ``return_denoised``: also return the clean-set prediction in the data space (``uncenter(D)``,
+        (B, L, d), with its graph) and the bool (B,) mask of the sets whose condition was kept -- what
+        a loss on the rows themselves (:mod:`r4t_fast.train.row_loss`) is computed on.
+        """
         x0 = self.center(x0, cond)
         B = x0.shape[0]
         sigma = self.sample_sigma(B, generator).to(x0.device)
@@ -325,7 +335,10 @@ class EDM:
         D = self.denoise(x0 + sigma.view(-1, 1, 1) * noise, sigma, cond, drop)
         sd = self.cfg.sigma_data
         weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
-        return (weight * ((D - x0) ** 2).mean(dim=(1, 2))).mean()
+        loss = (weight * ((D - x0) ** 2).mean(dim=(1, 2))).mean()
+        if return_denoised:
+            return loss, self.uncenter(D, cond), ~drop
+        return loss
 
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:

@@ -90,12 +90,17 @@ def rank_items(n: int, info: ProcessInfo) -> list[int]:
 @dataclass
 class TrainingPairs:
     """Pairs ``cond (n, cond_dim) -> targets (n, k, d)`` with ``reward (n,)`` (``nan``: reference
-    pairs) and ``counts`` (pairs per source, sets used and skipped)."""
+    pairs), ``counts`` (pairs per source, sets used and skipped) and ``positives`` (n, P) int64: the
+    catalog indices of each pair's whole reference set (``-1`` = padding; all ``-1`` for teacher pairs),
+    what the rows' retrieval loss (:mod:`r4t_fast.train.row_loss`) covers; None when no pair has one;
+    ``catalog`` (N, d): the item embeddings ``positives`` index."""
 
     cond: torch.Tensor
     targets: torch.Tensor
     reward: torch.Tensor
     counts: dict[str, int]
+    positives: torch.Tensor | None = None
+    catalog: torch.Tensor | None = None
 
 
 def reference_targets(
@@ -115,6 +120,7 @@ def reference_targets(
     rng = np.random.default_rng(seed)
     queries: list[str] = []
     rows: list[np.ndarray] = []
+    sets: list[np.ndarray] = []
     counts = {"sets": 0, "sets_untitled": 0, "sets_without_items": 0, "sets_short": 0}
     for set_id in data.split.train:
         s = by_id.get(set_id)
@@ -135,6 +141,7 @@ def reference_targets(
             else:  # every item once, the remaining rows re-drawn from the set's items
                 pick = rng.permutation(np.concatenate([ids, rng.choice(ids, k - ids.size)]))
             rows.append(pick)
+            sets.append(ids)
             queries.append(q)
     counts["reference"] = len(rows)
     d = cat.shape[1]
@@ -145,8 +152,16 @@ def reference_targets(
     pos = {q: i for i, q in enumerate(uniq)}
     cond = emb[torch.tensor([pos[q] for q in queries])]
     targets = cat[torch.from_numpy(np.stack(rows))]
+    positives = torch.full((len(sets), max(len(s) for s in sets)), -1, dtype=torch.int64)
+    for i, s in enumerate(sets):
+        positives[i, : len(s)] = torch.from_numpy(s)
     return TrainingPairs(
-        cond.contiguous(), targets.contiguous(), torch.full((len(rows),), float("nan")), counts
+        cond.contiguous(),
+        targets.contiguous(),
+        torch.full((len(rows),), float("nan")),
+        counts,
+        positives,
+        cat,
     )
 
 
@@ -198,7 +213,23 @@ def training_pairs(
         torch.cat([p.targets for p in parts]),
         torch.cat([p.reward for p in parts]),
         counts,
+        _cat_positives(parts),
+        next((p.catalog for p in parts if p.catalog is not None), None),
     )
+
+
+def _cat_positives(parts: Sequence[TrainingPairs]) -> torch.Tensor | None:
+    """The parts' ``positives`` stacked, padded with -1 (teacher parts: all -1); None if none has any."""
+    if all(p.positives is None for p in parts):
+        return None
+    width = max(p.positives.shape[1] for p in parts if p.positives is not None)
+    out = torch.full((sum(len(p.cond) for p in parts), width), -1, dtype=torch.int64)
+    at = 0
+    for p in parts:
+        if p.positives is not None:
+            out[at : at + len(p.cond), : p.positives.shape[1]] = p.positives
+        at += len(p.cond)
+    return out
 
 
 def stack_counts(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
