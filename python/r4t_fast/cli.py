@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "retrieve sets for queries with a trained diffusion retriever",
     ),
     "pipeline": ("r4t_fast.pipeline", "run RL -> synthesis -> diffusion -> evaluation end to end"),
+    "serve": ("r4t_fast.serve.command", "serve a retriever over HTTP (API, live catalog, page)"),
 }
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
