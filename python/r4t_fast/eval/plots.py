@@ -11,7 +11,7 @@ from r4t_fast.eval.records import HEADLINE_COLUMNS
 from r4t_fast.eval.records import num as _num
 from r4t_fast.eval.records import sort_records as _sorted
 
-__all__ = ["plot_latency", "plot_quality"]
+__all__ = ["plot_frontier", "plot_latency", "plot_quality"]
 
 
 def _bar_keys(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -118,6 +118,40 @@ def plot_latency(records: Sequence[dict[str, Any]], path: str | os.PathLike[str]
     ax.set_title(f"Latency per query vs batch size ({where})", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_frontier(
+    points: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: str = "recall vs diversity"
+) -> Path:
+    """``recall_at_fair`` (x100) against ``vendi``, one marker per point, one colour and line per
+    ``family`` (points of a family joined in the given order: a knob traced); saves a PNG.
+
+    Each point: ``{"family": str, "label": str, "recall_at_fair": float, "vendi": float}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = list(dict.fromkeys(p["family"] for p in points))
+    colors = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(fams)}
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    for f in fams:
+        pts = [p for p in points if p["family"] == f]
+        xs = [p["vendi"] for p in pts]
+        ys = [100.0 * p["recall_at_fair"] for p in pts]
+        ax.plot(xs, ys, "-o" if len(pts) > 1 else "o", color=colors[f], label=f, markersize=5)
+        for p, x, y in zip(pts, xs, ys, strict=True):
+            ax.annotate(p["label"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("Vendi (diversity of the k items)")
+    ax.set_ylabel("recall_at_fair (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=120)

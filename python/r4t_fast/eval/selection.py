@@ -22,7 +22,7 @@ consistency steps (1 NFE each, guidance 0: the student learnt the teacher's guid
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from r4t_fast._internal import check_float
@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_GRID",
     "DEFAULT_GUIDANCES",
     "meets_tolerance",
+    "rows_recall_scorer",
     "select_distilled",
     "select_retrieval_settings",
 ]
@@ -84,6 +85,49 @@ def _score(retriever: Any, data: Any, split: str, limit: int | None, settings: d
     row = {**settings, "nfe": nfe(settings["sampler"], settings["steps"]), "n_queries": rec["n_queries"]}
     row.update({k: rec["metrics"].get(k) for k in _KEYS})
     return row
+
+
+def rows_recall_scorer(
+    data: Any,
+    *,
+    split: str = "val",
+    k: int = 10,
+    sampling: dict[str, Any] | None = None,
+    limit: int | None = None,
+) -> Callable[[Any], float]:
+    """``score(model) -> float``: the mean ``recall_at_fair`` of the set model's **rows alone** (anchor 0,
+    no pull) on ``split``'s titled sets -- the early-stopping score of a training run
+    (``DiffusionTrainConfig.select_every``). The rows' ranked candidates read round-robin into the fair
+    union of exactly ``K = fair_budget(N, k)`` distinct items, as ``r4t eval``'s ``recall_at_fair``; eager
+    sampling (the weights change between calls) with ``sampling`` (default: ``SAMPLING_DEFAULTS``)."""
+    import numpy as np
+    import torch
+
+    from r4t_fast.data.datasets import query_text
+    from r4t_fast.diffusion.retriever import Retriever
+    from r4t_fast.diffusion.samplers import SAMPLING_DEFAULTS
+    from r4t_fast.objectives import fair_budget, recall_at_k, round_robin_union
+
+    if split == "test":
+        raise ValueError("split: early stopping scores the validation split, not 'test'")
+    by_id = {s.set_id: s for s in data.dataset.sets}
+    sets = [by_id[i] for i in getattr(data.split, split) if by_id[i].query is not None][:limit]
+    if not sets:
+        raise ValueError(f"split: no titled sets in {split!r} to score the rows on")
+    q = torch.from_numpy(np.asarray(data.encoder.encode([query_text(s) for s in sets]), dtype=np.float32))
+    refs = [data.catalog.id_to_index(s.item_ids) for s in sets]
+    big_k = fair_budget(len(data.catalog), k)
+    opts = {**SAMPLING_DEFAULTS.as_dict(), **(sampling or {})}
+
+    def score(model: Any) -> float:
+        r = Retriever(model, data.catalog, data.encoder, **opts)
+        # up to K candidates per row: overlapping rows still fill a union of exactly K distinct items
+        n_cand = min(big_k, len(data.catalog))
+        out = r.retrieve_embeddings(q, k, n_candidates=n_cand, anchor=0.0, pull=0.0, fused=False)
+        unions = [round_robin_union(np.asarray(x.candidates), big_k) for x in out]
+        return float(np.mean(recall_at_k(unions, refs)))
+
+    return score
 
 
 def meets_tolerance(row: dict[str, Any], ref: dict[str, Any], tol: Sequence[float]) -> bool:

@@ -1,0 +1,292 @@
+"""The recall-diversity frontier (issue 18, lever 5): R4T-Diffusion's knobs against MMR, DPP and dense.
+
+On the **validation** split: a trained retriever at every ``anchor`` x ``pull`` of the grid (the knob
+traced), dense kNN, MMR (lambda 0.3 / 0.5 / 0.7 / 0.9) and DPP (theta 0.3 / 0.6 / 0.9). Two choices are
+made on validation only, by rules stated in the output:
+
+* **per baseline setting B**: among the R4T settings whose ``recall_at_fair`` and ``vendi`` are both at
+  least B's, the one with the largest smaller relative margin ``min(dR / R_B, dV / V_B)``; when none
+  dominates B, the setting with the largest such margin all the same (it is then reported as missing);
+* **the default** (what ``Retriever.from_pretrained`` should use): among the R4T settings with
+  ``recall_at_fair >= dense - 0.01``, ``item_relevance >= dense - 0.08`` and ``vendi >= MMR(lambda
+  0.9) + 1.0`` (the issue's guard rails), the highest ``recall_at_fair``; without one, the setting with
+  the highest ``recall_at_fair + vendi / 100`` (reported as missing the rails).
+
+Then the **test** split, once: the chosen settings and every baseline on the same queries, with paired
+95 % bootstrap CIs of R4T minus the baseline. Writes ``--results``.json / .md and the frontier plots of
+both splits next to them. Records are reused when present.
+
+    python benchmarks/frontier.py --retriever runs/rows-polyvore/rows-w1-t0.05 --dataset polyvore \\
+        --out runs/frontier-polyvore --results rows/polyvore_frontier
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import RESULTS, environment, write_results  # noqa: E402
+
+KEYS = ("recall_at_fair", "vendi", "item_relevance", "recall@5000", "hit_at_fair")
+MMR_LAMBDAS = (0.3, 0.5, 0.7, 0.9)
+DPP_THETAS = (0.3, 0.6, 0.9)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def margin(r: dict[str, float], b: dict[str, float]) -> float:
+    """The smaller relative margin of ``r`` over ``b`` on recall_at_fair and vendi (> = 0: r dominates).
+
+    >>> margin({"recall_at_fair": 0.2, "vendi": 6.0}, {"recall_at_fair": 0.1, "vendi": 5.0})
+    0.2
+    """
+    return min(
+        (r["recall_at_fair"] - b["recall_at_fair"]) / max(b["recall_at_fair"], 1e-9),
+        (r["vendi"] - b["vendi"]) / max(b["vendi"], 1e-9),
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--retriever", required=True, help="a saved Retriever directory")
+    ap.add_argument("--dataset", default="polyvore")
+    ap.add_argument("--out", required=True, help="work directory (evaluation records)")
+    ap.add_argument("--results", required=True, help="results name under benchmarks/results/")
+    ap.add_argument("--anchors", type=_floats, default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    ap.add_argument("--pulls", type=_floats, default=[0.0, 0.4])
+    ap.add_argument("--encoder", default="minilm")
+    ap.add_argument("--data-dir", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from r4t_fast.data.prepare import load_eval_data
+    from r4t_fast.diffusion.retriever import Retriever, query_budget_share
+    from r4t_fast.eval.evaluation import evaluate
+    from r4t_fast.eval.plots import plot_frontier
+    from r4t_fast.eval.records import paired_difference
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    (out / "val").mkdir(parents=True, exist_ok=True)
+    (out / "test").mkdir(parents=True, exist_ok=True)
+    data = load_eval_data(args.dataset, encoder=args.encoder, data_dir=args.data_dir, progress=False)
+    r = Retriever.from_pretrained(args.retriever, encoder=data.encoder)
+    base_defaults = dict(r.defaults)
+    t0 = time.perf_counter()
+
+    def rec(split: str, slug: str, method: Any, **kw: Any) -> dict[str, Any]:
+        path = out / split / f"{slug}.json"
+        if not path.is_file():
+            print(f"[frontier] {split} {slug}", flush=True)
+            res = evaluate(
+                method, data.dataset, split, data=data, latency_batch_sizes=(), progress=False, **kw
+            )
+            path.write_text(json.dumps(res, indent=2, default=str))
+        return json.loads(path.read_text())
+
+    def r4t(split: str, anchor: float, pull: float) -> dict[str, Any]:
+        r.defaults.update(base_defaults, anchor=anchor, pull=pull)
+        return rec(split, f"r4t-a{anchor:g}-p{pull:g}", r, method_name="r4t-diffusion")
+
+    def baselines(split: str) -> dict[str, dict[str, Any]]:
+        b = {"dense": rec(split, "dense", "dense")}
+        for lam in MMR_LAMBDAS:
+            b[f"mmr λ {lam:g}"] = rec(split, f"mmr-{lam:g}", "mmr", method_kwargs={"lambda_": lam})
+        for th in DPP_THETAS:
+            b[f"dpp θ {th:g}"] = rec(split, f"dpp-{th:g}", "dpp", method_kwargs={"theta": th})
+        return b
+
+    def m(x: dict[str, Any]) -> dict[str, float]:
+        return {k: x["metrics"].get(k) for k in KEYS}
+
+    # -- validation: trace the knob, choose ------------------------------------------------------------
+    grid = [(a, p) for p in args.pulls for a in args.anchors]
+    val_r4t = {(a, p): m(r4t("val", a, p)) for a, p in grid}
+    val_b = {name: m(x) for name, x in baselines("val").items()}
+    choices: dict[str, dict[str, Any]] = {}
+    for name, b in val_b.items():
+        if name == "dense":
+            continue
+        best = max(grid, key=lambda s: margin(val_r4t[s], b))
+        choices[name] = {"setting": best, "val_margin": margin(val_r4t[best], b)}
+    dense, mmr9 = val_b["dense"], val_b["mmr λ 0.9"]
+
+    def rails(x: dict[str, float]) -> bool:
+        return (
+            x["recall_at_fair"] >= dense["recall_at_fair"] - 0.01
+            and x["item_relevance"] >= dense["item_relevance"] - 0.08
+            and x["vendi"] >= mmr9["vendi"] + 1.0
+        )
+
+    ok = [s for s in grid if rails(val_r4t[s])]
+    if ok:
+        default = max(ok, key=lambda s: val_r4t[s]["recall_at_fair"])
+    else:
+        default = max(grid, key=lambda s: val_r4t[s]["recall_at_fair"] + val_r4t[s]["vendi"] / 100)
+
+    # -- test, once: the chosen settings and every baseline ----------------------------------------------
+    chosen = sorted({default, *(c["setting"] for c in choices.values())})
+    test_r4t = {s: r4t("test", *s) for s in chosen}
+    test_b = baselines("test")
+    r.defaults.update(base_defaults)
+
+    def paired(a: dict, b: dict, key: str) -> dict[str, Any] | None:
+        d = paired_difference(a, b, key, n_boot=1000, seed=0)
+        if d is None:
+            return None
+        ci, n = d
+        return {"n": n, "mean": ci.mean, "low": ci.low, "high": ci.high}
+
+    rows = []
+    for name, c in choices.items():
+        s = c["setting"]
+        a, b = test_r4t[s], test_b[name]
+        dr, dv = paired(a, b, "recall_at_fair"), paired(a, b, "vendi")
+        rows.append(
+            {
+                "baseline": name,
+                "r4t_setting": {"anchor": s[0], "pull": s[1]},
+                "val_dominates": c["val_margin"] >= 0,
+                "test_r4t": m(a),
+                "test_baseline": m(b),
+                "d_recall": dr,
+                "d_vendi": dv,
+                "met": bool(dr and dv and dr["mean"] >= 0 and dv["mean"] >= 0),
+            }
+        )
+    d_test = test_r4t[default]
+    default_row = {
+        "setting": {"anchor": default[0], "pull": default[1]},
+        "query_share_of_budget": query_budget_share(default[0], 10),
+        "val_meets_rails": bool(ok),
+        "test": m(d_test),
+        "vs": {
+            name: {
+                k: paired(d_test, b, k) for k in ("recall_at_fair", "vendi", "item_relevance", "recall@5000")
+            }
+            for name, b in test_b.items()
+        },
+    }
+    res = {
+        **environment(),
+        "dataset": args.dataset,
+        "retriever": args.retriever,
+        "retriever_defaults": base_defaults,
+        "grid": {"anchors": args.anchors, "pulls": args.pulls},
+        "val": {
+            "r4t": [{"anchor": a, "pull": p, **val_r4t[(a, p)]} for a, p in grid],
+            "baselines": val_b,
+            "n_queries": rec("val", "dense", "dense")["n_queries"],
+        },
+        "rules": {
+            "per_baseline": "among R4T settings with recall_at_fair and vendi >= the baseline's on val, "
+            "the one with the largest min(dR/R_B, dV/V_B); if none dominates, the largest such margin anyway",
+            "default": "on val: recall_at_fair >= dense - 0.01, item_relevance >= dense - 0.08, vendi >= "
+            "MMR(lambda 0.9) + 1.0; among those the highest recall_at_fair, else the highest R + V/100",
+        },
+        "test": {"rows": rows, "default": default_row, "n_queries": test_b["dense"]["n_queries"]},
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    base = RESULTS / args.results
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for split, pts_r, pts_b in (
+        ("val", val_r4t, val_b),
+        ("test", {s: m(x) for s, x in test_r4t.items()}, {k: m(x) for k, x in test_b.items()}),
+    ):
+        pts = []
+        for p in args.pulls:
+            pts += [
+                {"family": f"r4t pull {p:g}", "label": f"a{a:g}", **pts_r[(a, p)]}
+                for a in args.anchors
+                if (a, p) in pts_r
+            ]
+        pts += [{"family": "mmr", "label": n[4:], **x} for n, x in pts_b.items() if n.startswith("mmr")]
+        pts += [{"family": "dpp", "label": n[4:], **x} for n, x in pts_b.items() if n.startswith("dpp")]
+        pts += [{"family": "dense", "label": "dense", **pts_b["dense"]}]
+        plot_frontier(
+            pts, base.parent / f"{base.name}_{split}.png", f"{args.dataset} {split}: recall vs Vendi"
+        )
+
+    def pct(x: float | None) -> str:
+        return "–" if x is None else f"{100 * x:.1f}"
+
+    def ci(d: dict | None, scale: float, digits: int) -> str:
+        if not d:
+            return "–"
+        lo, hi = d["low"] * scale, d["high"] * scale
+        return f"{d['mean'] * scale:+.{digits}f} ({lo:+.{digits}f}, {hi:+.{digits}f})"
+
+    md = [
+        f"# Recall–diversity frontier on {args.dataset}",
+        "",
+        f"Command: `{res['command']}` ({res['date']}); retriever `{args.retriever}` "
+        f"(defaults {base_defaults}). Val: {res['val']['n_queries']} queries; test: "
+        f"{res['test']['n_queries']} queries, touched once. Plots: `{base.name}_val.png`, "
+        f"`{base.name}_test.png`.",
+        "",
+        "## Validation: the knob traced",
+        "",
+        "| setting | R@fair | Vendi | item rel. | R@5000 |",
+        "|---|---|---|---|---|",
+    ]
+    for (a, p), x in val_r4t.items():
+        md.append(f"| r4t anchor {a:g} pull {p:g} | {pct(x['recall_at_fair'])} | {x['vendi']:.2f} "
+                  f"| {pct(x['item_relevance'])} | {pct(x['recall@5000'])} |")  # fmt: skip
+    for name, x in val_b.items():
+        md.append(f"| {name} | {pct(x['recall_at_fair'])} | {x['vendi']:.2f} | {pct(x['item_relevance'])} "
+                  f"| {pct(x['recall@5000'])} |")  # fmt: skip
+    md += [
+        "",
+        "## Test: each baseline setting against the R4T setting chosen for it on val",
+        "",
+        f"Rule: {res['rules']['per_baseline']}. Met = both paired point estimates >= 0.",
+        "",
+        "| baseline | R4T setting | R4T R@fair | base R@fair | ΔR@fair (95 % CI) | R4T Vendi | base Vendi "
+        "| ΔVendi (95 % CI) | met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        s, a, b = row["r4t_setting"], row["test_r4t"], row["test_baseline"]
+        md.append(
+            f"| {row['baseline']} | anchor {s['anchor']:g}, pull {s['pull']:g} | {pct(a['recall_at_fair'])} "
+            f"| {pct(b['recall_at_fair'])} | {ci(row['d_recall'], 100, 1)} | {a['vendi']:.2f} "
+            f"| {b['vendi']:.2f} | {ci(row['d_vendi'], 1, 2)} | {'yes' if row['met'] else 'no'} |"
+        )
+    dt = default_row["test"]
+    md += [
+        "",
+        "## Test: the default setting chosen on val",
+        "",
+        f"Rule: {res['rules']['default']}. Chosen: anchor {default[0]:g}, pull {default[1]:g} (query's own "
+        f"ranking: {100 * default_row['query_share_of_budget']:.0f} % of the candidate rows; val rails met: "
+        f"{default_row['val_meets_rails']}). Test: R@fair {pct(dt['recall_at_fair'])}, Vendi "
+        f"{dt['vendi']:.2f}, item rel. {pct(dt['item_relevance'])}, R@5000 {pct(dt['recall@5000'])}.",
+        "",
+        "| vs | ΔR@fair | ΔVendi | Δitem rel. | ΔR@5000 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, v in default_row["vs"].items():
+        md.append(
+            f"| {name} | {ci(v['recall_at_fair'], 100, 1)} | {ci(v['vendi'], 1, 2)} "
+            f"| {ci(v['item_relevance'], 100, 1)} | {ci(v['recall@5000'], 100, 1)} |"
+        )
+    md += [
+        "",
+        f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores; wall {res['wall_s']:.0f} s.",
+    ]
+    write_results(args.results, res, "\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
