@@ -226,7 +226,7 @@ def test_defect8_edited_manifest_names_the_file_and_field(tmp_path):
         (dict(dtype="float64"), "field 'dtype': expected one of"),
         (dict(dtype=["float32"]), "field 'dtype': expected one of"),
         (dict(dtype="float16"), "embeddings.safetensors: dtype float32, manifest field 'dtype' says float16"),
-        (dict(index="bogus"), r"field 'index': expected one of \['exact', 'usearch'\], got 'bogus'"),
+        (dict(index="bogus"), r"field 'index': expected one of \['exact', 'usearch', 'milvus'\], got"),
         (dict(index="usearch"), "field 'files': no entry for 'index.usearch'"),
         (dict(index_params=[1]), "field 'index_params': expected an object"),
         (dict(index_params={"bogus": 1}), "field 'index_params': index_params: unknown key 'bogus'"),

@@ -9,6 +9,13 @@ a derived structure (a graph) in step without a rebuild. Two implementations:
   (``Index.add`` / ``Index.remove`` with stable integer keys), saved as ``index.usearch`` and, for
   read-only serving, memory-mapped with ``view=True`` (usearch ``Index.restore(view=True)``).
 
+- :class:`MilvusBackend` (``index="milvus"``): a Milvus collection through pymilvus' batch search
+  (Milvus Lite, an embedded local file, by default; a Milvus server or cluster by ``uri``): the path for
+  catalogs beyond one machine. Filters are pushed down as key expressions where they are short.
+
+:func:`ground_sets` grounds generated sets through any backend with the distinct-item guarantee of
+``ops.ground_sets`` (L candidates per row; sets a backend could not fill are re-fetched wider).
+
 Anything that implements :class:`SearchBackend` (a sharded or remote index, say) can stand behind the
 same catalog API; row numbers are the currency between catalog and backend.
 """
@@ -16,7 +23,11 @@ same catalog API; row numbers are the currency between catalog and backend.
 from __future__ import annotations
 
 import math
+import os
+import re
+import tempfile
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -26,9 +37,18 @@ import torch
 from r4t_fast._internal import check_choice, check_non_negative_int, check_positive_int
 from r4t_fast.kernels import ops
 
-__all__ = ["BACKENDS", "INDEX_KINDS", "ExactBackend", "SearchBackend", "UsearchBackend", "check_index_params"]
+__all__ = [
+    "BACKENDS",
+    "INDEX_KINDS",
+    "ExactBackend",
+    "MilvusBackend",
+    "SearchBackend",
+    "UsearchBackend",
+    "check_index_params",
+    "ground_sets",
+]
 
-INDEX_KINDS = ("exact", "usearch")
+INDEX_KINDS = ("exact", "usearch", "milvus")
 """The ``Catalog(index=...)`` kinds."""
 _NO_ROW = -1
 _QUERY_CHUNK = 256  # queries re-scored at once (bounds the (chunk, fetch, d) gather)
@@ -360,7 +380,225 @@ def _np32(e: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(e.detach().to("cpu", torch.float32).numpy())
 
 
-BACKENDS: dict[str, type] = {"exact": ExactBackend, "usearch": UsearchBackend}
+_MILVUS_INDEXES = ("AUTOINDEX", "FLAT", "IVF_FLAT", "HNSW")
+_MILVUS_TOPK = 16384  # Milvus' largest limit per search
+_MILVUS_EXPR_IDS = 16384  # longest key list pushed down as a filter expression
+_MILVUS_INSERT = 5000  # rows per insert call
+MILVUS_TOKEN_ENV = "R4T_MILVUS_TOKEN"  # a Milvus server's token: from the environment, never on disk
+
+
+class MilvusBackend(UsearchBackend):
+    """A Milvus collection over the rows (inner product) through pymilvus' ``MilvusClient``: ``uri`` a
+    Milvus Lite file (embedded; default: a file in the temp directory) or ``http://host:19530`` for a server
+    or cluster (token from ``R4T_MILVUS_TOKEN``). Stable int64 primary keys as with usearch (removal
+    deletes keys, update upserts, addition inserts: a removed item is never returned). Candidates from one
+    batch search per chunk of queries, re-scored exactly; a query left short falls back to exact search.
+    A filter with at most 16,384 allowed (or refused) keys is pushed down as ``key in [...]``; wider
+    filters over-fetch and filter afterwards. Params: ``uri``, ``collection`` (default ``r4t_<hex>``),
+    ``index_type`` (``AUTOINDEX`` default, ``FLAT``, ``IVF_FLAT``, ``HNSW``), ``rerank``. A saved catalog
+    keeps uri and collection in its manifest and reconnects on load (rebuilding if the rows differ).
+    """
+
+    kind: ClassVar[str] = "milvus"
+    PARAMS: ClassVar[dict[str, str]] = {
+        "uri": "a Milvus Lite file path or an http(s):// URI",
+        "collection": "a collection name (letters, digits, _)",
+        "index_type": f"one of {', '.join(_MILVUS_INDEXES)}",
+        "rerank": "a non-negative int",
+    }
+
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        p = check_index_params("milvus", params)
+        p.setdefault("uri", os.path.join(tempfile.gettempdir(), "r4t_milvus.db"))
+        p.setdefault("collection", f"r4t_{uuid.uuid4().hex[:16]}")
+        super().__init__({})
+        self.params = p
+        self._client: Any = None
+        self._tls = threading.local()
+
+    def _connect(self) -> Any:
+        if self._client is None:
+            from pymilvus import MilvusClient
+
+            token = os.environ.get(MILVUS_TOKEN_ENV, "")
+            self._client = MilvusClient(uri=self.params["uri"], **({"token": token} if token else {}))
+        return self._client
+
+    def _insert(self, keys: np.ndarray, vecs: np.ndarray, *, upsert: bool = False) -> None:
+        c, name = self._connect(), self.params["collection"]
+        call = c.upsert if upsert else c.insert
+        for lo in range(0, len(keys), _MILVUS_INSERT):
+            hi = min(len(keys), lo + _MILVUS_INSERT)
+            call(name, [{"key": int(k), "vec": v} for k, v in zip(keys[lo:hi], vecs[lo:hi], strict=True)])
+
+    def build(self, embeddings: torch.Tensor) -> None:
+        """(Re)create the collection with every row; keys become ``0..N-1``."""
+        from pymilvus import DataType
+
+        c, name = self._connect(), self.params["collection"]
+        if c.has_collection(name):
+            c.drop_collection(name)
+        schema = c.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("key", DataType.INT64, is_primary=True)
+        schema.add_field("vec", DataType.FLOAT_VECTOR, dim=int(embeddings.shape[1]))
+        ip = c.prepare_index_params()
+        ip.add_index(
+            field_name="vec", index_type=self.params.get("index_type", "AUTOINDEX"), metric_type="IP"
+        )
+        c.create_collection(name, schema=schema, index_params=ip)
+        n = int(embeddings.shape[0])
+        keys = np.arange(n, dtype=np.int64)
+        self._insert(keys, _np32(embeddings))
+        c.flush(name)
+        self._index, self._keys, self._rows, self.changes = c, keys, keys.copy(), 0
+
+    def appended(self, embeddings: torch.Tensor, start: int) -> None:
+        if self._index is None:
+            return
+        m = int(embeddings.shape[0]) - start
+        keys = np.arange(len(self._rows), len(self._rows) + m, dtype=np.int64)
+        self._insert(keys, _np32(embeddings[start:]))
+        self._keys = np.concatenate([self._keys, keys])
+        self._rows = np.concatenate([self._rows, np.arange(start, start + m, dtype=np.int64)])
+
+    def removed(self, keep: np.ndarray) -> None:
+        if self._index is None:
+            return
+        gone = np.ones(len(self._keys), dtype=bool)
+        gone[keep] = False
+        dead = self._keys[gone]
+        if len(dead):
+            self._index.delete(self.params["collection"], ids=[int(x) for x in dead])
+        self._rows[dead] = _NO_ROW
+        self._keys = self._keys[keep]
+        self._rows[self._keys] = np.arange(len(keep), dtype=np.int64)
+        self.changes += len(dead)
+
+    def updated(self, embeddings: torch.Tensor, rows: np.ndarray) -> None:
+        if self._index is None:
+            return
+        vecs = _np32(embeddings.index_select(0, torch.from_numpy(rows)))
+        self._insert(self._keys[rows], vecs, upsert=True)  # same keys, new vectors
+        self.changes += len(rows)
+
+    def _filter_expr(self, allowed: torch.Tensor) -> str | None:
+        """``key in [...]`` / ``key not in [...]`` for a mask, or None when both lists are too long."""
+        ok = allowed.numpy()
+        keys_ok, keys_no = self._keys[ok], self._keys[~ok]
+        if len(keys_ok) <= _MILVUS_EXPR_IDS:
+            return f"key in [{','.join(map(str, keys_ok.tolist()))}]"
+        if len(keys_no) <= _MILVUS_EXPR_IDS:
+            return f"key not in [{','.join(map(str, keys_no.tolist()))}]" if len(keys_no) else ""
+        return None
+
+    def search(
+        self, embeddings: torch.Tensor, queries: torch.Tensor, k: int, *, allowed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, b = int(embeddings.shape[0]), int(queries.shape[0])
+        if self._index is None:
+            with self._build_lock:
+                if self._index is None:
+                    self.build(embeddings)
+        expr = None if allowed is None else self._filter_expr(allowed.cpu())
+        if expr is None:  # no filter, or too wide to push down: over-fetch and filter afterwards
+            self._tls.expr = ""
+            return super().search(embeddings, queries, k, allowed=allowed)
+        k = _check_k(k, b, n)
+        kk = min(k, int(allowed.sum()))
+        scores = torch.full((b, k), -math.inf, dtype=torch.float32)
+        rows = torch.full((b, k), _NO_ROW, dtype=torch.int64)
+        if b == 0 or kk == 0:
+            return scores, rows
+        fetch = min(max(kk, int(self.params.get("rerank", 0))), _MILVUS_TOPK)
+        self._tls.expr = expr
+        try:
+            for lo in range(0, b, _QUERY_CHUNK):
+                hi = min(b, lo + _QUERY_CHUNK)
+                scores[lo:hi], rows[lo:hi] = self._search_chunk(
+                    embeddings, queries[lo:hi], k, kk, fetch, allowed
+                )
+        finally:
+            self._tls.expr = ""
+        return scores, rows
+
+    def _candidates(self, queries: torch.Tensor, count: int) -> torch.Tensor:
+        q = queries.detach().cpu().float().numpy()
+        count = min(count, _MILVUS_TOPK)
+        hits = self._index.search(
+            self.params["collection"],
+            data=[row for row in q],
+            limit=count,
+            filter=getattr(self._tls, "expr", ""),
+            output_fields=["key"],
+            anns_field="vec",
+            search_params={"metric_type": "IP"},
+        )
+        out = np.full((q.shape[0], count), _NO_ROW, dtype=np.int64)
+        for i, hit in enumerate(hits):
+            keys = np.fromiter((h["key"] for h in hit), dtype=np.int64, count=len(hit))
+            known = (keys >= 0) & (keys < len(self._rows))
+            rows = np.full(len(keys), _NO_ROW, dtype=np.int64)
+            rows[known] = self._rows[keys[known]]
+            out[i, : len(rows)] = rows
+        return torch.from_numpy(out)
+
+    def save(self, directory: Path, embeddings: torch.Tensor) -> None:
+        if self._index is None:
+            self.build(embeddings)
+        np.save(directory / "index_keys.npy", self._keys, allow_pickle=False)
+
+    @classmethod
+    def load(cls, directory: Path, n: int, dim: int, params: dict[str, Any], *, view: bool) -> MilvusBackend:
+        """Reconnect to the saved collection (rebuilt from the catalog on first search when it no longer
+        holds ``n`` rows); ``view`` is refused (a Milvus collection is not memory-mapped)."""
+        be = cls(params)
+        kpath = directory / "index_keys.npy"
+        keys = np.load(kpath, allow_pickle=False) if kpath.is_file() else np.arange(n, dtype=np.int64)
+        if keys.dtype != np.int64 or keys.shape != (n,):
+            raise ValueError(f"{kpath}: expected {n} int64 keys, got {keys.dtype} {keys.shape}")
+        c = be._connect()
+        name = be.params["collection"]
+        if c.has_collection(name) and int(c.get_collection_stats(name).get("row_count", -1)) == n:
+            rows = np.full(int(keys.max()) + 1 if n else 0, _NO_ROW, dtype=np.int64)
+            rows[keys] = np.arange(n, dtype=np.int64)
+            be._index, be._keys, be._rows = c, keys, rows
+        return be
+
+
+def ground_sets(
+    backend: SearchBackend,
+    embeddings: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    allowed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ground (B, L, d) float32 rows to distinct items per set through ``backend`` (the rule of
+    ``ops.ground_sets``: each row's L nearest allowed items, then greedy by score, no item twice).
+
+    With L candidates per row every row finds a free item whenever the backend returns full candidate
+    lists; a set where an approximate backend came back short is re-fetched with twice the candidates
+    (then exactly), so the guarantee holds: every row of a set gets a distinct allowed item when at
+    least L items are allowed. Returns (ids int64 (B, L), scores float32 (B, L)).
+    """
+    B, L, d = rows.shape
+    n_ok = int(embeddings.shape[0]) if allowed is None else int(allowed.sum())
+    if n_ok < L:
+        raise ValueError(f"allowed: only {n_ok} items are allowed, fewer than the L={L} rows of a set")
+    ids = torch.full((B, L), _NO_ROW, dtype=torch.int64)
+    scores = torch.full((B, L), -math.inf, dtype=torch.float32)
+    todo = torch.arange(B)
+    c = L
+    while len(todo):
+        be = backend if c < n_ok else ExactBackend()
+        s, r = be.search(embeddings, rows[todo].reshape(-1, d).contiguous(), min(c, n_ok), allowed=allowed)
+        g_ids, g_scores = ops.ground(s.reshape(len(todo), L, -1).contiguous(), r.reshape(len(todo), L, -1))
+        ids[todo], scores[todo] = g_ids, g_scores
+        todo = todo[(g_ids < 0).any(dim=1)]
+        c *= 2
+    return ids, scores
+
+
+BACKENDS: dict[str, type] = {"exact": ExactBackend, "usearch": UsearchBackend, "milvus": MilvusBackend}
 """Backend class per ``Catalog(index=...)`` kind."""
 
 
@@ -372,14 +610,28 @@ def check_index_params(kind: str, params: Any) -> dict[str, Any]:
         return {}
     if not isinstance(params, dict):
         raise ValueError(f"index_params: expected a dict, got {type(params).__name__}")
-    allowed = {"exact": ExactBackend.PARAMS, "usearch": UsearchBackend.PARAMS}[kind]
+    allowed = {
+        "exact": ExactBackend.PARAMS,
+        "usearch": UsearchBackend.PARAMS,
+        "milvus": MilvusBackend.PARAMS,
+    }[kind]
     out: dict[str, Any] = {}
     for key, value in params.items():
         if key not in allowed:
             valid = ", ".join(repr(k) for k in allowed) or "none"
             raise ValueError(f"index_params: unknown key {key!r} for index={kind!r} (valid: {valid})")
         name = f"index_params[{key!r}]"
-        if key == "quantization":
+        if key in ("uri", "collection") and (not isinstance(value, str) or not value):
+            raise ValueError(f"{name}: expected a non-empty str, got {value!r}")
+        if key == "collection" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", value):
+            raise ValueError(
+                f"{name}: expected letters, digits and _ (not starting with a digit), got {value!r}"
+            )
+        if key in ("uri", "collection"):
+            out[key] = value
+        elif key == "index_type":
+            out[key] = check_choice(value, _MILVUS_INDEXES, name)
+        elif key == "quantization":
             out[key] = check_choice(value, _QUANTIZATIONS, name)
         elif key == "rerank":
             out[key] = check_non_negative_int(value, name)
