@@ -4,8 +4,8 @@ columns (R4T-Diffusion, dense, MMR) and checks each holds k distinct items.
 
 Skips with the reason where Chromium or Playwright is missing, unless ``R4T_REQUIRE_BROWSER=1`` (set by
 ``scripts/test.sh`` when it runs as root, after ``scripts/setup.sh`` installed the package): then it fails.
-``R4T_SCREENSHOT=PATH`` saves a screenshot of the page there (``benchmarks/bench_serve.py --screenshot``
-makes the committed one with a real model).
+``R4T_SCREENSHOT=PATH`` saves a screenshot of the page there; ``R4T_SERVE_MODEL=DIR`` serves that retriever
+instead of the tiny one (how ``benchmarks/results/serve/page.png`` was made: see its README).
 """
 
 from __future__ import annotations
@@ -120,9 +120,19 @@ def test_page_shows_three_columns_of_k_distinct_items(tmp_path) -> None:
         _require(False, "the serve extra is not installed: pip install '.[serve]'")
     from serve_helpers import tiny_retriever
 
-    k = 5
-    with LiveServer(create_app(ServeState(tiny_retriever()))) as srv:
-        cols = check_page(srv.url, "red shirt", k, os.environ.get("R4T_SCREENSHOT"))
+    model = os.environ.get("R4T_SERVE_MODEL")  # a real retriever dir for the committed screenshot
+    if model:
+        from r4t_fast.diffusion.retriever import Retriever
+
+        state, query, k = (
+            ServeState(Retriever.from_pretrained(model), model_path=model),
+            "summer beach outfit",
+            10,
+        )
+    else:
+        state, query, k = ServeState(tiny_retriever()), "red shirt", 5
+    with LiveServer(create_app(state)) as srv:
+        cols = check_page(srv.url, query, k, os.environ.get("R4T_SCREENSHOT"))
     assert set(cols) == {"r4t", "dense", "mmr"}
     for method, ids in cols.items():
         assert len(ids) == k and len(set(ids)) == k and all(ids), (method, ids)

@@ -6,7 +6,8 @@ subcommand runs, so ``r4t --help`` stays fast and light.
 
 A user error (a bad argument value, a missing or unreadable path, a corrupt saved directory or JSON
 file, an unknown dataset) ends the command with one line on stderr, ``r4t <command>: error: <message>``,
-and exit status 2, never a traceback; an ``--out`` path that did not exist before the command is removed
+and exit status 2, never a traceback (a closed stdout pipe, ``r4t retrieve --json | head -1``, exits
+quietly with :data:`EXIT_BROKEN_PIPE`); an ``--out`` path that did not exist before the command is removed
 again, with the hidden siblings (``.<out>.tmp-*``, ``.<out>.v1``, ``.<out>.lock``, ...) the failed
 command left beside it -- unless the command had run for more than :data:`KEEP_AFTER_S` seconds (it may
 hold checkpoints worth resuming from; the error line says it was kept). Any other exception is a bug
@@ -35,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-diffusion": ("r4t_fast.train.diffusion", "stage 3: train the set diffusion retriever"),
     "distill": ("r4t_fast.train.distill", "distil a diffusion model into a 1-4 step consistency model"),
     "retrieve": (
-        "r4t_fast.diffusion.retriever",
+        "r4t_fast.diffusion.retrieve_cli",
         "retrieve sets for queries with a trained diffusion retriever",
     ),
     "pipeline": ("r4t_fast.pipeline", "run RL -> synthesis -> diffusion -> evaluation end to end"),
@@ -162,6 +163,21 @@ def _configure_threads(args: argparse.Namespace) -> None:
     _threads.configure(given or None)
 
 
+EXIT_BROKEN_PIPE = 128 + 13
+"""Exit status when the reader of stdout went away (``r4t retrieve --json | head -1``): 128 + SIGPIPE,
+what a shell tool killed by SIGPIPE reports; no traceback, no message."""
+
+
+def _stdout_closed() -> int:
+    """Point stdout at /dev/null (so the interpreter's final flush cannot raise again) and exit quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (captured)
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = next((a for a in argv if not a.startswith("-")), None)
@@ -186,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         _configure_threads(args)  # before the command's module imports torch (r4t_fast._threads)
         mod = importlib.import_module(COMMANDS[args.command][0])
         rc = int(mod.cli_main(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+    except BrokenPipeError:
+        return _stdout_closed()
     except BaseException as exc:
         message = user_error_message(exc)
         if message is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):

@@ -531,13 +531,45 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _set_keys() -> dict[str, set[str]]:
+    """What ``--set STAGE.KEY`` may change: each stage's config fields (``rl`` less what the pipeline
+    sets itself), the Retriever's sampling defaults, ``select_retrieval_settings``'s grid arguments and
+    the ``eval`` settings of the presets."""
+    import inspect
+    from dataclasses import fields
+
+    from r4t_fast.eval.selection import select_retrieval_settings
+    from r4t_fast.train.diffusion import DiffusionTrainConfig
+    from r4t_fast.train.distill import DistillConfig
+    from r4t_fast.train.rl_config import RLConfig
+    from r4t_fast.train.synthesis import SynthesisConfig
+
+    own = {"dataset", "data_dir", "cache_dir", "policy", "encoder"}  # set from the command line
+    select = set(inspect.signature(select_retrieval_settings).parameters)
+    return {
+        "rl": {f.name for f in fields(RLConfig)} - own,
+        "synthesis": {f.name for f in fields(SynthesisConfig)} - {"policy"},
+        "diffusion": {f.name for f in fields(DiffusionTrainConfig)},
+        "distill": {f.name for f in fields(DistillConfig)},
+        "retriever": {*SAMPLING_DEFAULTS.as_dict(), "anchor", "pull"},
+        "select": select - {"retriever", "data", "split", "apply", "progress"},
+        "eval": {k for p in PIPELINE_PRESETS.values() for k in p["eval"]},
+    }
+
+
 def cli_main(args: argparse.Namespace) -> int:
     over: dict[str, Any] = {}
+    valid = _set_keys() if args.set else {}  # every --set key is checked before any work
     for item in args.set:
         key, sep, val = item.partition("=")
         if not sep or "." not in key:
             raise SystemExit(f"--set: expected STAGE.KEY=JSON, got {item!r}")
         st, k = key.split(".", 1)
+        if st not in valid:
+            raise SystemExit(f"--set: unknown stage {st!r} in {item!r}; valid stages: {', '.join(valid)}")
+        if k not in valid[st]:
+            keys = ", ".join(sorted(valid[st]))
+            raise SystemExit(f"--set: unknown key {k!r} of stage {st!r} in {item!r}; valid keys: {keys}")
         try:
             v = json.loads(val)
         except json.JSONDecodeError:

@@ -10,7 +10,8 @@ format ``r4t_fast.retriever``: a symlink to a verified version with a sha256 man
 diffusion model (``config.json`` + ``model.safetensors``, see :func:`r4t_fast.diffusion.save_model`), its
 catalog (``catalog/``, a saved :class:`~r4t_fast.Catalog` in the model's embedding space) and
 ``retriever.json`` (encoder spec and sampling defaults). Plain directories of the same files without a
-manifest (r4t_fast 0.1, ``r4t distill``) still load.
+manifest (r4t_fast 0.1) still load, with a warning when verification was asked for. The ``r4t retrieve``
+command lives in :mod:`r4t_fast.diffusion.retrieve_cli`.
 
 Sets larger than the model's L rows are drawn as ``ceil(k / L)`` independent samples whose rows are
 grounded jointly (no item twice); the ``k`` rows with the best grounding scores are returned. On the
@@ -20,11 +21,11 @@ elsewhere (CUDA, ``fused=False``) the eager samplers, then :func:`r4t_fast.ops.g
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,13 +60,16 @@ from r4t_fast.diffusion.samplers import (
 )
 from r4t_fast.kernels import ops
 
-__all__ = ["MAX_GUIDANCE", "MAX_STEPS", "Retriever", "RetrievedSet"]
+__all__ = ["MAX_GUIDANCE", "MAX_K_RETRIEVE", "MAX_STEPS", "Retriever", "RetrievedSet"]
 
 FORMAT = "r4t_fast.retriever"
 FORMAT_VERSION = 1
 MAX_STEPS = 1000
 """Largest ``steps`` a retrieval accepts (16 is the default; thousands of steps are a typo)."""
 MAX_GUIDANCE = 1000.0
+MAX_K_RETRIEVE = 1024
+"""Most items per set: grounding a set costs O(k^2) (k rows x k candidates, then greedy; k = 4,000
+took 27 s on 2 CPU cores, k = 8,000 2 GB eager), so larger sets are refused with this limit's name."""
 """Largest |guidance| a retrieval accepts (useful weights are 0-10; beyond this float32 rows overflow)."""
 
 
@@ -99,8 +103,8 @@ def check_options(o: dict[str, Any]) -> dict[str, Any]:
     out["sampler"] = check_choice(o["sampler"], sorted(SAMPLERS), "sampler")
     out["guidance"] = check_float(o["guidance"], "guidance", low=-MAX_GUIDANCE, high=MAX_GUIDANCE)
     out["seed"] = check_seed(o["seed"], "seed")
-    out["anchor"] = check_float(o.get("anchor", 0.0), "anchor", low=0.0)
-    if out["anchor"] >= 1.0:
+    out["anchor"] = check_float(o.get("anchor", 0.0), "anchor")
+    if not 0.0 <= out["anchor"] < 1.0:
         raise ValueError(f"anchor: expected a number in [0, 1) (the query's share), got {o['anchor']!r}")
     out["pull"] = check_float(o.get("pull", 0.0), "pull", low=0.0, high=MAX_PULL)
     return out
@@ -171,7 +175,7 @@ class Retriever:
             }
         )
         self.fused = _check_fused(fused)
-        self.device = torch.device(device)
+        self.device = ops.check_device(device)
         self.model = model.to(self.device).eval()
         self.edm = EDM(self.model)
         self.catalog = catalog
@@ -222,6 +226,7 @@ class Retriever:
         distill``) loads unverified. Raises FileNotFoundError when ``path`` holds no retriever,
         SavedDirError / ValueError naming the file when one is corrupt, truncated or edited.
         """
+        ops.check_device(device)
         d = Path(path)
         hidden = d.parent.glob(f".{d.name}.v*") if d.parent.is_dir() else iter(())
         managed = d.is_symlink() or (d / MANIFEST_NAME).is_file()
@@ -233,6 +238,13 @@ class Retriever:
                     raise SavedDirError(f"{d / MANIFEST_NAME}: field 'files': no entry for {name!r}")
         elif (d / "retriever.json").is_file():
             real = d  # legacy: no manifest, nothing to verify against
+            if verify:
+                warnings.warn(
+                    f"path: {d} has no {MANIFEST_NAME}: loaded UNVERIFIED (a corrupt or edited file goes "
+                    "unnoticed); re-save it with Retriever.save, or pass verify=False for a trusted copy",
+                    UserWarning,
+                    stacklevel=2,
+                )
         else:
             raise FileNotFoundError(f"path: {d} is not a retriever directory (missing retriever.json)")
         rpath = d / "retriever.json"
@@ -343,14 +355,24 @@ class Retriever:
         if not bool(torch.isfinite(q).all()):
             raise ValueError("query_emb: contains NaN or inf")
         k = cfg.set_size if k is None else k
-        k = check_positive_int(k, "k")
+        k = check_positive_int(k, "k", upper=MAX_K_RETRIEVE)
         n_items = len(self.catalog)
         if k > n_items:
             raise ValueError(f"k: {k} exceeds the catalog size ({n_items})")
         n_candidates = check_non_negative_int(n_candidates, "n_candidates")
+        if n_candidates > n_items:
+            raise ValueError(f"n_candidates: {n_candidates} exceeds the catalog size ({n_items})")
+
         given = {"steps": steps, "sampler": sampler, "guidance": guidance, "seed": seed, "anchor": anchor}
         given["pull"] = pull
         o = check_options({**self.defaults, **{key: v for key, v in given.items() if v is not None}})
+        a = o["anchor"]
+        n_rows_c = k + (max(1, round(a * k / (1 - a))) if a > 0 else 0)  # k rows + the query's m rows
+        if q.shape[0] * n_rows_c * n_candidates > ops.MAX_RESULT_SLOTS:
+            raise ValueError(
+                f"n_candidates: {n_candidates} per row x {n_rows_c} rows x {q.shape[0]} queries exceeds "
+                f"{ops.MAX_RESULT_SLOTS} candidate slots; pass fewer candidates or queries per call"
+            )
         if o["pull"] > 0 and cfg.cond_dim != cfg.dim:
             raise ValueError(
                 f"pull: needs queries in the items' space (cond_dim {cfg.cond_dim} != dim {cfg.dim})"
@@ -490,69 +512,3 @@ class Retriever:
             return []
         q = np.asarray(self.encoder.encode(texts), dtype=np.float32)
         return self.retrieve_embeddings(torch.from_numpy(q), k, n_candidates=n_candidates, **kw)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def add_cli_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", required=True, help="retriever directory (r4t train-diffusion / r4t pipeline output)"
-    )
-    p.add_argument("--query", action="append", required=True, help="query text (repeatable)")
-    p.add_argument("-k", type=int, default=None, help="items per set (default: the model's set size)")
-    p.add_argument("--steps", type=int, default=None, help=f"sampler steps (1 to {MAX_STEPS})")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance strength w")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--anchor", type=float, default=None, help="share of the set given to the query, [0, 1)")
-    p.add_argument("--pull", type=float, default=None, help="rows moved toward the query, [0, 10]")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a list")
-
-
-def _finite_or_none(x: Any) -> float | None:
-    v = float(x)
-    return v if math.isfinite(v) else None
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    # validate everything cheap before loading the model, the catalog and the encoder
-    for q in args.query:
-        if not q.strip():
-            raise ValueError(f"--query: expected non-empty text, got {q!r}")
-    if args.k is not None:
-        check_positive_int(args.k, "-k")
-    if args.steps is not None:
-        check_positive_int(args.steps, "--steps", upper=MAX_STEPS)
-    if args.guidance is not None:
-        check_float(args.guidance, "--guidance", low=-MAX_GUIDANCE, high=MAX_GUIDANCE)
-    if args.anchor is not None and not 0.0 <= check_float(args.anchor, "--anchor") < 1.0:
-        raise ValueError(f"--anchor: expected a number in [0, 1), got {args.anchor!r}")
-    if args.pull is not None:
-        check_float(args.pull, "--pull", low=0.0, high=MAX_PULL)
-    model = Path(args.model)
-    if not model.exists():
-        raise FileNotFoundError(f"--model: no retriever directory at {model}")
-    if not model.is_dir():
-        raise ValueError(f"--model: {model} is not a directory")
-    r = Retriever.from_pretrained(model)
-    opts = {"steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "seed": args.seed}
-    opts["anchor"], opts["pull"] = args.anchor, args.pull
-    sets = r.retrieve(args.query, args.k, **opts)
-    if args.json:
-        records = [
-            {
-                "query": q,
-                "item_ids": list(s.item_ids),
-                "texts": list(s.texts),
-                "scores": None if s.scores is None else [_finite_or_none(x) for x in s.scores],
-                "row_scores": [_finite_or_none(x) for x in s.row_scores],
-            }
-            for q, s in zip(args.query, sets, strict=True)
-        ]
-        print(json.dumps(records, indent=2, allow_nan=False))
-        return 0
-    for q, s in zip(args.query, sets, strict=True):
-        print(f"\n{q}")
-        shown = s.scores if s.scores is not None else s.row_scores
-        for i, (t, sc) in enumerate(zip(s.texts, shown, strict=True), 1):
-            print(f"  {i:2d}. {t}  ({sc:.3f})")
-    return 0

@@ -61,6 +61,50 @@ _CAT = (torch.float32, torch.float16)
 # k > N pads every result row with k - N sentinels; more than this many sentinel slots in one call is
 # refused (a typo like k=10**8 would otherwise allocate gigabytes of -1s).
 MAX_SENTINEL_SLOTS = 1 << 24
+# The result of one call (B rows x k slots; ground_sets: B * L rows x candidates) is allocated at once,
+# 12 bytes a slot (float32 score + int64 id): at most this many slots (3 GiB), so that a typo like
+# candidates=10**9 is refused by name instead of asking the allocator for hundreds of GB.
+MAX_RESULT_SLOTS = 1 << 28
+
+
+def _check_slots(rows: int, per_row: int, name: str) -> None:
+    if rows * per_row > MAX_RESULT_SLOTS:
+        raise ValueError(
+            f"{name}: {per_row} per row x {rows} rows = {rows * per_row} result slots "
+            f"({rows * per_row * 12 / 2**30:.1f} GiB), more than the limit of {MAX_RESULT_SLOTS}; "
+            f"pass {name} <= {max(1, MAX_RESULT_SLOTS // max(rows, 1))} or fewer rows per call"
+        )
+
+
+def check_device(device: Any, name: str = "device", *, kernels: bool = True) -> torch.device:
+    """``device`` as a ``torch.device`` this machine and build can run: ``"cpu"`` or ``"cuda[:N]"``.
+
+    ``kernels``: the caller runs r4t_fast's compiled kernels there (a retriever), so a CUDA device
+    also needs a build with CUDA kernels; plain torch work (training) only needs torch's CUDA. The
+    error names ``name``, the device and what :func:`r4t_fast.build_info` reports.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is not None and dev.type == "cpu":
+        return dev
+    info = _backend.build_info()
+    built = f"build_info(): cuda={info['cuda']}, cuda_archs={info['cuda_archs']}"
+    if dev is None or dev.type != "cuda":
+        raise ValueError(f"{name}: r4t_fast runs on 'cpu' or 'cuda[:N]', got {device!r} ({built})")
+    if kernels and not info["cuda"]:
+        raise ValueError(
+            f"{name}: {device!r} needs CUDA kernels, but this r4t_fast build has none ({built}; rebuild "
+            "with R4T_CUDA=ON where nvcc is available), or use device='cpu'"
+        )
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0 or (dev.index or 0) >= n:
+        raise ValueError(
+            f"{name}: {device!r} is not available: torch sees {n} CUDA device(s) "
+            f"(torch.version.cuda={torch.version.cuda}; {built}); use device='cpu'"
+        )
+    return dev
 
 
 def _metric(metric: str) -> int:
@@ -92,6 +136,7 @@ def _check_k(k: Any, B: int, N: int) -> int:
             f"k: {k} exceeds the catalog size N={N}, so the ({B}, {k}) result would hold {B * (k - N)} "
             f"sentinel slots (id -1), more than the limit of {MAX_SENTINEL_SLOTS}; pass k <= {N}"
         )
+    _check_slots(B, k, "k")
     return k
 
 
@@ -274,6 +319,7 @@ def ground_sets(
         raise ValueError(f"rows: set length L must be >= 1, got {describe(r)}")
     cand = L if candidates is None else check_positive_int(candidates, "candidates")
     cand = min(cand, c.shape[0])
+    _check_slots(B * L, cand, "candidates")
     m = _metric(metric)
     mask = _allowed(allowed, c)
     threads = _threads(num_threads)
@@ -289,6 +335,7 @@ def set_stats(x: Any, lengths: Any | None = None, *, num_threads: int | None = N
     For each set, rows are L2-normalised, K = X Xᵀ (K_ii = 1) over the n counted rows, and
 
     * vendi = exp(−Σ λ_i log λ_i), λ the eigenvalues of K / n (in [1, n]; 0 for an empty set);
+      an all-zero row among the counted ones has no direction and is refused (ValueError naming it);
     * mean_cos = mean of K_ij over i ≠ j (0 when n < 2).
 
     Args:
@@ -315,6 +362,15 @@ def set_stats(x: Any, lengths: Any | None = None, *, num_threads: int | None = N
         check_same_device(t, "x", ln, "lengths")
         ln = ln.contiguous()
         lp = ln.data_ptr()
+    zero = t.abs().amax(dim=2) == 0  # (S, L): a zero row has no direction, so no defined similarity
+    if ln is not None:
+        zero &= torch.arange(L, device=t.device)[None, :] < ln[:, None]
+    if bool(zero.any()):
+        s, j = (int(v) for v in zero.nonzero()[0])
+        raise ValueError(
+            f"x: row {j} of set {s} is all zeros (no direction: its cosine and the set's Vendi score are "
+            f"undefined; {int(zero.sum())} zero row(s) counted in all); drop them or shorten lengths"
+        )
     vendi = torch.empty(S, dtype=torch.float32, device=t.device)
     mean_cos = torch.empty(S, dtype=torch.float32, device=t.device)
     if S > 0:

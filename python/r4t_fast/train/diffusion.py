@@ -42,6 +42,7 @@ from r4t_fast import _threads
 from r4t_fast._internal import (
     check_choice,
     check_positive_int,
+    check_save_target,
     save_dir_atomically,
     verify_dir,
 )
@@ -55,6 +56,7 @@ from r4t_fast.diffusion.model import (
     save_model,
     shift_rows,
 )
+from r4t_fast.kernels.ops import check_device
 from r4t_fast.train.targets import TARGET_CHOICES, TrainingPairs, process_info, rank_items, training_pairs
 
 __all__ = ["FORMAT", "DiffusionTrainConfig", "load_shards", "load_trained", "train_diffusion"]
@@ -299,6 +301,11 @@ def train_diffusion(
     return ema, log
 
 
+def _is_legacy_model(p: Path) -> bool:
+    """A plain model directory of the writer's older layout (no manifest)."""
+    return (p / "model.safetensors").is_file()
+
+
 def save_trained(model: SetDenoiser, out_dir: str | os.PathLike, meta: dict, log: list[dict]) -> Path:
     """Save ``model`` (``config.json`` with ``meta``, ``model.safetensors``) and ``train_log.jsonl`` as
     one crash-safe directory (:func:`r4t_fast._internal.save_dir_atomically`, format :data:`FORMAT`)."""
@@ -308,7 +315,7 @@ def save_trained(model: SetDenoiser, out_dir: str | os.PathLike, meta: dict, log
         (tmp / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
 
     return save_dir_atomically(
-        out_dir, write, format=FORMAT, legacy=lambda p: (p / "model.safetensors").is_file()
+        out_dir, write, format=FORMAT, legacy=_is_legacy_model
     )
 
 
@@ -439,11 +446,19 @@ def cli_pairs(
     if space:
         meta["space"] = space
     if data is not None:
-        meta["reference_dataset"] = {"dataset": data.dataset.name, "encoder": data.encoder.name}
+        meta["reference_dataset"] = {
+            "dataset": data.dataset.name,
+            "dataset_spec": os.fspath(dataset),
+            "encoder": data.encoder.name,
+            "encoder_spec": encoder if isinstance(encoder, str) else None,
+        }
     return pairs, meta
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    # --out first: a directory the final save would refuse must fail now, not after every training step
+    check_save_target(Path(os.path.abspath(args.out)), FORMAT, _is_legacy_model, name="--out")
+    check_device(args.device, "--device", kernels=False)
     cfg = DiffusionTrainConfig(
         **{f.name: getattr(args, f.name) for f in fields(DiffusionTrainConfig) if f.name != "overrides"}
     )
