@@ -220,7 +220,8 @@ PYBIND11_MODULE(_C, m) {
                                        double guidance, uintptr_t noise, int64_t B, uintptr_t out_rows,
                                        uintptr_t catalog, int64_t c_stride, int catalog_dtype, int64_t N, int metric,
                                        uintptr_t allowed, int64_t group, int64_t candidates, uintptr_t out_ids,
-                                       uintptr_t out_scores, int threads, int mode) {
+                                       uintptr_t out_scores, int threads, int mode, uintptr_t anchor,
+                                       int64_t anchor_k, uintptr_t anchor_ids, uintptr_t anchor_scores) {
       SampleSetsParams p;
       p.dims = dims_of(dims);
       p.packed = ptr<const float>(packed);
@@ -249,6 +250,10 @@ PYBIND11_MODULE(_C, m) {
       p.out_scores = ptr<float>(out_scores);
       p.num_threads = threads;
       p.mode = mode;
+      p.anchor = ptr<const float>(anchor);
+      p.anchor_k = anchor_k;
+      p.anchor_ids = ptr<int64_t>(anchor_ids);
+      p.anchor_scores = ptr<float>(anchor_scores);
       const char* isa = nullptr;
       R4T_NOGIL(isa = sample_sets_cpu(p));
       return std::string(isa);

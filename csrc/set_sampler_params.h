@@ -55,6 +55,7 @@ enum class SetSampler : int { Euler = 0, EulerMaruyama = 1, Heun = 2, DpmPP2M = 
 //   rows that is grounded as ground_sets does (knn_cpu with `candidates` candidates per row, then
 //   ground_cpu; `allowed` filters the catalog as in knn): out_ids (B/group, group*L) int64, out_scores
 //   (B/group, group*L) float32, with the grounding's sentinels (id -1) where too few items qualify.
+//   anchor      optional queries grounded in the same catalog pass (see the anchor fields below)
 //   mode        1 = one thread per group of sets (no synchronisation), 2 = all threads on every set
 //               (a barrier per GEMM; pays at B < threads on an idle machine), 0 = auto: 2 when B < 2T,
 //               T does not divide B and the other runnable tasks leave a core per thread, else 1.
@@ -85,6 +86,15 @@ struct SampleSetsParams {
   int64_t group = 1, candidates = 0;
   int64_t* out_ids = nullptr;
   float* out_scores = nullptr;
+  // The anchor (issue 20): anchor (B/group, d) float32 contiguous, one query per grounded set, or
+  // nullptr. Its anchor_k nearest allowed items come from the SAME catalog pass as the rows' candidates
+  // (the knn call takes the B*L rows and the B/group anchors together, k = max(candidates, anchor_k)):
+  // anchor_ids (B/group, anchor_k) int64, anchor_scores (B/group, anchor_k) float32, exactly as knn
+  // returns them (sentinels id -1 past the allowed items). The grounding of the rows is unchanged.
+  const float* anchor = nullptr;
+  int64_t anchor_k = 0;
+  int64_t* anchor_ids = nullptr;
+  float* anchor_scores = nullptr;
   int num_threads = 0;
   int mode = 0;
 };

@@ -307,3 +307,56 @@ def test_argument_errors_name_the_argument() -> None:
 def test_build_reports_simd() -> None:
     info = r4t_fast.build_info()
     assert info["simd"]  # the clone sample_sets shares with knn
+
+
+def test_anchor_rides_in_the_grounding_pass() -> None:
+    """An anchor per grounded set: its top anchor_k from the same catalog pass equal reference.knn's
+    (sorted scores: ties tolerated), k = 1, n and > n (sentinels), non-contiguous input; the rows'
+    grounding is unchanged by it."""
+    m = _model(seed=11)
+    pk = pack_denoiser(m)
+    d = m.cfg.dim
+    cond, x, sig, _ = _inputs(m, "euler", 3, 4)
+    catalog = torch.nn.functional.normalize(
+        torch.randn(40, d, generator=torch.Generator().manual_seed(12)), dim=1
+    )
+    plain = ops.sample_sets(pk, cond, x, sig, sampler="euler", catalog=catalog, group=2)
+    assert plain.anchor_ids is None and plain.anchor_scores is None
+    wide = torch.randn(2, 2 * d, generator=torch.Generator().manual_seed(13))
+    anchor = wide[:, ::2]  # non-contiguous
+    assert not anchor.is_contiguous()
+    for ka, metric in ((1, "ip"), (10, "l2"), (40, "ip"), (45, "ip")):
+        out = ops.sample_sets(
+            pk,
+            cond,
+            x,
+            sig,
+            sampler="euler",
+            catalog=catalog,
+            group=2,
+            anchor=anchor,
+            anchor_k=ka,
+            metric=metric,
+        )
+        ref = ops.sample_sets(pk, cond, x, sig, sampler="euler", catalog=catalog, group=2, metric=metric)
+        assert torch.equal(out.ids, ref.ids) and torch.equal(out.scores, ref.scores)
+        assert out.anchor_ids.shape == out.anchor_scores.shape == (2, ka)
+        want_s, _ = reference.knn(anchor.contiguous(), catalog, min(ka, 40), metric=metric)
+        got_s = out.anchor_scores[:, : min(ka, 40)]
+        torch.testing.assert_close(got_s, want_s, rtol=0, atol=1e-5)
+        got_ids = out.anchor_ids[:, : min(ka, 40)]  # the ids carry those scores
+        a = anchor.contiguous()
+        direct = (catalog[got_ids] @ a[:, :, None])[..., 0] if metric == "ip" else None
+        if direct is not None:
+            torch.testing.assert_close(direct, got_s, rtol=0, atol=1e-5)
+        if ka > 40:  # past the catalog: knn's sentinels
+            assert bool((out.anchor_ids[:, 40:] == -1).all())
+            assert bool(torch.isneginf(out.anchor_scores[:, 40:]).all())
+    with pytest.raises(ValueError, match="anchor"):
+        ops.sample_sets(pk, cond, x, sig, sampler="euler", anchor=anchor)  # no catalog
+    with pytest.raises(ValueError, match="anchor"):
+        ops.sample_sets(pk, cond, x, sig, sampler="euler", catalog=catalog, group=2, anchor=anchor[:1])
+    with pytest.raises(ValueError, match="anchor_k"):
+        ops.sample_sets(
+            pk, cond, x, sig, sampler="euler", catalog=catalog, group=2, anchor=anchor, anchor_k=0
+        )

@@ -130,15 +130,17 @@ def test_anchor_row_and_candidates(r: Retriever) -> None:
     m = max(1, round(anchor * k / (1 - anchor)))
     sets = r.retrieve(QUERIES, k, n_candidates=C, anchor=anchor, seed=1)
     q = torch.from_numpy(np.asarray(r.encoder.encode(QUERIES), dtype=np.float32))
-    _, ranks = reference.knn(q, r.catalog.embeddings, m * C)
+    ref_scores, ranks = reference.knn(q, r.catalog.embeddings, m * C)
+    emb = r.catalog.embeddings.float()
     for b, s in enumerate(sets):
         assert len(s.item_ids) == k == len(set(s.item_ids))
         assert int(s.item_indices[0]) == int(ranks[b, 0])  # the query's nearest item
         np.testing.assert_array_equal(s.row_embeddings[0], q[b].numpy())
         assert s.candidates.shape == (k + m, C)
         extra = s.candidates[k:]
-        for j in range(m):
-            np.testing.assert_array_equal(extra[j], ranks[b, j::m].numpy())
+        for j in range(m):  # the query's ranking, in order (ties tolerated: compare the scores)
+            got = (emb[torch.from_numpy(extra[j])] @ q[b]).numpy()
+            np.testing.assert_allclose(got, ref_scores[b, j::m].numpy(), rtol=0, atol=1e-5)
         # the union reads the query's ranking in order, about `anchor` of the budget
         u = round_robin_union(s.candidates, (k + m) * 2)
         assert set(ranks[b, : 2 * m].tolist()) <= set(u.tolist())

@@ -383,6 +383,11 @@ const char* sample_sets_cpu(const SampleSetsParams& p) {
   if (p.catalog != nullptr) {
     check(p.N > 0 && p.out_ids != nullptr && p.out_scores != nullptr, "catalog: empty, or null grounding outputs");
   }
+  if (p.anchor != nullptr) {
+    check(p.catalog != nullptr, "anchor: needs a catalog");
+    check(p.anchor_k >= 1 && p.anchor_ids != nullptr && p.anchor_scores != nullptr,
+          "anchor_k: expected >= 1 with anchor outputs, got " + std::to_string(p.anchor_k));
+  }
 
   const ss::Model m = bind_model(D, y, p.packed);
   const int64_t h = D.hidden, Tk = D.cond_tokens, nl = p.n_sigmas;
@@ -488,24 +493,44 @@ const char* sample_sets_cpu(const SampleSetsParams& p) {
   if (p.catalog != nullptr) {  // ground as ops.ground_sets: knn candidates per row, then greedy per group
     const int64_t rows = p.B * D.L, set_rows = p.group * D.L;
     const int64_t cand = std::min(p.candidates > 0 ? p.candidates : set_rows, p.N);
-    std::vector<float> cs(static_cast<size_t>(rows * cand));
-    std::vector<int64_t> ci(static_cast<size_t>(rows * cand));
+    // The anchors (one per grounded set) ride in the same knn call: one pass over the catalog.
+    const int64_t na = p.anchor != nullptr ? p.B / p.group : 0;
+    const int64_t kk = na ? std::max(cand, p.anchor_k) : cand;
+    std::vector<float> qall;
+    if (na) {
+      qall.resize(static_cast<size_t>((rows + na) * D.d));
+      std::copy(p.out_rows, p.out_rows + rows * D.d, qall.begin());
+      std::copy(p.anchor, p.anchor + na * D.d, qall.begin() + rows * D.d);
+    }
+    std::vector<float> cs(static_cast<size_t>((rows + na) * kk));
+    std::vector<int64_t> ci(static_cast<size_t>((rows + na) * kk));
     KnnParams kp;
-    kp.queries = p.out_rows;
+    kp.queries = na ? qall.data() : p.out_rows;
     kp.q_stride = D.d;
     kp.catalog = p.catalog;
     kp.c_stride = p.c_stride;
     kp.catalog_dtype = p.catalog_dtype;
     kp.metric = p.metric;
     kp.allowed = p.allowed;
-    kp.B = rows;
+    kp.B = rows + na;
     kp.N = p.N;
     kp.d = D.d;
-    kp.k = cand;
+    kp.k = kk;
     kp.out_scores = cs.data();
     kp.out_ids = ci.data();
     kp.num_threads = p.num_threads;
     knn_cpu(kp);
+    for (int64_t a = 0; a < na; ++a) {  // the anchors' results, then the rows' first cand candidates
+      const size_t src = static_cast<size_t>((rows + a) * kk);
+      std::copy(cs.begin() + src, cs.begin() + src + p.anchor_k, p.anchor_scores + a * p.anchor_k);
+      std::copy(ci.begin() + src, ci.begin() + src + p.anchor_k, p.anchor_ids + a * p.anchor_k);
+    }
+    if (kk != cand) {  // compact in place: row r's first cand entries to r * cand (r * cand <= r * kk)
+      for (int64_t r = 0; r < rows; ++r) {
+        std::copy(cs.begin() + r * kk, cs.begin() + r * kk + cand, cs.begin() + r * cand);
+        std::copy(ci.begin() + r * kk, ci.begin() + r * kk + cand, ci.begin() + r * cand);
+      }
+    }
     GroundParams gp;
     gp.cand_scores = cs.data();
     gp.cand_ids = ci.data();

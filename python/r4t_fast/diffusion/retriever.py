@@ -396,6 +396,11 @@ class Retriever:
         sigmas = sampler_sigmas(o["sampler"], o["steps"], cfg)
         kw = dict(sampler=o["sampler"], guidance=o["guidance"], seed=query_seeds(o["seed"], q))
         R = n_sets * cfg.set_size
+        m = kq = 0
+        if o["anchor"] > 0:  # the query's own ranking: its nearest item (and m rows of candidates)
+            m = max(1, round(o["anchor"] * k / (1 - o["anchor"]))) if n_candidates else 0
+            kq = min(max(1, m * n_candidates), n_items)
+        q_found = None
         if self._use_fused(fused, cond):
             out = fused_sample_sets(
                 self.edm,
@@ -406,11 +411,14 @@ class Retriever:
                 allowed=mask,
                 check_finite=False,
                 pull=o["pull"],
+                anchor=qd.contiguous() if kq else None,  # in the same catalog pass as the rows
+                anchor_k=max(kq, 1),
                 **kw,
             )
             rows = out.rows.reshape(B, R, cfg.dim)
             self._check_rows(rows, o)
             ids, scores = out.ids, out.scores
+            q_found = (out.anchor_scores, out.anchor_ids) if kq else None
         else:
             x = eager_sample_sets(self.edm, cond, sigmas, **kw)
             if o["pull"]:
@@ -419,11 +427,8 @@ class Retriever:
             self._check_rows(rows, o)
             ids, scores = ops.ground_sets(rows, cat, check_finite=False, allowed=mask)
         valid = torch.where(ids >= 0, scores, torch.full_like(scores, -math.inf))
-        m = 0
         if o["anchor"] > 0:
-            m = max(1, round(o["anchor"] * k / (1 - o["anchor"]))) if n_candidates else 0
-            kq = min(max(1, m * n_candidates), n_items)
-            q_scores, q_ids = ops.knn(qd, cat, kq, check_finite=False, allowed=mask)
+            q_scores, q_ids = q_found or ops.knn(qd, cat, kq, check_finite=False, allowed=mask)
             # the query row takes its nearest item; a diffusion row grounded to that item is dropped
             valid = torch.where(ids == q_ids[:, :1], torch.full_like(valid, -math.inf), valid)
         n_rows = k - 1 if o["anchor"] > 0 else k

@@ -419,11 +419,14 @@ def fused_sample_sets(
     allowed: torch.Tensor | None = None,
     check_finite: bool = True,
     pull: float = 0.0,
+    anchor: torch.Tensor | None = None,
+    anchor_k: int = 1,
 ) -> SampledSets:
     """The whole sampling (and with ``catalog`` the grounding of each ``group`` consecutive sets jointly)
     in one :func:`r4t_fast.ops.sample_sets` call, with the initial and step noise drawn exactly as the
     eager path of :func:`generate_sets` draws them for ``seed`` (a CPU float32 SetDenoiser). ``pull``: the
-    rows leave in data space as x + (cond_offset + pull) * cond (the Retriever's query pull)."""
+    rows leave in data space as x + (cond_offset + pull) * cond (the Retriever's query pull).
+    ``anchor`` (one query per group) and ``anchor_k``: its nearest items from the same catalog pass."""
     why = fused_unavailable(edm, cond)
     if why is not None:
         raise ValueError(f"fused: the fused sampler cannot run here: {why}; pass fused=None or False")
@@ -450,6 +453,8 @@ def fused_sample_sets(
         group=group,
         allowed=allowed,
         check_finite=check_finite,
+        anchor=anchor,
+        anchor_k=anchor_k,
     )
 
 

@@ -542,6 +542,8 @@ def sample_sets(
     check_finite: bool = True,
     num_threads: int | None = None,
     mode: int = 0,
+    anchor: Any | None = None,
+    anchor_k: int = 1,
 ) -> SampledSets:
     """The whole EDM sampling of a batch of sets in one ``_C`` call: every SetDenoiser evaluation (EDM
     preconditioning, classifier-free guidance), every step of ``sampler`` and optionally the grounding,
@@ -566,11 +568,15 @@ def sample_sets(
             ``candidates`` (default group * rows) nearest items per row; ``allowed`` (N,) bool filters it.
         num_threads: CPU threads (default: OpenMP's). ``mode``: 0 auto, 1 one thread per group of sets,
             2 all threads on every set; results are identical in every mode.
+        anchor: float32 (batch / group, dim), with a catalog: one extra query per grounded set (the
+            Retriever's query-anchored row) whose ``anchor_k`` nearest allowed items are found in the
+            same catalog pass as the rows' candidates, equal to ``knn(anchor, catalog, anchor_k)``.
 
     Returns:
         :class:`SampledSets`: ``rows`` float32 (batch, rows, dim) in data space (the model's
         ``cond_offset`` added back); ``ids`` int64 and ``scores`` float32 (batch / group, group * rows)
-        of the grounding (sentinel id -1 where too few items qualify), None without a catalog.
+        of the grounding (sentinel id -1 where too few items qualify), None without a catalog;
+        ``anchor_ids`` / ``anchor_scores`` (batch / group, anchor_k) with an anchor, else None.
     """
     if not isinstance(packed, PackedDenoiser):
         got = type(packed).__name__
@@ -626,15 +632,27 @@ def sample_sets(
         cat_args = (cat.data_ptr(), cat.stride(0), 1 if cat.dtype == torch.float16 else 0, cat.shape[0])
         ids = torch.empty((B // group, group * L), dtype=torch.int64)
         scores = torch.empty((B // group, group * L), dtype=torch.float32)
-    elif allowed is not None or candidates is not None:
-        raise ValueError("allowed/candidates: only apply to the grounding; pass a catalog")
+    elif allowed is not None or candidates is not None or anchor is not None:
+        raise ValueError("allowed/candidates/anchor: only apply to the grounding; pass a catalog")
+    a, a_ids, a_scores, ka = None, None, None, 0
+    if anchor is not None:
+        a, _ = as_tensor(anchor, "anchor")
+        want = f"({B // group}, {d})"
+        a = check_matrix(a, "anchor", ndim=2, dtypes=_F32, shape_doc=want, dim=d, finite=finite)
+        if a.shape[0] != B // group or a.device != c.device:
+            raise ValueError(f"anchor: expected float32 {want} (one per group of sets), got {describe(a)}")
+        a = a.contiguous()
+        ka = _check_k(check_positive_int(anchor_k, "anchor_k"), B // group, cat.shape[0])
+        a_ids = torch.empty((B // group, ka), dtype=torch.int64)
+        a_scores = torch.empty((B // group, ka), dtype=torch.float32)
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     _backend.lib().sample_sets_cpu(
         packed.dims, packed.buffer.data_ptr(), packed.buffer.numel(), packed.sigma_data, packed.sigma_min,
         packed.cond_offset, c.data_ptr(), x.data_ptr(), s.data_ptr(), s.numel(), sid, w, ptr(z), B,
         rows.data_ptr(), *cat_args, m, mask_ptr, group, cand, ptr(ids), ptr(scores), _threads(num_threads),
-        mode,
+        mode, ptr(a), ka, ptr(a_ids), ptr(a_scores),
     )  # fmt: skip
     if ids is None:
         return SampledSets(to_library(rows, lib), None, None)
-    return SampledSets(to_library(rows, lib), to_library(ids, lib), to_library(scores, lib))
+    extra = () if a is None else (to_library(a_ids, lib), to_library(a_scores, lib))
+    return SampledSets(to_library(rows, lib), to_library(ids, lib), to_library(scores, lib), *extra)

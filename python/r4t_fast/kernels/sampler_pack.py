@@ -41,11 +41,14 @@ _CACHE_ATTR = "_r4t_fast_packed"
 class SampledSets(NamedTuple):
     """What :func:`r4t_fast.ops.sample_sets` returns: ``rows`` float32 (batch, rows, dim) in data space;
     ``ids`` int64 / ``scores`` float32 (batch / group, group * rows) of the grounding, or None when no
-    catalog was given."""
+    catalog was given; ``anchor_ids`` / ``anchor_scores`` (batch / group, anchor_k): the anchors' nearest
+    items (as :func:`r4t_fast.ops.knn` returns them), None without an anchor."""
 
     rows: torch.Tensor
     ids: torch.Tensor | None
     scores: torch.Tensor | None
+    anchor_ids: torch.Tensor | None = None
+    anchor_scores: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
