@@ -114,3 +114,18 @@ def kill_during_saves(
         assert g >= last, f"went back from generation {last} to {g}"
         last = g
     return kills, mid_write
+
+
+def noisy_tiny_model(seed: int = 2):
+    """A ``tiny`` SetDenoiser with small random weights everywhere (its zero-initialised output layers
+    would make every sample trivial), in eval mode."""
+    import torch
+
+    from r4t_fast.diffusion.model import SetDenoiser, get_preset
+
+    torch.manual_seed(seed)
+    m = SetDenoiser(get_preset("tiny")).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m

@@ -81,7 +81,7 @@ def tiny_world(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize(
     ("extra", "named"),
-    [(["-k", "0"], "-k"), (["--steps", "0"], "--steps"), (["-k", "100000"], "k")],
+    [(["-k", "0"], "-k"), (["--steps", "0"], "--steps"), (["-k", "100000"], "-k"), (["-k", "200"], "k")],
 )
 def test_retrieve_bad_arguments_on_a_real_model(tiny_world, capsys, extra, named) -> None:
     model = str(tiny_world["retriever32"])

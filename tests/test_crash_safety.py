@@ -274,8 +274,8 @@ def test_catalog_survives_sigkill_during_save(tmp_path: Path, index: str) -> Non
         assert gen is None or got == gen
         return got
 
-    kills, mid = kill_during_saves(save, lambda: Catalog.load(path), check, tmp_path, kills=24, seed=13)
-    assert kills >= 20
+    _, mid = kill_during_saves(save, lambda: Catalog.load(path), check, tmp_path, kills=24, seed=13)
+    # kills that landed inside a write (a temporary was left): only those test the crash safety
     assert mid >= 3, "too few kills landed inside a write: the test would not test anything"
     q = emb[:3].contiguous()
     assert torch.equal(Catalog.load(path).search(q, 5)[1][:, 0], torch.arange(3))
@@ -295,8 +295,8 @@ def test_mechanism_survives_sigkill(tmp_path: Path) -> None:
         assert all((m.path / k).read_bytes() == v for k, v in payload.items())
         return m.meta["gen"]
 
-    kills, mid = kill_during_saves(save, lambda: I.verify_dir(path), check, tmp_path, kills=30, seed=7)
-    assert kills >= 20 and mid >= 3
+    _, mid = kill_during_saves(save, lambda: I.verify_dir(path), check, tmp_path, kills=30, seed=7)
+    assert mid >= 3, "too few kills landed inside a write: the test would not test anything"
 
 
 def test_catalog_error_is_a_saved_dir_error(tmp_path: Path) -> None:

@@ -88,10 +88,11 @@ def test_save_distilled_is_a_retriever_directory(modes, tmp_path):
     cat = Catalog([f"m{i}" for i in range(len(emb))], emb, [f"mode {i}" for i in range(len(emb))])
     Retriever(modes["teacher"], cat, enc, encoder_spec="hashing:16").save(tmp_path / "teacher")
     out = tmp_path / "distilled"
-    out.mkdir()
+    out.mkdir()  # a plain model directory of an older save (no manifest): replaced, not refused
+    (out / "model.safetensors").write_bytes(b"old version")
     (out / "stale.txt").write_text("old version")
     save_distilled(modes["student"], out, modes["cfg"], modes["log"], teacher_dir=tmp_path / "teacher")
-    assert not (out / "stale.txt").exists()
+    assert not (out / "stale.txt").exists() and (out / "manifest.json").is_file()  # checksummed
     model, meta = load_model(out)
     assert meta["sampling"] == {"sampler": "consistency", "steps": 2, "guidance": 0.0}
     assert meta["distill_config"]["method"] == "ode"

@@ -238,7 +238,7 @@ def test_pack_is_cached_and_refreshed() -> None:
     pk2 = pack_denoiser(m)
     assert pk2 is not pk
     after = ops.sample_sets(pk2, cond, x, sig, sampler="euler").rows
-    want = generate_sets(EDM(m), cond, steps=3, sampler="euler", seed=0)
+    want = generate_sets(EDM(m), cond, steps=3, sampler="euler", seed=0, fused=False)  # eager: independent
     assert not torch.equal(before, after)
     assert float((after - want).abs().max()) <= REL_TOL * float(want.abs().max())
     with pytest.raises(ValueError, match="float32"):

@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import noisy_tiny_model
 from r4t_fast import Catalog
 from r4t_fast._internal import SavedDirError
 from r4t_fast.data.encoders import HashingEncoder
-from r4t_fast.diffusion.model import SetDenoiser, get_preset
-from r4t_fast.diffusion.retriever import MAX_GUIDANCE, MAX_STEPS, Retriever, cli_main, query_seeds
+from r4t_fast.diffusion.model import SetDenoiser
+from r4t_fast.diffusion.retrieve_cli import cli_main
+from r4t_fast.diffusion.retriever import MAX_GUIDANCE, MAX_STEPS, Retriever, query_seeds
 from r4t_fast.diffusion.samplers import SAMPLERS, eager_sample_sets, sampler_sigmas
 from r4t_fast.kernels import reference
 from r4t_fast.objectives.coverage import round_robin_union
@@ -29,12 +31,7 @@ QUERIES = ["red outfit", "blue bag", "green hat for summer"]
 
 
 def _model(seed: int = 2) -> SetDenoiser:
-    torch.manual_seed(seed)
-    m = SetDenoiser(get_preset("tiny")).eval()
-    with torch.no_grad():  # zero-initialised output layers would make every sample trivial
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
+    return noisy_tiny_model(seed)
 
 
 def _catalog(enc: HashingEncoder) -> Catalog:
@@ -271,15 +268,30 @@ def test_non_finite_sampling_raises() -> None:
 
 # ------------------------------------------------------------------------------------ threads
 def test_threads_equal_sequential(r: Retriever) -> None:
+    """8 threads released together on a barrier (so they really overlap) give exactly the sequential
+    results: ids, item scores and row scores of sets drawn from several model rows (k > 1 items, two
+    samples of the L-row model per set)."""
+    assert r.model.cfg.set_size > 1
     batches = [QUERIES[i % 3 :] + QUERIES[: i % 3] for i in range(8)]
-    want = [[s.item_ids for s in r.retrieve(b, 6, seed=i)] for i, b in enumerate(batches)]
+
+    def run_once(i: int) -> list:
+        sets = r.retrieve(batches[i], 6, seed=i)
+        return [
+            (list(s.item_ids), np.asarray(s.scores).tolist(), np.asarray(s.row_scores).tolist()) for s in sets
+        ]
+
+    want = [run_once(i) for i in range(8)]
+    assert all(len(set(ids)) == 6 for w in want for ids, _, _ in w)  # 6 distinct items per set
+    assert len({tuple(w[0][0]) for w in want}) > 1  # the seeds matter: threads cannot agree by accident
     got: list = [None] * 8
     errors: list = []
+    barrier = threading.Barrier(8)
 
     def run(i: int) -> None:
         try:
+            barrier.wait(timeout=60)
             for _ in range(3):
-                got[i] = [s.item_ids for s in r.retrieve(batches[i], 6, seed=i)]
+                got[i] = run_once(i)
                 assert got[i] == want[i]
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
@@ -354,6 +366,7 @@ def test_legacy_directory_and_missing_paths(tmp_path) -> None:
 def _args(**kw) -> argparse.Namespace:
     base = dict(model="/nonexistent", query=["red outfit"], k=None, steps=None, sampler=None)
     base.update(guidance=None, seed=None, anchor=None, pull=None, json=False)
+    base.update(dataset=None, encoder=None, data_dir=None, cache_dir=None, save=None)
     base.update(kw)
     return argparse.Namespace(**base)
 

@@ -54,22 +54,38 @@ def test_choice_follows_the_rule_and_is_applied(setup) -> None:
     assert res["split"] == "val" and all(x["n_queries"] > 0 for x in rows)
 
 
-def test_strict_tolerance_keeps_the_reference(setup) -> None:
+@pytest.fixture(scope="module")
+def euler_vs_heun(setup):
+    """The fixture decides both branches: the euler-1 point's metrics against the heun-4 reference on
+    this model, and a tolerance each side of the euler point's worst ratio (it must be below 1 on some
+    metric: otherwise no strict tolerance could refuse it and the test would test one branch only)."""
     data, r = setup
+    kw = dict(anchors=(0.0,), guidances=(0.0,), grid=(("heun", 4), ("euler", 1)), apply=False, progress=False)
+    res = select_retrieval_settings(r, data, tolerance=(0.0, 0.0, 0.0), **kw)
+    ref, euler = res["reference"], res["rows"][1]
+    ratios = [euler[m] / ref[m] for m in ("recall_at_fair", "vendi", "item_relevance")]
+    worst = min(range(3), key=lambda i: ratios[i])
+    assert ratios[worst] < 1.0, f"the euler point ties or beats the reference on every metric: {ratios}"
+    fails = [0.0, 0.0, 0.0]
+    fails[worst] = min(1.0, (ratios[worst] + 1.0) / 2)  # strictly above the euler point's ratio
+    meets = [max(0.0, x - 1e-3) for x in [min(1.0, ratio) for ratio in ratios]]
+    return data, r, kw, tuple(meets), tuple(fails)
+
+
+@pytest.mark.parametrize("branch", ["meets", "fails"])
+def test_tolerance_decides_between_reference_and_cheaper_point(euler_vs_heun, branch) -> None:
+    data, r, kw, meets, fails = euler_vs_heun
     before = dict(r.defaults)
-    res = select_retrieval_settings(
-        r,
-        data,
-        anchors=(0.0,),
-        guidances=(0.0,),
-        grid=(("heun", 4), ("euler", 1)),
-        tolerance=(1.0, 1.0, 1.0),
-        apply=False,
-        progress=False,
-    )
+    tol = meets if branch == "meets" else fails
+    res = select_retrieval_settings(r, data, tolerance=tol, **kw)
     assert r.defaults == before  # apply=False leaves the retriever alone
-    # the euler point may tie the reference exactly; otherwise the reference stays
-    if not res["rows"][1].get("meets_tolerance"):
+    euler = res["rows"][1]
+    assert (euler["sampler"], euler["steps"]) == ("euler", 1)
+    if branch == "meets":  # the cheaper point qualifies: it is chosen
+        assert euler["meets_tolerance"] is True
+        assert (res["chosen"]["sampler"], res["chosen"]["steps"]) == ("euler", 1)
+    else:  # it misses one metric: the reference stays
+        assert euler["meets_tolerance"] is False
         assert (res["chosen"]["sampler"], res["chosen"]["steps"]) == ("heun", 4)
 
 

@@ -1,9 +1,7 @@
 """Shared rules with one home: argument checks, atomic file/directory writes, crash-safe saved
 directories (:func:`save_dir_atomically` / :func:`verify_dir`), row normalisation, the cache root and
-the machine description recorded next to every number.
-
-Internal: every room of the package imports from here (it imports nothing of r4t_fast), users should
-not. Each check raises ``ValueError`` naming the argument, the rule and what it got.
+the machine description recorded next to every number. Internal: every room imports from here (it
+imports nothing of r4t_fast). Each check raises ``ValueError`` naming the argument, the rule, the value.
 """
 
 from __future__ import annotations
@@ -39,6 +37,7 @@ __all__ = [
     "check_k",
     "check_non_negative_int",
     "check_positive_int",
+    "check_save_target",
     "check_seed",
     "cpu_model",
     "default_cache_dir",
@@ -88,9 +87,10 @@ def check_k(k: Any, name: str = "k", upper: int = MAX_K) -> int:
 
 
 def check_seed(value: Any, name: str = "seed") -> int:
-    """A random seed: any int (numpy ints accepted, bools refused)."""
-    if not _is_int(value):
-        raise ValueError(f"{name}: expected an int, got {value!r}")
+    """A random seed: a 64-bit int (numpy ints accepted, bools refused)."""
+    if not _is_int(value) or not -(2**63) <= value < 2**64:  # torch.manual_seed's range
+        what = "a 64-bit int in [-2**63, 2**64 - 1]" if _is_int(value) else "an int"
+        raise ValueError(f"{name}: expected {what}, got {value!r:.40}")
     return int(value)
 
 
@@ -413,7 +413,7 @@ def save_dir_atomically(
         raise ValueError(f"path: expected a directory path with a name, got {str(path)!r}")
     parent.mkdir(parents=True, exist_ok=True)
     with _dir_lock(parent, name):
-        state = _published_state(path, format, legacy)
+        state = check_save_target(path, format, legacy)
         for entry in os.scandir(parent):  # leftovers of a killed save (we hold the lock)
             if _version_re(name, "tmp-.+|link-.+").fullmatch(entry.name):
                 _remove(Path(entry.path))
@@ -451,32 +451,32 @@ def save_dir_atomically(
     return path
 
 
-def _published_state(path: Path, format: str, legacy: Callable[[Path], bool] | None) -> str:
-    """``"new"``, ``"managed"`` (our symlink), ``"empty"`` (an empty directory) or ``"legacy"`` (a plain
-    saved directory); anything else is refused, so a typo never deletes unrelated data."""
+def check_save_target(path: Path, format: str, legacy: Any = None, name: str = "path") -> str:
+    """``"new"``, ``"managed"`` (ours), ``"empty"`` or ``"legacy"`` (a plain saved directory); anything else
+    is refused, naming ``name``. Reads only: a command checks ``--out`` with it before a long run."""
     if path.is_symlink():
         if not _version_re(path.name).fullmatch(os.readlink(path)):
             raise ValueError(
-                f"path: {path} is a symlink not made by r4t_fast (to {os.readlink(path)!r}); "
+                f"{name}: {path} is a symlink not made by r4t_fast (to {os.readlink(path)!r}); "
                 "remove it or save elsewhere"
             )
         state = "managed"
     elif not path.exists():
         return "new"
     elif not path.is_dir():
-        raise ValueError(f"path: {path} exists and is not a directory")
+        raise ValueError(f"{name}: {path} exists and is not a directory")
     elif not any(path.iterdir()):
         return "empty"
     elif _manifest_format(path) is None and not (legacy is not None and legacy(path)):
         raise ValueError(
-            f"path: {path} is a non-empty directory without {MANIFEST_NAME} (not a saved "
+            f"{name}: {path} is a non-empty directory without {MANIFEST_NAME} (not a saved "
             "directory); refusing to replace it: remove it or save elsewhere"
         )
     else:
         state = "legacy"
     found = _manifest_format(path)
     if found and found != format:  # a corrupt or missing manifest is ours to replace
-        raise ValueError(f"path: {path} holds a saved {found!r}, not {format!r}; refusing to replace it")
+        raise ValueError(f"{name}: {path} holds a saved {found!r}, not {format!r}; refusing to replace it")
     return state
 
 

@@ -128,21 +128,20 @@ class Catalog:
             ``expansion_search``, ``quantization``, ``rerank``; see
             :class:`~r4t_fast.data.backends.UsearchBackend`).
 
-    Live changes and when to retrain. :meth:`add`, :meth:`update` and :meth:`remove` take effect at
-    once, in every search; persist them with :meth:`save` (crash-safe). They need no retraining
-    while the new items come from the *same embedding model* and resemble what the retriever was
-    trained on: the diffusion model generates points in the embedding space, and grounding maps
-    them to whatever items exist now. Retrain (and re-embed everything) when the embedding model
-    changes; retrain when a large share of the catalog changed since training (as a rule of thumb a
-    quarter or more of the items), when new categories or item kinds appear that no training set
-    contained, or when the evaluation on fresh sets drops. Rebuild a usearch graph
-    (:meth:`build_index`) after many removals/updates (``index_changes``; say a quarter of the rows):
-    deleted nodes stay as tombstones and slowly cost recall and memory.
+    Live changes and when to retrain. :meth:`add`, :meth:`update` and :meth:`remove` take effect at once, in
+    every search; persist them with :meth:`save` (crash-safe). They need no retraining while the new items
+    come from the *same embedding model* and resemble what the retriever was trained on: the diffusion model
+    generates points in the embedding space, and grounding maps them to whatever items exist now. Retrain (and
+    re-embed everything) when the embedding model changes; retrain when a large share of the catalog changed
+    since training (as a rule of thumb a quarter or more of the items), when new categories or item kinds
+    appear that no training set contained, or when the evaluation on fresh sets drops. Rebuild a usearch graph
+    (:meth:`build_index`) after many removals/updates (``index_changes``; say a quarter of the rows): deleted
+    nodes stay as tombstones and slowly cost recall and memory.
 
-    Each change replaces ``embeddings`` by a new tensor (a reader holding the old one keeps a
-    consistent snapshot) and costs one copy of the matrix: batch changes. ``revision`` counts them,
-    so a holder of derived state (a device copy, a mask) can tell when to refresh it. Mutations are
-    not thread-safe with respect to each other or to a concurrent :meth:`search`; serialise them.
+    Each change replaces ``embeddings`` by a new tensor (a reader holding the old one keeps a consistent
+    snapshot) and costs one copy of the matrix: batch changes. ``revision`` counts them, so a holder of
+    derived state (a device copy, a mask) can tell when to refresh it. Mutations are not thread-safe with
+    respect to each other or to a concurrent :meth:`search`; serialise them.
     """
 
     def __init__(
@@ -200,11 +199,12 @@ class Catalog:
         self, n: int, texts: Any, categories: Any, metadata: Any, default_text: str | None = ""
     ) -> tuple[list[Any], list[Any], list[Any]]:
         """Validated per-item texts, categories and metadata (``None`` lists where not given)."""
+        given = texts is not None
         texts = self._per_item(texts, n, "texts", default_text)
         categories = self._per_item(categories, n, "categories", None)
         metadata = self._per_item(metadata, n, "metadata", None)
         for j, t in enumerate(texts):
-            if t is not None and not isinstance(t, str):
+            if (given or t is not None) and not isinstance(t, str):  # load refuses a text that is not a str
                 raise ValueError(f"texts: item {j} must be a str, got {type(t).__name__}")
         for j, c in enumerate(categories):
             if c is not None and not isinstance(c, str):
@@ -251,10 +251,7 @@ class Catalog:
 
     def _writable(self) -> None:
         if self.read_only:
-            raise ValueError(
-                "catalog: loaded with view=True (memory-mapped, read-only); load it with "
-                "view=False to change it"
-            )
+            raise ValueError("catalog: read-only (loaded with view=True); load with view=False to change it")
 
     # ------------------------------------------------------------------ basic properties
     def __len__(self) -> int:
@@ -467,6 +464,8 @@ class Catalog:
         for j, (i, t, c, m) in enumerate(
             zip(self.ids, self.texts, self.categories, self.metadata, strict=True)
         ):
+            if not isinstance(t, str):  # texts edited after add: never write what load refuses
+                raise ValueError(f"texts: item {j} ({i!r}) must be a str, got {type(t).__name__}")
             o = {"id": i, "text": t, "category": c, "meta": m}
             try:
                 line = json.dumps(o, ensure_ascii=False, allow_nan=False)

@@ -11,16 +11,31 @@ import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from r4t_fast._internal import atomic_write_bytes, check_positive_int
 
-if TYPE_CHECKING:  # for annotations only: encoders imports this module
-    from r4t_fast.data.encoders import TextEncoder
+__all__ = ["CacheError", "EmbeddingCache", "TextEncoder", "encode_cached", "text_key"]
 
-__all__ = ["CacheError", "EmbeddingCache", "encode_cached", "text_key"]
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """What every text encoder provides.
+
+    Attributes:
+        dim: embedding width.
+        name: identifies the model and its parameters; two encoders with the same name must give the
+            same vectors (the embedding cache relies on it).
+    """
+
+    dim: int
+    name: str
+
+    def encode(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        """Embed texts: ``(n,)`` strings -> float32 ``(n, dim)``, rows L2-normalised."""
+        ...
 
 
 def _check_texts(texts: Any, arg: str = "texts") -> list[str]:

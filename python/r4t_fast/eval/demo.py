@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from r4t_fast._internal import check_positive_int
+from r4t_fast._internal import check_float, check_positive_int
 
 __all__ = ["DEFAULT_QUERIES", "DemoResult", "add_cli_arguments", "cli_main", "run_demo"]
 
@@ -69,6 +69,7 @@ def run_demo(
     if isinstance(queries, str) or not queries or not all(isinstance(q, str) and q.strip() for q in queries):
         raise ValueError(f"queries: expected a non-empty list of non-empty strings, got {queries!r}")
     k = check_positive_int(k, "k")
+    mmr_lambda = check_float(mmr_lambda, "mmr_lambda", low=0.0, high=1.0)  # before minutes of loading
     t0 = time.perf_counter()
     name = os.fspath(dataset)
     ds = load_dataset(name, data_dir, **({"include_extra": True} if name.lower() == "polyvore" else {}))
@@ -127,6 +128,8 @@ def cli_main(args: argparse.Namespace) -> int:
 
     queries = args.query or list(DEFAULT_QUERIES)
     try:
+        check_positive_int(args.k, "--k")  # the command line's names, before anything is loaded
+        check_float(args.mmr_lambda, "--mmr-lambda", low=0.0, high=1.0)
         results, timings = run_demo(
             queries,
             args.dataset,

@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from r4t_fast._internal import atomic_write_text, check_positive_int
+from r4t_fast._internal import atomic_write_text, check_float, check_positive_int, check_seed
 from r4t_fast.data.datasets import Dataset, query_text
 from r4t_fast.data.prepare import EvalData, build_catalog, dataset_split, load_eval_data
 from r4t_fast.data.splits import SPLIT_NAMES
@@ -75,6 +75,7 @@ from r4t_fast.eval.records import (
     _jsonable,
     environment,
     format_table,
+    portable_paths,
     query_ids_sha256,
 )
 
@@ -355,7 +356,11 @@ def evaluate(
     if not has_cands:
         flags.append("the method returned no candidate lists: recall/hit are scored on its k items only")
     record["flags"] = flags
-    return _jsonable(record)
+    # paths relative to the cache root, the data directory or the working directory (records read the
+    # same on every machine); the catalog cache lies in <cache root>/catalogs/
+    cat_dir = Path(data.catalog_dir) if data.catalog_dir else None
+    roots = [cache_dir] + ([cat_dir.parent.parent] if cat_dir and cat_dir.parent.name == "catalogs" else [])
+    return portable_paths(_jsonable(record), cache_dirs=roots, data_dirs=[data_dir])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -474,6 +479,38 @@ def _check_out_file(out: str | os.PathLike[str], name: str = "--out") -> Path:
     return path
 
 
+def _check_cli_args(args: argparse.Namespace, kwargs: dict[str, Any]) -> None:
+    """Every cheap check of ``r4t eval``'s arguments, before anything is loaded (the catalog's embedding
+    alone takes minutes cold): ValueError naming the argument."""
+    import inspect
+
+    from r4t_fast.eval.baselines import _REGISTRY
+
+    if args.limit is not None:
+        check_positive_int(args.limit, "--limit")
+    for name in ("k", "batch_size", "n_boot"):
+        check_positive_int(getattr(args, name), "--" + name.replace("_", "-"))
+    check_seed(args.seed, "--seed")
+    m = args.method
+    retriever_dir = (Path(m).expanduser() / "retriever.json").is_file()
+    if m not in METHOD_CHOICES and m != "folm" and not retriever_dir and not _is_policy_dir(m):
+        raise ValueError(
+            f"--method: unknown method {m!r}; valid choices: {', '.join(METHOD_CHOICES)}, a tuned policy "
+            "directory (config.json) or a diffusion retriever directory (retriever.json)"
+        )
+    factory = _REGISTRY.get(m)
+    params = inspect.signature(factory).parameters if isinstance(factory, type) else {}
+    for key, value in kwargs.items():
+        if params and key not in params:
+            valid = ", ".join(p for p in params if p not in ("self", "catalog", "encoder"))
+            raise ValueError(f"--method-arg: {key!r} is not an argument of {m}; valid: {valid}")
+        ann = str(params[key].annotation) if key in params else ""
+        if "float" in ann or (not params and key in ("temperature", "lambda_", "theta")):
+            check_float(value, f"--method-arg {key}")
+        elif ann == "int" or key in ("n", "pool", "max_new_tokens", "batch_size"):
+            check_positive_int(value, f"--method-arg {key}")
+
+
 def _command(args: argparse.Namespace) -> str:
     """The command line of this run: ``sys.argv`` when run as ``r4t eval``, else rebuilt from ``args``."""
     if sys.argv[1:2] == ["eval"]:
@@ -535,6 +572,7 @@ def cli_main(args: argparse.Namespace) -> int:
         )
         return 2
     try:
+        _check_cli_args(args, kwargs)
         out = _check_out_file(args.out)
         data = load_eval_data(
             args.dataset,

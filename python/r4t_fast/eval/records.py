@@ -2,8 +2,8 @@
 (:func:`environment`), the identity of the queries scored (:func:`query_ids_sha256`) and of the catalog
 (:func:`catalog_fingerprint`, :func:`catalog_mismatch`), a record restricted to a subset of its
 queries (:func:`subset_record`), the paired difference of two records on their common queries
-(:func:`paired_difference`), JSON-safe values (``_jsonable``) and the plain-text table ``r4t eval``
-prints (:func:`format_table`).
+(:func:`paired_difference`), JSON-safe values (``_jsonable``), machine-independent paths
+(:func:`portable_paths`) and the plain-text table ``r4t eval`` prints (:func:`format_table`).
 """
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from r4t_fast._internal import machine_description, package_versions
+from r4t_fast._internal import default_cache_dir, machine_description, package_versions
 
 __all__ = [
     "catalog_fingerprint",
@@ -26,6 +28,7 @@ __all__ = [
     "format_table",
     "paired_difference",
     "per_query_values",
+    "portable_paths",
     "query_ids_sha256",
     "subset_record",
 ]
@@ -37,6 +40,65 @@ _VERSION_PACKAGES = ("torch", "numpy", "transformers", "sentence-transformers", 
 # ----------------------------------------------------------------------------------------------------
 # environment
 # ----------------------------------------------------------------------------------------------------
+CACHE_ROOT = "$R4T_CACHE_DIR"
+DATA_ROOT = "$R4T_DATA_DIR"
+"""How a record writes a path under the cache root / the data directory (``$R4T_CACHE_DIR/splits/...``):
+records read the same on every machine; paths under the working directory are written relative to it
+(``runs/polyvore/rl/policy``)."""
+
+
+def _roots(cache_dirs: Iterable[Any], data_dirs: Iterable[Any], base: Any) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for dirs, name in ((cache_dirs, CACHE_ROOT), (data_dirs, DATA_ROOT), ((base,), "")):
+        for d in dirs:
+            if d is None:
+                continue
+            for form in {os.path.abspath(os.fspath(d)), os.path.realpath(os.fspath(d))}:
+                if len(Path(form).parts) > 2:  # never a bare / or /home: it would eat every path
+                    out.append((form.rstrip("/"), name))
+    return sorted(out, key=lambda r: -len(r[0]))  # the longest (innermost) root first
+
+
+def portable_paths(
+    record: Any,
+    *,
+    cache_dirs: Iterable[Any] = (),
+    data_dirs: Iterable[Any] = (),
+    base: Any = None,
+) -> Any:
+    """``record`` with every absolute path under a cache root (``cache_dirs`` and the default), a data
+    directory (``data_dirs`` and the default) or ``base`` (default: the working directory) rewritten:
+    ``$R4T_CACHE_DIR/...``, ``$R4T_DATA_DIR/...`` or relative to ``base``, inside any string (a
+    comma-joined ``dataset_source`` included). Other strings and values are returned unchanged.
+
+    >>> portable_paths({"f": "/srv/c/splits/a.json, /srv/d/x.txt"}, cache_dirs=["/srv/c"],
+    ...                data_dirs=["/srv/d"], base="/srv/run")
+    {'f': '$R4T_CACHE_DIR/splits/a.json, $R4T_DATA_DIR/x.txt'}
+    """
+    from r4t_fast.data.datasets import default_data_dir
+
+    base = os.getcwd() if base is None else base
+    roots = _roots([*cache_dirs, default_cache_dir()], [*data_dirs, default_data_dir()], base)
+    end = r"(/|(?=$|[\s,;:'\"]))"  # the root itself, or a path below it
+    pats = [(re.compile(r"(?<![\w.$/-])" + re.escape(root) + end), name) for root, name in roots]
+
+    def fix(text: str) -> str:
+        for pat, name in pats:  # under the working directory: relative ("." for itself)
+            text = pat.sub(lambda m, n=name: n + m.group(1) if n else ("" if m.group(1) else "."), text)
+        return text
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, str):
+            return fix(x) if "/" in x else x
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        return x
+
+    return walk(record)
+
+
 def environment() -> tuple[dict[str, Any], dict[str, Any]]:
     """``(machine, versions)`` recorded next to every number (CPU, cores, memory, GPU; package versions)."""
     from r4t_fast._version import __version__

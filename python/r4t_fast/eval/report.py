@@ -78,8 +78,16 @@ def load_records(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]
     out = []
     for p in paths:
         path = Path(p)
+        if path.is_dir():
+            n = len(list(path.glob("*.json")))
+            raise ReportError(
+                f"files: {path} is a directory ({n} .json records in it); pass the record files, "
+                f"e.g. {path}/*.json"
+            )
         if not path.is_file():
-            raise ReportError(f"files: {path} does not exist")
+            raise ReportError(
+                f"files: {path} does not exist" if not path.exists() else f"files: {path} is not a file"
+            )
         try:
             rec = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:

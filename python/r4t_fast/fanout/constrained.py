@@ -151,7 +151,7 @@ class FanOutConstraint:
 
     def min_new_tokens(self, tokenizer: Any) -> int:
         """The fewest ``max_new_tokens`` with which this constraint can always finish (tokenizer-specific)."""
-        return _table(tokenizer).min_new_tokens(self)
+        return _table(tokenizer).min_new_tokens(self.k, self.think)
 
     def logits_processor(
         self, tokenizer: Any, max_new_tokens: int, *, eos_token_id: int | None = None
@@ -218,7 +218,7 @@ class FanOutLogitsProcessor:
         self.constraint = constraint
         self.table = _table(tokenizer)
         self.max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
-        need = self.table.min_new_tokens(constraint)
+        need = self.table.min_new_tokens(constraint.k, constraint.think)
         if self.max_new_tokens < need:
             raise ValueError(
                 f"max_new_tokens: constrained decoding of k={constraint.k} subqueries"

@@ -9,7 +9,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_POLICY",
     "POLICY_CHOICES",
     "POLICY_FORMAT",
+    "check_policy_spec",
     "default_cache_dir",
     "find_smollm2_gguf",
     "resolve_policy",
@@ -74,6 +75,19 @@ def find_smollm2_gguf() -> Path:
 
 def _is_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
+
+
+def check_policy_spec(spec: Any, name: str = "policy") -> str:
+    """The cheap part of :func:`resolve_policy`, for a command's arguments before anything is loaded:
+    ``spec`` names a known policy or a directory with ``config.json`` (not converted, not verified)."""
+    if not isinstance(spec, (str, os.PathLike)) or not os.fspath(spec).strip():
+        raise ValueError(f"{name}: expected a policy name or a model directory, got {spec!r}")
+    text = os.fspath(spec).strip()
+    if text.lower() in {c.lower() for c in POLICY_CHOICES} or _is_model_dir(Path(text).expanduser()):
+        return text
+    what = "has no config.json" if Path(text).expanduser().is_dir() else "does not exist"
+    choices = ", ".join(repr(c) for c in POLICY_CHOICES)
+    raise ValueError(f"{name}: {text!r} {what}; expected {choices} or a local model directory (config.json)")
 
 
 def _conversion_complete(path: Path, gguf: Path) -> bool:

@@ -7,14 +7,11 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from r4t_fast.fanout.prompt import CHATML_END
-
-if TYPE_CHECKING:  # pragma: no cover
-    from r4t_fast.fanout.constrained import FanOutConstraint
 
 STRING_PUNCTUATION = "-&'./+"
 """Characters besides letters, digits and single spaces allowed inside a subquery."""
@@ -136,9 +133,10 @@ class _TokenTable:
         """Fewest tokens from the start of a string's content to the end token, ``r`` strings after it."""
         return 2 * (r + 1) + r * self.c_sep + self.c_end
 
-    def min_new_tokens(self, constraint: FanOutConstraint) -> int:
-        need = self.need_at_string_start(constraint.k - 1)
-        if constraint.think:
+    def min_new_tokens(self, k: int, think: bool) -> int:
+        """Fewest new tokens that always finish a list of ``k`` strings (after a think block if ``think``)."""
+        need = self.need_at_string_start(k - 1)
+        if think:
             return len(self.open_think) + len(self.think_to_list) + need
         return len(self.open_list) + need
 

@@ -111,8 +111,8 @@ class DiffusionTrainConfig:
         if self.k is not None:
             self.k = check_positive_int(self.k, "k")
         check_choice(self.targets, TARGET_CHOICES, "targets")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr: expected a finite float > 0, got {self.lr}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema: expected a value in [0, 1), got {self.ema}")
         if isinstance(self.cond_offset, str):

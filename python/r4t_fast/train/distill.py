@@ -60,9 +60,10 @@ import torch
 from tqdm.auto import tqdm
 
 from r4t_fast import _threads
-from r4t_fast._internal import atomic_write_text, check_positive_int, publish_dir, unit_rows
+from r4t_fast._internal import atomic_write_text, check_positive_int, save_dir_atomically, unit_rows
 from r4t_fast.diffusion.model import EDM, SetDenoiser, clone_for_ema, ema_update, load_model, save_model
 from r4t_fast.diffusion.samplers import SAMPLERS, karras_sigmas, nfe, sampler_sigmas, steps_for_nfe
+from r4t_fast.kernels.ops import check_device
 
 __all__ = [
     "DEFAULT_NFE_GRID",
@@ -361,7 +362,7 @@ def save_distilled(
     teacher_dir: str | os.PathLike | None = None,
     meta: dict | None = None,
 ) -> Path:
-    """Publish the distilled model directory ``out_dir`` atomically (written beside it, then renamed).
+    """Save the distilled model directory ``out_dir`` crash-safely (:func:`save_dir_atomically`).
 
     It is a normal model directory (:func:`~r4t_fast.diffusion.load_model`) whose ``config.json``
     records ``"sampling": {"sampler": "consistency", "steps": cfg.sample_steps, "guidance": 0.0}``, plus
@@ -388,7 +389,13 @@ def save_distilled(
             rmeta["defaults"] = {**rmeta.get("defaults", {}), **sampling}
             atomic_write_text(tmp / "retriever.json", json.dumps(rmeta, indent=2))
 
-    return publish_dir(out_dir, write)
+    retriever = tdir is not None and (tdir / "retriever.json").is_file() and (tdir / "catalog").is_dir()
+    return save_dir_atomically(  # checksummed like every saved directory, so a load can verify it
+        out_dir,
+        write,
+        format="r4t_fast.retriever" if retriever else "r4t_fast.diffusion",
+        legacy=lambda p: (p / "model.safetensors").is_file(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- quality
@@ -560,6 +567,7 @@ def cli_main(args: argparse.Namespace) -> int:
     from r4t_fast.train.diffusion import cli_pairs
 
     try:
+        check_device(args.device, "--device", kernels=False)
         teacher_dir, out = _check_inputs(args)
         cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
         try:
@@ -593,7 +601,7 @@ def cli_main(args: argparse.Namespace) -> int:
                 f"set_size {tc.set_size}, dim {tc.dim})"
             )
     except (_InputError, ValueError) as exc:
-        print(f"r4t distill: {exc}", file=sys.stderr)
+        print(f"r4t distill: error: {exc}", file=sys.stderr)
         return 2
     student, log = distill_consistency(teacher, cond, targets_t, cfg)
     meta = {"n_pairs": int(len(cond)), "targets": targets, "teacher_config": tcfg or None, **pmeta}

@@ -474,8 +474,11 @@ def config_from_args(args: argparse.Namespace) -> RLConfig:
 
 def cli_main(args: argparse.Namespace) -> int:
     """Entry point of ``r4t train-rl``."""
+    from r4t_fast.fanout.policy import check_policy_spec
+
     try:
         cfg = config_from_args(args)
+        check_policy_spec(cfg.policy, "--policy" if args.policy is not None else "policy")  # before loading
     except (ValueError, FileNotFoundError) as exc:
         print(f"r4t train-rl: error: {exc}", file=sys.stderr)
         return 2

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 import warnings
@@ -111,8 +112,8 @@ class SynthesisConfig:
         for name in ("keep", "max_queries", "budget_per_row"):
             if getattr(self, name) is not None:
                 setattr(self, name, check_positive_int(getattr(self, name), name))
-        if not self.temperature > 0:
-            raise ValueError(f"temperature: expected > 0 for sampling, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature: expected a finite float > 0 for sampling, got {self.temperature}")
         if self.min_subqueries > self.k:
             raise ValueError(f"min_subqueries: must be <= k ({self.k}), got {self.min_subqueries}")
         if self.keep is not None and self.keep > self.samples:
@@ -378,7 +379,10 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    from r4t_fast.fanout.policy import check_policy_spec
+
     cfg = SynthesisConfig(**{f.name: getattr(args, f.name) for f in fields(SynthesisConfig)})
+    check_policy_spec(cfg.policy, "--policy")  # before the encoder and the dataset are loaded
     s = synthesize(
         args.dataset, args.out, cfg, encoder=args.encoder, data_dir=args.data_dir, cache_dir=args.cache_dir
     )
