@@ -256,6 +256,16 @@ def test_bad_catalog_updates_change_nothing(client: TestClient, upd: dict, field
     assert info["revision"] == 0 and info["items"] == 48
 
 
+def test_catalog_updates_need_the_exact_index() -> None:
+    r = tiny_retriever()
+    cat = r.catalog
+    graph = type(cat)(cat.ids, cat.embeddings, cat.texts, cat.categories, cat.metadata, index="usearch")
+    with TestClient(create_app(ServeState(r.with_catalog(graph)))) as c:
+        resp = c.post("/v1/catalog", json={"remove": ["id1"]})
+        assert resp.status_code == 409 and resp.json()["field"] == "catalog"
+        assert c.get("/healthz").json()["catalog_items"] == 48
+
+
 def test_catalog_token_guard(client: TestClient, monkeypatch) -> None:
     monkeypatch.setenv(TOKEN_ENV, "s3cret")
     upd = {"remove": ["id5"]}

@@ -4,8 +4,8 @@ Endpoints: ``POST /v1/retrieve``, ``POST /v1/catalog`` (token-guarded when ``R4T
 ``GET /healthz``, ``GET /v1/info``, ``GET /metrics`` (Prometheus text), ``GET /`` (the page), ``/docs``
 (OpenAPI). Every error is a JSON object ``{"error": "<field>: <what is wrong>", "field": ..., "status"}``:
 422 for a body that does not validate, 400 for a request the catalog cannot answer (k larger than the
-catalog, a filter too narrow, an unknown id), 401 without the token, 503 with ``Retry-After`` when the
-queue is full.
+catalog, a filter too narrow, an unknown id), 409 for a catalog update on a non-exact index, 401 without
+the token, 503 with ``Retry-After`` when the queue is full.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from r4t_fast.serve.batcher import MicroBatcher, QueueFull
 from r4t_fast.serve.metrics import CONTENT_TYPE, Metrics
 from r4t_fast.serve.schemas import CatalogUpdate, RetrieveRequest
-from r4t_fast.serve.state import RequestError, ServeState, run_batch
+from r4t_fast.serve.state import ConflictError, RequestError, ServeState, run_batch
 
 __all__ = ["TOKEN_ENV", "create_app"]
 
@@ -152,7 +152,7 @@ def create_app(
         try:
             snap = await asyncio.get_running_loop().run_in_executor(None, state.apply, upd)
         except RequestError as exc:
-            return _error(400, str(exc))
+            return _error(409 if isinstance(exc, ConflictError) else 400, str(exc))
         return {"revision": snap.revision, "items": len(snap.catalog)}
 
     @app.get("/healthz")

@@ -31,13 +31,17 @@ from r4t_fast.diffusion.retriever import Retriever
 from r4t_fast.eval.baselines import dpp_greedy, mmr_select
 from r4t_fast.serve.schemas import CatalogUpdate, Filter, RetrieveRequest
 
-__all__ = ["ServeState", "Snapshot", "copy_catalog", "run_batch"]
+__all__ = ["ConflictError", "RequestError", "ServeState", "Snapshot", "copy_catalog", "run_batch"]
 
 _MASK_CACHE = 64
 
 
 class RequestError(ValueError):
     """A request the server cannot answer as asked (HTTP 400); the message names the field."""
+
+
+class ConflictError(RequestError):
+    """A request this server's configuration cannot serve (HTTP 409); the message names the field."""
 
 
 def copy_catalog(cat: Catalog) -> Catalog:
@@ -222,6 +226,11 @@ class ServeState:
         Raises RequestError naming the field when an id is unknown or duplicated (nothing changes)."""
         with self._update_lock:
             old = self.snapshot
+            if old.catalog.index_kind != "exact":  # a copy would rebuild the graph / collection each time
+                raise ConflictError(
+                    f"catalog: live updates through the server need index='exact'; this catalog's index is "
+                    f"{old.catalog.index_kind!r} (change it offline with Catalog.add / update / remove)"
+                )
             cat = copy_catalog(old.catalog)
             enc = old.retriever.encoder
             try:
