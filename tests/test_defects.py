@@ -404,3 +404,19 @@ def test_encoder_protocol_still_importable_from_encoders() -> None:
     assert encoders.TextEncoder is embedding_cache.TextEncoder
     assert isinstance(HashingEncoder(dim=8), encoders.TextEncoder)
     assert np.asarray(HashingEncoder(dim=8).encode(["a"])).shape == (1, 8)
+
+
+# -------------------------------------------------------------------------------- portable records
+def test_evaluation_record_paths_are_relative_to_the_cache_root(tmp_path: Path) -> None:
+    from r4t_fast.eval.evaluation import evaluate
+
+    data = sets_jsonl(tmp_path / "sets.jsonl")
+    cache = tmp_path / "cache"
+    rec = evaluate(
+        "dense", data, "val", encoder="hashing:16", cache_dir=cache, latency_batch_sizes=(), n_boot=10,
+        progress=False,
+    )  # fmt: skip
+    cfg = rec["config"]
+    assert cfg["catalog"]["dir"].startswith("$R4T_CACHE_DIR/catalogs/"), cfg["catalog"]["dir"]
+    assert cfg["split"]["file"].startswith("$R4T_CACHE_DIR/splits/"), cfg["split"]["file"]
+    assert str(cache) not in json.dumps(rec)
