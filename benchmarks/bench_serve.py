@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -258,6 +259,7 @@ def main() -> int:
     ap.add_argument("--max-requests", type=int, default=500_000)
     ap.add_argument("--direct-seconds", type=float, default=20.0)
     ap.add_argument("--warmup", type=float, default=10.0, help="seconds of the same load before measuring")
+    ap.add_argument("--max-wait-ms", type=float, default=2.0, help="the server's --max-wait-ms")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
     env = environment(("fastapi", "uvicorn", "httpx", "pydantic"))  # load average before the run
@@ -277,8 +279,11 @@ def main() -> int:
         str(port),
         "--max-batch",
         "64",
+        "--max-wait-ms",
+        str(args.max_wait_ms),
     ]
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server_log = open(Path(tempfile.gettempdir()) / "r4t_bench_serve_server.log", "w")  # noqa: SIM115
+    server = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         import httpx
@@ -304,6 +309,7 @@ def main() -> int:
             server.wait(20)
         except subprocess.TimeoutExpired:
             server.kill()
+        server_log.close()
     payload = {
         "environment": env,
         "model": str(args.model),
