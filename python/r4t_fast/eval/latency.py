@@ -14,9 +14,10 @@ ranking of grounded rows and the building of the results are the remainder of ``
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_LATENCY_BATCHES",
     "MIN_LATENCY_CALLS",
     "diffusion_breakdown",
+    "embedding_latency",
     "latency_record",
     "measure_latency",
 ]
@@ -70,6 +72,65 @@ def _calls(calls: int | dict[int, int] | None, b: int) -> int:
     return max(1, int(calls))
 
 
+class TimedEncoder:
+    """A text encoder's proxy that adds the wall seconds of every ``encode`` call to :attr:`seconds`
+    (every other attribute is the encoder's); swapped in by :func:`measure_latency` for the breakdown."""
+
+    def __init__(self, encoder: Any) -> None:
+        self._encoder = encoder
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._encoder, name)
+
+    def encode(self, texts: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self._encoder.encode(texts, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+class PrecomputedEncoder:
+    """A text encoder's proxy that answers ``encode`` from embeddings computed once for ``texts`` (any
+    other text goes to the encoder): a retriever then runs from query embeddings, with the code path of
+    its text entry point (:func:`embedding_latency`)."""
+
+    def __init__(self, encoder: Any, texts: Sequence[str]) -> None:
+        self._encoder = encoder
+        uniq = list(dict.fromkeys(texts))
+        emb = np.asarray(encoder.encode(uniq), dtype=np.float32)
+        self._rows = {t: emb[i] for i, t in enumerate(uniq)}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._encoder, name)
+
+    def encode(self, texts: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+        texts = list(texts)
+        if all(t in self._rows for t in texts):
+            return np.stack([self._rows[t] for t in texts])
+        return self._encoder.encode(texts, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def swapped_encoder(retriever: Any, proxy: Any) -> Iterator[Any]:
+    """Use ``proxy`` as ``retriever.encoder`` inside the block (restored after, also on error)."""
+    old = retriever.encoder
+    retriever.encoder = proxy
+    try:
+        yield proxy
+    finally:
+        retriever.encoder = old
+
+
+def _llm_counters(retriever: Any) -> tuple[float, float]:
+    """(seconds in the policy's generate, tokens generated) so far: an LLM baseline's ``stats``."""
+    st = getattr(retriever, "stats", None)
+    if not isinstance(st, dict) or "generate_s" not in st:
+        return 0.0, 0.0
+    return float(st["generate_s"]), float(st.get("generated_tokens", 0))
+
+
 class _Cycle:
     """Batches of ``b`` queries, cycling through the pool."""
 
@@ -112,43 +173,84 @@ def measure_latency(
 
     Returns:
         ``({str(B): median ms per query}, {str(B): {"calls", "queries", "batch_ms", "median", "p25",
-        "p75", "min", "max"}})`` (the spread in ms per query).
+        "p75", "min", "max", "parts_ms"}})`` (the spread in ms per query). ``parts_ms`` (fresh calls only):
+        the median ms per query spent in the text encoder (``encode``: the queries, and an LLM method's
+        subqueries; a retriever with an ``encoder``), in the policy's generate (``generate``, LLM methods,
+        with ``tokens_per_s``) and in the rest (``rest``: search / sampling, grounding, assembling).
     """
     cycle = _Cycle(queries)
     prior = {int(b): list(v) for b, v in (prior_times or {}).items()}
     had_bs = isinstance(getattr(retriever, "batch_size", None), int)
     old_bs = retriever.batch_size if had_bs else None
+    has_enc = getattr(retriever, "encoder", None) is not None
+    timer = TimedEncoder(retriever.encoder) if has_enc else None
     ms: dict[str, float] = {}
     detail: dict[str, Any] = {}
-    try:
-        for b in (int(x) for x in batch_sizes):
-            n_calls = _calls(calls, b)
+    with swapped_encoder(retriever, timer) if has_enc else contextlib.nullcontext():
+        try:
+            for b in (int(x) for x in batch_sizes):
+                n_calls = _calls(calls, b)
+                if had_bs:
+                    retriever.batch_size = b
+                times = list(prior.get(b, []))
+                if len(times) < n_calls and not times:
+                    retriever.retrieve(cycle.take(b), k)  # warm-up
+                parts: list[tuple[float, float, float, float]] = []
+                while len(times) < n_calls:
+                    batch = cycle.take(b)
+                    e0 = timer.seconds if timer else 0.0
+                    g0, tok0 = _llm_counters(retriever)
+                    t0 = time.perf_counter()
+                    retriever.retrieve(batch, k)
+                    _sync(getattr(retriever, "device", "cpu"))
+                    t = time.perf_counter() - t0
+                    times.append(t)
+                    g1, tok1 = _llm_counters(retriever)
+                    enc = (timer.seconds - e0) if timer else 0.0
+                    parts.append((enc, g1 - g0, t - enc - (g1 - g0), tok1 - tok0))
+                per_query = [1000.0 * t / b for t in times]
+                sp = _spread(per_query)
+                ms[str(b)] = sp["median"]
+                detail[str(b)] = {
+                    "calls": len(times),
+                    "queries": len(times) * b,
+                    "batch_ms": [round(1000.0 * t, 3) for t in times],
+                    **sp,
+                }
+                if parts:
+                    arr = np.asarray(parts)
+                    med = np.median(arr[:, :3], axis=0) * 1000.0 / b
+                    pm: dict[str, float] = {"encode": float(med[0]), "rest": float(med[2])}
+                    if arr[:, 1].sum() > 0:
+                        pm["generate"] = float(med[1])
+                        pm["tokens_per_s"] = float(arr[:, 3].sum() / arr[:, 1].sum())
+                    detail[str(b)]["parts_ms"] = pm
+                if prior.get(b):
+                    detail[str(b)]["reused_calls"] = len(prior[b])
+        finally:
             if had_bs:
-                retriever.batch_size = b
-            times = list(prior.get(b, []))
-            if len(times) < n_calls and not times:
-                retriever.retrieve(cycle.take(b), k)  # warm-up
-            while len(times) < n_calls:
-                batch = cycle.take(b)
-                t0 = time.perf_counter()
-                retriever.retrieve(batch, k)
-                _sync(getattr(retriever, "device", "cpu"))
-                times.append(time.perf_counter() - t0)
-            per_query = [1000.0 * t / b for t in times]
-            sp = _spread(per_query)
-            ms[str(b)] = sp["median"]
-            detail[str(b)] = {
-                "calls": len(times),
-                "queries": len(times) * b,
-                "batch_ms": [round(1000.0 * t, 3) for t in times],
-                **sp,
-            }
-            if prior.get(b):
-                detail[str(b)]["reused_calls"] = len(prior[b])
-    finally:
-        if had_bs:
-            retriever.batch_size = old_bs
+                retriever.batch_size = old_bs
     return ms, detail
+
+
+def embedding_latency(
+    retriever: Any,
+    queries: Sequence[str],
+    k: int,
+    batch_sizes: Sequence[int] = DEFAULT_LATENCY_BATCHES,
+    calls: int | dict[int, int] | None = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """:func:`measure_latency` from query embeddings: the same calls of ``retrieve(batch, k)``, with the
+    retriever's encoder answering from embeddings computed beforehand for ``queries``
+    (:class:`PrecomputedEncoder`), so what is timed is everything after the text encoding. For methods
+    whose work starts from the query embedding (dense, MMR, DPP, the diffusion retriever); an LLM
+    fan-out (which reads the query text) raises ValueError."""
+    if _llm_counters(retriever) != (0.0, 0.0) or getattr(retriever, "lm", None) is not None:
+        raise ValueError("retriever: an LLM fan-out starts from the query text; it has no embedding latency")
+    if getattr(retriever, "encoder", None) is None:
+        raise ValueError("retriever: needs a text encoder (its embeddings are precomputed)")
+    with swapped_encoder(retriever, PrecomputedEncoder(retriever.encoder, list(queries))):
+        return measure_latency(retriever, queries, k, batch_sizes, calls)
 
 
 def is_diffusion_retriever(retriever: Any) -> bool:
@@ -289,3 +391,78 @@ def latency_record(
             "results) is not in the breakdown"
         )
     return latency, latency_cfg, spread, breakdown
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def sig2(x: float | None) -> str:
+    """``x`` to two significant figures, without an exponent: 1116.3 -> '1,100', 5.23 -> '5.2'.
+
+    >>> sig2(1116.3), sig2(5.23), sig2(0.01234), sig2(None)
+    ('1,100', '5.2', '0.012', '—')
+    """
+    if x is None or not math.isfinite(x):
+        return "—"
+    if x == 0:
+        return "0"
+    digits = 1 - int(math.floor(math.log10(abs(x))))
+    v = round(x, digits)
+    return f"{v:,.0f}" if digits <= 0 else f"{v:,.{digits}f}"
+
+
+def ratio_with_spread(num: dict[str, float], den: dict[str, float]) -> tuple[float, float, float]:
+    """``num`` / ``den`` of two latency details (``median``, ``p25``, ``p75`` ms per query): the ratio of
+    the medians and its spread (``num.p25 / den.p75``, ``num.p75 / den.p25``)."""
+    return num["median"] / den["median"], num["p25"] / den["p75"], num["p75"] / den["p25"]
+
+
+def format_ratio(num: dict[str, float] | None, den: dict[str, float] | None) -> str:
+    """'590× (510–660)' (two significant figures, the spread of :func:`ratio_with_spread`), or '—'."""
+    if not num or not den:
+        return "—"
+    r, lo, hi = ratio_with_spread(num, den)
+    return f"{sig2(r)}× ({sig2(lo)}–{sig2(hi)})"
+
+
+def tokens_per_s_agreement(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
+    """Tokens/s of two LLM methods' latency details at one batch size (``parts_ms.tokens_per_s``): their
+    ratio and whether it is within 10 % (same base model and settings should generate at the same rate;
+    a LoRA adapter left unmerged, for one, would not). None where either has no token rate."""
+    ta = (a.get("parts_ms") or {}).get("tokens_per_s")
+    tb = (b.get("parts_ms") or {}).get("tokens_per_s")
+    if not ta or not tb:
+        return None
+    return {"a": ta, "b": tb, "ratio": ta / tb, "within_10pct": abs(ta / tb - 1.0) <= 0.10}
+
+
+def latency_table(
+    details: dict[str, dict[str, Any]], batches: Sequence[int], *, reference: str | None = None
+) -> list[str]:
+    """Markdown rows: per method and batch size the median ms per query (p25–p75), the parts (encode /
+    generate / rest, ms per query) and, with ``reference``, the ratio to it (two significant figures,
+    with its spread). ``details``: ``{method: measure_latency's detail}``."""
+    head = "| method | " + " | ".join(f"B = {b}: ms/query (p25–p75) | parts e / g / r" for b in batches)
+    if reference:
+        head += " | " + " | ".join(f"B = {b}: × {reference}" for b in batches)
+    n_cols = len(batches) * (3 if reference else 2)
+    lines = [head + " |", "|---|" + "---:|" * n_cols]
+    for name, det in details.items():
+        cells = []
+        for b in batches:
+            d = det.get(str(b))
+            if d is None:
+                cells += ["—", "—"]
+                continue
+            cells.append(f"{d['median']:.3g} ({d['p25']:.3g}–{d['p75']:.3g}), {d['calls']} calls")
+            p = d.get("parts_ms")
+            cells.append(
+                "—"
+                if not p
+                else f"{p['encode']:.3g} / {p['generate']:.3g} / {p['rest']:.3g}"
+                if "generate" in p
+                else f"{p['encode']:.3g} / — / {p['rest']:.3g}"
+            )
+        if reference:
+            ref = details.get(reference, {})
+            cells += [format_ratio(det.get(str(b)), ref.get(str(b))) for b in batches]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
