@@ -1,33 +1,37 @@
-"""R4T-Diffusion sampling: ms/query per sampler and NFE, eager and fused, against dense kNN and FOLM in the
-same run, and quality against NFE on the validation split.
+"""R4T-Diffusion sampling: ms/query per sampler and NFE, eager and fused, against dense kNN in the same
+run; the end-to-end latency tables of every method; quality against NFE on the validation split.
 
-Question: how long does ``Retriever.retrieve_embeddings(q, k=10, fused=False | True)`` (sampling +
-grounding; query embeddings given, so no text encoding) take per query at batch 1, 8 and 64 for each
-sampler at NFE 1, 2, 4, 8, 16, 31 (where the sampler reaches that count exactly) and at the retriever's
-saved default (sampler, steps), with its saved guidance and anchor; and dense kNN (``ops.knn``, k = 10)
-over the same catalog with the same query embeddings? With ``--folm POLICY``, how long does FOLM (the
-tuned LLM fan-out, ``retrieve(query_texts, k=10)``) take on the same queries at batch 8 and 64? With
-``--quality-dataset``, what do the item-level metrics (``r4t_fast.train.distill.quality_vs_nfe``) give
-at each grid point?
+Question 1 (the grid): how long does ``Retriever.retrieve_embeddings(q, k=10, fused=False | True)``
+(sampling + grounding; query embeddings given) take per query at batch 1, 8 and 64 for each sampler at
+NFE 1, 2, 4, 8, 16, 31 (where the sampler reaches that count exactly) and at the retriever's saved default
+(sampler, steps), with its saved guidance and anchor; and dense kNN (``ops.knn``, k = 10) over the same
+catalog with the same query embeddings? With ``--quality-dataset``, what do the item-level metrics
+(``r4t_fast.train.distill.quality_vs_nfe``) give at each grid point?
+
+Question 2 (``--end-to-end``, ``--llm``, ``--folm POLICY`` -> ``results/latency_e2e.{json,md}``): from
+query text to returned items, how long does every method take -- dense, MMR, DPP, R4T-Diffusion, and the
+zero-shot LLM, best-of-N and FOLM fan-outs -- on the same query texts, with the protocol of
+``r4t_fast.eval.latency`` (the one ``r4t eval`` and the pipeline use: a warm-up call, then >= 3 timed
+calls per batch size, >= 2 for the LLM methods at batch 64; median, p25-p75, parts encode / generate /
+rest), and from query embeddings for the non-LLM methods? Ratios to two significant figures with spread;
+FOLM's and zero-shot's tokens/s compared (within 10 %: same base, LoRA merged).
 
     python benchmarks/bench_sampler.py                          # random cpu-small, clustered catalog
     python benchmarks/bench_sampler.py --quick                  # reduced grid, < 2 min
     python benchmarks/bench_sampler.py --prepare-model runs/oracle --dataset polyvore   # see below
-    python benchmarks/bench_sampler.py --model runs/polyvore-small/diffusion \\
-        --folm runs/polyvore-small/rl/policy --quality-dataset polyvore --split val \\
-        --threads 1                                              # -> results/sampler_cpu.{json,md}
+    python benchmarks/bench_sampler.py --model runs/polyvore/diffusion --distilled runs/polyvore/distilled \\
+        --default-distilled --end-to-end --llm --folm runs/polyvore/rl/policy --split val
+                                                                 # -> results/latency_e2e.{json,md}
 
 Both paths are the real ``Retriever`` (what users get): ``eager`` is ``fused=False`` (PyTorch forwards,
 the fused elementwise EDM step, ``ops.ground_sets``), ``fused`` is ``fused=True`` (sampling and grounding
 in one ``ops.sample_sets`` call; the default on the CPU, ``--no-fused`` skips it). Their equality is
 ``tests/test_fused_sampler.py``'s business, not this benchmark's.
 
-Queries: with ``--folm`` or ``--quality-dataset`` the first 64 titled sets of the dataset's ``--split``
-(``query_text``, as ``r4t eval``), embedded by the retriever's encoder for the diffusion and dense rows,
-as texts for FOLM (so every method answers the same queries); otherwise synthetic embeddings near
-catalog rows. FOLM is ``resolve_method``'s class for ``"folm"`` (``LLMFanOutBaseline``) on the
-retriever's catalog and encoder, constrained decoding, ``max_new_tokens`` 128 (the cpu-small pipeline's
-eval), batch size = the batch; one timed call per batch size, no warm-up.
+Queries: for the end-to-end tables or ``--quality-dataset`` the first 64 titled sets of the dataset's
+``--split`` (``query_text``, as ``r4t eval``); otherwise synthetic embeddings near catalog rows. The LLM
+methods are ``resolve_method``'s (``llm-zeroshot``, ``llm-bon``, ``folm``) on the retriever's catalog and
+encoder with the pipeline's evaluation settings (constrained decoding, ``max_new_tokens`` 128).
 
 ``--prepare-model OUT`` makes a real trained model without the RL and synthesis stages: shards of
 (query embedding, the reference set's item embeddings) pairs from the dataset's *train* split
@@ -52,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import RESULTS, environment, write_results
-from r4t_fast import ops
+from r4t_fast import _threads, ops
 from r4t_fast._internal import machine_description
 from r4t_fast.data.catalog import Catalog
 from r4t_fast.diffusion.model import SetDenoiser, get_preset
@@ -199,10 +203,6 @@ def _batches(args) -> tuple[int, ...]:
     return (1, 8) if args.quick else BATCHES
 
 
-def _folm_batches(args) -> tuple[int, ...]:
-    return ((1,) if args.folm_b1 else ()) + ((8,) if args.quick else (8, 64))
-
-
 def _paired(fn, dense, repeat: int) -> tuple[list[float], list[float]]:
     """Seconds of ``fn()`` and ``dense()`` called alternately ``repeat`` times after one warm-up of each,
     so that both see the same machine load (the 2 cores are shared)."""
@@ -283,50 +283,135 @@ def run_latency(args, teacher: Retriever, student: Retriever | None, pool: torch
     return rows
 
 
-def run_folm(args, teacher: Retriever, texts: list[str]) -> tuple[list[dict], dict]:
-    """FOLM (``resolve_method``'s ``LLMFanOutBaseline`` with ``name="folm"``) on the retriever's catalog
-    and encoder, constrained decoding (the default), ``max_new_tokens`` 128 (the cpu-small pipeline's
-    eval), batch size = the batch: ms/query of ``retrieve(texts[:B], k=10)``, one timed call per batch
-    size and no warm-up (an LLM call takes seconds to minutes; the first call pays one-off costs)."""
-    from r4t_fast.eval.llm_baselines import LLMFanOutBaseline
+E2E_CALLS = {1: 9, 8: 5, 64: 3}
+"""Timed calls per batch size (after a warm-up call) of the non-LLM methods in the end-to-end tables."""
+LLM_CALLS = {8: 3, 64: 2}
+"""The LLM methods' (seconds per call): >= 3 at batch 8, >= 2 at batch 64 (issue 20)."""
+LLM_METHODS = ("llm-zeroshot", "llm-bon", "folm")
 
-    if teacher.encoder is None:
-        raise SystemExit("bench_sampler: --folm needs a text encoder (the retriever has none)")
-    t = time.perf_counter()
-    folm = LLMFanOutBaseline(
-        teacher.catalog, teacher.encoder, policy=args.folm, name="folm", max_new_tokens=128, batch_size=1
-    )
-    load_s = time.perf_counter() - t
-    print(f"FOLM: policy {folm.policy} loaded in {load_s:.1f} s; one timed call per batch, no warm-up")
-    rows = []
-    for B in _folm_batches(args):
-        folm.batch_size = B  # one generate call per retrieve
-        folm.reset_stats()
-        gc.collect()
-        t = time.perf_counter()
-        folm.retrieve(texts[:B], K)
-        sec = time.perf_counter() - t
-        st = folm.stats
-        rows.append(
-            {
-                "method": "folm",
-                "batch": B,
-                "ms_per_query": 1e3 * sec / B,
-                "call_s": sec,
-                "repeat": 1,
-                "warmup": 0,
-                "mean_new_tokens": st.get("mean_new_tokens"),
-                "truncated_rate": st.get("truncated_rate"),
-                "missing_row_rate": st.get("missing_row_rate"),
-            }
+
+def e2e_methods(args, r4t: Retriever, data: Any) -> dict[str, Any]:
+    """Every method of the pipeline's table on ``data``'s catalog and encoder (``r4t``: the diffusion
+    retriever, over the same catalog): dense, MMR and DPP at the pipeline's validation choices, R4T-Diffusion
+    and, with ``--llm``, the zero-shot LLM, best-of-N and (``--folm``) the tuned policy, every LLM with the
+    pipeline's evaluation settings (max_new_tokens 128, constrained decoding, batch = the batch)."""
+    from r4t_fast.eval.methods import resolve_method
+    from r4t_fast.pipeline import DPP_VAL_CHOICE, MMR_VAL_CHOICE
+
+    kw = {"mmr": MMR_VAL_CHOICE, "dpp": DPP_VAL_CHOICE}
+    out: dict[str, Any] = {
+        n: resolve_method(n, data, method_kwargs=kw.get(n))[0] for n in ("dense", "mmr", "dpp")
+    }
+    out["r4t-diffusion"] = r4t
+    llm_kw = {"max_new_tokens": 128, "batch_size": 8}
+    if args.llm:
+        out["llm-zeroshot"] = resolve_method("llm-zeroshot", data, method_kwargs=llm_kw)[0]
+        out["llm-bon"] = resolve_method("llm-bon", data, method_kwargs=llm_kw)[0]
+    if args.folm:
+        out["folm"] = resolve_method("folm", data, method_kwargs={**llm_kw, "policy": args.folm})[0]
+    return out
+
+
+def run_end_to_end(methods: dict[str, Any], texts: list[str], quick: bool = False) -> dict[str, Any]:
+    """Both tables with :mod:`r4t_fast.eval.latency`'s protocol (the one ``r4t eval`` and the pipeline
+    use): from query text to items (every method) and from query embeddings (the non-LLM methods), on the
+    same query texts; the diffusion retriever's sample / ground split; FOLM vs zero-shot tokens/s.
+    ``quick``: batches 1 and 8 (LLM: 8), 3 calls each (a smoke run, not the record)."""
+    from r4t_fast.eval.latency import diffusion_breakdown, embedding_latency, measure_latency
+
+    text: dict[str, Any] = {}
+    emb: dict[str, Any] = {}
+    every = (1, 8) if quick else BATCHES
+    for name, m in methods.items():
+        llm = name in LLM_METHODS
+        batches = (8,) if llm and quick else (8, 64) if llm else every
+        calls = 3 if quick else LLM_CALLS if llm else E2E_CALLS
+        t0 = time.perf_counter()
+        _, text[name] = measure_latency(m, texts, K, batches, calls)
+        if not llm:
+            _, emb[name] = embedding_latency(m, texts, K, every, calls)
+        med = ", ".join(f"B={b}: {text[name][str(b)]['median']:.3g}" for b in batches)
+        print(f"{name:14s} ms/query from text {med} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    out: dict[str, Any] = {"text": text, "embeddings": emb, "batches": list(every), "quick": quick}
+    out["calls"] = {"llm": 3 if quick else LLM_CALLS, "other": 3 if quick else E2E_CALLS}
+    r4t = methods["r4t-diffusion"]
+    if r4t.encoder is not None:
+        out["r4t_sample_ground_ms"] = diffusion_breakdown(r4t, texts, K, every, out["calls"]["other"])
+    if "folm" in text and "llm-zeroshot" in text:
+        from r4t_fast.eval.latency import tokens_per_s_agreement
+
+        out["tokens_per_s_folm_vs_zeroshot"] = {
+            b: tokens_per_s_agreement(text["folm"][b], text["llm-zeroshot"][b]) for b in text["folm"]
+        }
+    return out
+
+
+def e2e_markdown(env: dict, setup: dict, e2e: dict[str, Any]) -> str:
+    from r4t_fast.eval.latency import format_ratio, latency_table
+
+    m = env["machine"]
+    text, emb = e2e["text"], e2e["embeddings"]
+    md = [
+        "# Latency from query text to items, every method, same queries, same run",
+        "",
+        f"{env['date']} · {m['cpu']} · {m['cores']} cores · torch {env['versions'].get('torch')} · "
+        f"threads {env.get('torch_threads')} · load average at start {env['load_average_1_5_15']} · "
+        f"commit {env.get('git_commit')} · command `{env['command']}`",
+        "",
+        f"Model: {setup['model']}. Catalog: {setup['catalog']}. Queries: {setup['queries']}.",
+        "",
+        "Protocol (`r4t_fast.eval.latency.measure_latency`, the one `r4t eval` and the pipeline use): per "
+        "batch size one untimed warm-up call of `retrieve(batch, k=10)`, then timed calls "
+        f"({e2e['calls']['other']} for dense / MMR / DPP / R4T-Diffusion, {e2e['calls']['llm']} for the LLM "
+        "methods); median "
+        "ms per query (p25–p75 over the calls). Parts (ms per query, medians): e = text encoder (the "
+        "queries; an LLM method's subqueries too), g = the policy's generate, r = the rest (search, "
+        "sampling, grounding, assembling the results). Ratios: two significant figures, the spread from "
+        "the p25/p75 of both sides.",
+        "",
+        "## From query text (× = ÷ R4T-Diffusion)",
+        "",
+        *latency_table(text, e2e["batches"], reference="r4t-diffusion"),
+        "",
+        "R4T-Diffusion ÷ dense kNN, from text: "
+        + ", ".join(
+            f"B = {b}: {format_ratio(text['r4t-diffusion'].get(str(b)), text['dense'].get(str(b)))}"
+            for b in e2e["batches"]
         )
-        print(
-            f"B={B:3d} folm  {1e3 * sec / B:10.1f} ms/query (one call, {sec:.1f} s, no warm-up)", flush=True
-        )
-    return rows, {"policy": folm.policy, "load_s": load_s, **folm.config()}
+        + ".",
+        "",
+        "## From query embeddings (non-LLM methods; × = ÷ dense kNN)",
+        "",
+        "The same `retrieve` calls with the encoder answering from embeddings computed beforehand "
+        "(`embedding_latency`).",
+        "",
+        *latency_table(emb, e2e["batches"], reference="dense"),
+    ]
+    sg = e2e.get("r4t_sample_ground_ms")
+    if sg:
+        md += [
+            "",
+            "R4T-Diffusion's parts timed separately (`diffusion_breakdown`: encode / sample / ground, "
+            "ms per query): "
+            + "; ".join(f"B = {b}: " + " / ".join(f"{v:.3g}" for v in sg[b].values()) for b in sg)
+            + ".",
+        ]
+    agree = e2e.get("tokens_per_s_folm_vs_zeroshot")
+    if agree:
+        md += [
+            "",
+            "FOLM vs zero-shot generation rate (same base model and settings; LoRA merged): "
+            + "; ".join(
+                f"B = {b}: {a['a']:.1f} vs {a['b']:.1f} tokens/s "
+                f"({'within' if a['within_10pct'] else 'NOT within'} 10 %)"
+                for b, a in agree.items()
+                if a
+            )
+            + ".",
+        ]
+    return "\n".join(md) + "\n"
 
 
-# ---------------------------------------------------------------------------------------------- quality
 def dense_quality(r: Retriever, q: torch.Tensor, refs: list) -> dict:
     """The same item-level metrics for dense kNN (the query's top k items; its top K as the union)."""
     from r4t_fast.objectives import fair_budget, item_relevance, recall_at_k, vendi_score
@@ -390,8 +475,7 @@ def _comparison(setup: dict, lat: list[dict]) -> list[str]:
     defaults = [r for r in lat if r.get("method") == "r4t-diffusion" and r.get("default")]
     if not defaults:
         return []
-    folm = {r["batch"]: r for r in lat if r["method"] == "folm"}
-    batches = sorted({r["batch"] for r in lat if r["method"] == "dense-knn"} | set(folm))
+    batches = sorted({r["batch"] for r in lat if r["method"] == "dense-knn"})
     dense = {r["batch"]: r["ms_per_query"] for r in lat if r["method"] == "dense-knn"}
     by = {(r["path"], r["batch"]): r for r in defaults}
 
@@ -405,28 +489,18 @@ def _comparison(setup: dict, lat: list[dict]) -> list[str]:
         r = by.get((path, b))
         return None if r is None else r["ms_per_query"]
 
-    fi = setup.get("folm")
-    folm_name = f"FOLM ({fi['policy']})" if fi else "FOLM (not timed: pass --folm)"
     setting = _setting(next(iter(by.values())))
     head = " | ".join(f"B={b}" for b in batches)
     md = [
         "",
-        "## R4T-Diffusion vs FOLM and dense kNN, same queries, same run",
+        "## R4T-Diffusion vs dense kNN, same queries, same run",
         "",
         f"Queries: {setup.get('queries', 'synthetic query embeddings')}. ms per query at each batch size. "
         f"R4T-Diffusion: the retriever's saved default setting ({setting}), "
         "`retrieve_embeddings(q, k=10, fused=False | True)` on the queries' embeddings from the retriever's "
         "encoder (text encoding not timed), median as above; dense kNN: `ops.knn(q, catalog, 10)` on the "
-        "same embeddings, the median over its paired calls.",
+        "same embeddings, the median over its paired calls. From query text, every method: latency_e2e.md.",
     ]
-    if fi:
-        md[-1] += (
-            f" FOLM: `LLMFanOutBaseline(catalog, encoder, policy={fi['policy']!r}, name='folm')` "
-            f"(`resolve_method`'s class for 'folm'), constrained decoding = {fi.get('constrained')}, "
-            f"max_new_tokens = {fi.get('max_new_tokens')}, batch size = the batch, "
-            f"`retrieve(query_texts, k=10)` (encoding, generation, grounding): **one timed call per batch "
-            "size, no warm-up**."
-        )
     md += [
         "",
         f"| method | {head} |",
@@ -434,12 +508,6 @@ def _comparison(setup: dict, lat: list[dict]) -> list[str]:
         "| dense kNN (`ops.knn`) | " + " | ".join(ms(dense.get(b)) for b in batches) + " |",
         "| R4T-Diffusion eager, default setting | " + " | ".join(ms(get("eager", b)) for b in batches) + " |",
         "| R4T-Diffusion fused, default setting | " + " | ".join(ms(get("fused", b)) for b in batches) + " |",
-        f"| {folm_name} | "
-        + " | ".join(ms(folm[b]["ms_per_query"]) if b in folm else "—" for b in batches)
-        + " |",
-        "| speed-up fused vs FOLM (FOLM ÷ fused) | "
-        + " | ".join(ratio(folm[b]["ms_per_query"] if b in folm else None, get("fused", b)) for b in batches)
-        + " |",
         "| speed-up fused vs eager (eager ÷ fused) | "
         + " | ".join(ratio(get("eager", b), get("fused", b)) for b in batches)
         + " |",
@@ -563,10 +631,17 @@ def main() -> None:
     ap.add_argument(
         "--folm",
         metavar="POLICY",
-        help="also time FOLM (a tuned policy directory, or 'smollm2') at batch 8 and 64 on the same queries",
+        help="the end-to-end tables (results/latency_e2e) with the tuned policy (a directory) as FOLM",
     )
-    ap.add_argument("--folm-b1", action="store_true", help="--folm: also at batch 1")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument(
+        "--llm", action="store_true", help="end-to-end tables: also the zero-shot LLM and best-of-N fan-outs"
+    )
+    ap.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="only the end-to-end tables (every method from query text and from embeddings; real queries)",
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: r4t_fast._threads' rule)")
     ap.add_argument("--quality-dataset", help="also score quality against NFE on this dataset's split")
     ap.add_argument(
         "--split", default="val", choices=["train", "val", "test"], help="quality and query-text split"
@@ -585,16 +660,14 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=2000, help="--prepare-model: optimizer steps")
     ap.add_argument("--out", default="sampler_cpu", help="results name under benchmarks/results/")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(_threads.resolve(args.threads))
     if args.prepare_model:
         prepare_model(Path(args.prepare_model), args.dataset, args.train_steps, args.threads)
         return
     if args.quality_dataset and not args.model:
         ap.error("--quality-dataset needs --model (a random model's catalog is not the dataset's)")
-    if args.folm_b1 and not args.folm:
-        ap.error("--folm-b1 needs --folm")
-    real = bool(args.folm or args.quality_dataset)  # real query texts: the dataset's split titles
+    e2e = bool(args.end_to_end or args.folm or args.llm)
+    real = bool(e2e or args.quality_dataset)  # real query texts: the dataset's split titles
     qname = args.quality_dataset or args.dataset
     if args.model:
         teacher = Retriever.from_pretrained(args.model)
@@ -657,14 +730,24 @@ def main() -> None:
             print(f"bench_sampler: no fused rows ({why})", flush=True)
     elif args.fused and why is not None:
         raise SystemExit(f"bench_sampler: --fused cannot run: {why}")
+    if e2e:  # every method on the same query texts, R4T-Diffusion at its default (--default-distilled)
+        r4t = student if args.default_distilled else teacher
+        data = eval_data(qname, teacher.encoder)
+        res = run_end_to_end(e2e_methods(args, r4t, data), texts, quick=args.quick)
+        env = environment(("transformers", "peft"))
+        payload = {"benchmark": "latency_e2e", "environment": env, "machine": machine_description()}
+        payload.update(setup=setup, **res)
+        name = "latency_e2e" + ("_quick" if args.quick else "")
+        jp, mp = write_results(name, payload, e2e_markdown(env, setup, res))
+        print(f"wrote {jp} and {mp}")
+        if args.end_to_end:
+            return
     t0 = time.perf_counter()
     setup["repeats"] = {b: max(1, REPEATS[b] // (3 if args.quick else 1)) for b in _batches(args)}
     name = args.out + ("_quick" if args.quick else "")
     if args.quality_only:
         old = json.loads((RESULTS / f"{name}.json").read_text())
         lat, setup = old["latency"], {**old["setup"], **{k: v for k, v in setup.items() if k != "repeats"}}
-        if args.folm:
-            print("bench_sampler: --quality-only keeps the saved latency; --folm is not timed", flush=True)
     else:
         lat = run_latency(args, teacher, student, pool)
 
@@ -683,10 +766,6 @@ def main() -> None:
 
     if not args.quality_only:
         jp, mp = save([], {})  # the latency first: a failure in a later part keeps it
-        if args.folm:
-            folm_rows, setup["folm"] = run_folm(args, teacher, texts)
-            lat += folm_rows
-            jp, mp = save([], {})
     if args.quality_dataset:
         jp, mp = save(*run_quality(args, teacher, student))
     print(f"wrote {jp} and {mp}")
