@@ -207,8 +207,16 @@ def test_seeds_are_bounded_to_64_bits(capsys) -> None:
     with pytest.raises(ValueError, match="seed: expected a 64-bit int"):
         r.retrieve(["red outfit"], 4, seed=2**200)
     torch.manual_seed(2**64 - 1)  # the bound is what torch accepts
-    assert cli.main(["retrieve", "--model", "/nonexistent", "--query", "a", "--seed", str(10**41)]) == 2
+    big = str(10**41)
+    assert cli.main(["retrieve", "--model", "/nonexistent", "--query", "a", "--seed", big]) == 2
     assert _err(capsys, "retrieve").startswith("--seed: expected a 64-bit int")
+    for cmd, extra in [
+        ("train-diffusion", ["--out", "/nonexistent-dir/m", "--targets", "reference"]),
+        ("synthesize", ["--out", "/nonexistent-dir/s", "--dataset", "polyvore"]),
+        ("distill", ["--out", "/nonexistent-dir/d", "--teacher", "/nonexistent/t"]),
+    ]:
+        assert cli.main([cmd, *extra, "--seed", big]) == 2
+        assert _err(capsys, cmd).startswith("--seed: expected a 64-bit int")
 
 
 # -------------------------------------------------------------------------------- 6. devices

@@ -1,5 +1,9 @@
 """Two processes on the CPU: ``r4t synthesize``, ``r4t train-diffusion`` and ``r4t train-rl`` under
-``accelerate launch`` give complete, loadable outputs (synthesis: the same shards as one process).
+``accelerate launch`` give complete, loadable outputs (synthesis: the same shards as one process), and
+the processes really cooperate: after DDP training both replicas hold the same weights, which differ
+from what one process trains on its half of the pairs (gradients are averaged); in GRPO both ranks
+score different queries and the saved policy differs from the one it started from
+(``tests/mp_worker.py`` leaves the per-rank evidence).
 
 Launched as ``accelerate launch --multi_gpu --num_processes 2`` (torchrun underneath; our code keeps
 the CPU): in accelerate 1.15, ``accelerate launch --cpu --num_processes 2`` starts a single process
@@ -20,6 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import make_tiny_policy, sets_jsonl
+
+WORKER = str(Path(__file__).with_name("mp_worker.py"))
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +98,27 @@ def test_synthesis_and_diffusion_on_two_processes(setup) -> None:
     print(f"\nwall: synthesis 2 procs {wall_syn:.1f}s, train-diffusion 2 procs {wall_dif:.1f}s")
 
 
+def test_ddp_replicas_agree_and_average_gradients(tmp_path) -> None:
+    """Both ranks end with bitwise-equal weights (every step's gradients all-reduced), and those differ
+    from one process trained on rank 0's half of the pairs with rank 0's draws (what rank 0 would hold
+    if its gradients were not averaged with rank 1's)."""
+    import mp_worker
+    from r4t_fast.train.diffusion import train_diffusion
+    from r4t_fast.train.targets import ProcessInfo, rank_items
+
+    p, _ = _run([*LAUNCH, WORKER, "diffusion", str(tmp_path)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    cond, targets = mp_worker.pairs()
+    half = torch.tensor(rank_items(len(cond), ProcessInfo(0, 2)))
+    cfg = mp_worker.diffusion_config()
+    cfg.batch_size //= 2  # rank 0's per-process batch
+    alone, _ = train_diffusion(cond[half], targets[half], cfg, progress=False)
+    diff = max(float((alone.state_dict()[k] - r0[k]).abs().max()) for k in r0)
+    assert diff > 1e-4, "the two-process weights equal one process on half the data: no gradient averaging"
+
+
 def test_train_rl_on_two_processes(setup) -> None:
     root = setup["root"]
     cfg = {"encoder": "hashing:32", "cache_dir": setup["cache"], "k": 3, "one_shot": False,
@@ -101,9 +128,18 @@ def test_train_rl_on_two_processes(setup) -> None:
     (root / "rl.json").write_text(json.dumps(cfg))
     args = ["train-rl", "--dataset", str(setup["ds"]), "--policy", str(setup["policy"]), "--out",
             str(root / "rl2"), "--config", str(root / "rl.json"), "--max-steps", "1"]  # fmt: skip
-    rl, wall = _run([*LAUNCH, "-m", "r4t_fast.cli", *args])
+    rl, wall = _run([*LAUNCH, WORKER, "rl", str(root / "seen"), "--", *args])
     print(f"\nwall: train-rl 2 procs {wall:.1f}s")
     assert rl.returncode == 0, rl.stderr[-4000:]
     assert (root / "rl2" / "policy" / "config.json").is_file()
     record = json.loads((root / "rl2" / "rl_config.json").read_text())
     assert record["reward_task"] == "wscr"
+    seen = {}
+    for r in (0, 1):  # the queries each rank's reward function scored
+        lines = (root / "seen" / f"queries-rank{r}.jsonl").read_text().splitlines()
+        seen[r] = {q for line in lines for q in json.loads(line)}
+    assert seen[0] and seen[1] and seen[0] != seen[1], seen
+    before = load_file(str(setup["policy"] / "model.safetensors"))
+    after = load_file(str(root / "rl2" / "policy" / "model.safetensors"))
+    changed = [k for k in before if k in after and not torch.equal(before[k], after[k])]
+    assert changed, "the tuned policy equals the initial one"

@@ -43,6 +43,7 @@ from r4t_fast._internal import (
     check_choice,
     check_positive_int,
     check_save_target,
+    check_seed,
     save_dir_atomically,
     verify_dir,
 )
@@ -459,6 +460,7 @@ def cli_main(args: argparse.Namespace) -> int:
     # --out first: a directory the final save would refuse must fail now, not after every training step
     check_save_target(Path(os.path.abspath(args.out)), FORMAT, _is_legacy_model, name="--out")
     check_device(args.device, "--device", kernels=False)
+    check_seed(args.seed, "--seed")
     cfg = DiffusionTrainConfig(
         **{f.name: getattr(args, f.name) for f in fields(DiffusionTrainConfig) if f.name != "overrides"}
     )

@@ -60,7 +60,13 @@ import torch
 from tqdm.auto import tqdm
 
 from r4t_fast import _threads
-from r4t_fast._internal import atomic_write_text, check_positive_int, save_dir_atomically, unit_rows
+from r4t_fast._internal import (
+    atomic_write_text,
+    check_positive_int,
+    check_seed,
+    save_dir_atomically,
+    unit_rows,
+)
 from r4t_fast.diffusion.model import EDM, SetDenoiser, clone_for_ema, ema_update, load_model, save_model
 from r4t_fast.diffusion.samplers import SAMPLERS, karras_sigmas, nfe, sampler_sigmas, steps_for_nfe
 from r4t_fast.kernels.ops import check_device
@@ -568,6 +574,7 @@ def cli_main(args: argparse.Namespace) -> int:
 
     try:
         check_device(args.device, "--device", kernels=False)
+        check_seed(args.seed, "--seed")
         teacher_dir, out = _check_inputs(args)
         cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
         try:

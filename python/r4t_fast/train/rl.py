@@ -62,7 +62,7 @@ from typing import Any
 import torch
 
 from r4t_fast import _threads
-from r4t_fast._internal import atomic_write_text
+from r4t_fast._internal import atomic_write_text, check_seed
 from r4t_fast.fanout.prompt import CHATML_END
 from r4t_fast.train.rl_config import LOSS_TYPE_CHOICES, RLConfig
 from r4t_fast.train.rl_eval import _TABLE_ROWS as _TABLE_ROWS
@@ -479,6 +479,7 @@ def cli_main(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         check_policy_spec(cfg.policy, "--policy" if args.policy is not None else "policy")  # before loading
+        check_seed(cfg.seed, "seed")
     except (ValueError, FileNotFoundError) as exc:
         print(f"r4t train-rl: error: {exc}", file=sys.stderr)
         return 2

@@ -50,7 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from r4t_fast._internal import atomic_write, atomic_write_text, check_choice, check_positive_int
+from r4t_fast._internal import atomic_write, atomic_write_text, check_choice, check_positive_int, check_seed
 from r4t_fast.train.targets import process_info, rank_items, stack_counts
 
 __all__ = ["SynthesisConfig", "shard_counts", "synthesize", "synthesize_queries"]
@@ -383,6 +383,7 @@ def cli_main(args: argparse.Namespace) -> int:
 
     cfg = SynthesisConfig(**{f.name: getattr(args, f.name) for f in fields(SynthesisConfig)})
     check_policy_spec(cfg.policy, "--policy")  # before the encoder and the dataset are loaded
+    check_seed(cfg.seed, "--seed")
     s = synthesize(
         args.dataset, args.out, cfg, encoder=args.encoder, data_dir=args.data_dir, cache_dir=args.cache_dir
     )
