@@ -81,3 +81,36 @@ def require_cuda(arg: str) -> None:
             f"{arg}: got a CUDA array but this r4t_fast build has no CUDA kernels "
             "(rebuild with R4T_CUDA=ON and nvcc available, or move the inputs to the CPU)"
         )
+
+
+def check_device(device: Any, name: str = "device", *, kernels: bool = True) -> Any:
+    """``device`` as a ``torch.device`` this machine and build can run: ``"cpu"`` or ``"cuda[:N]"``.
+
+    ``kernels``: the caller runs r4t_fast's compiled kernels there (a retriever), so a CUDA device
+    also needs a build with CUDA kernels; plain torch work (training) only needs torch's CUDA. The
+    error names ``name``, the device and what :func:`r4t_fast.build_info` reports.
+    """
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is not None and dev.type == "cpu":
+        return dev
+    info = build_info()
+    built = f"build_info(): cuda={info['cuda']}, cuda_archs={info['cuda_archs']}"
+    if dev is None or dev.type != "cuda":
+        raise ValueError(f"{name}: r4t_fast runs on 'cpu' or 'cuda[:N]', got {device!r} ({built})")
+    if kernels and not info["cuda"]:
+        raise ValueError(
+            f"{name}: {device!r} needs CUDA kernels, but this r4t_fast build has none ({built}; rebuild "
+            "with R4T_CUDA=ON where nvcc is available), or use device='cpu'"
+        )
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0 or (dev.index or 0) >= n:
+        raise ValueError(
+            f"{name}: {device!r} is not available: torch sees {n} CUDA device(s) "
+            f"(torch.version.cuda={torch.version.cuda}; {built}); use device='cpu'"
+        )
+    return dev
