@@ -123,6 +123,27 @@ def check_sampling(
     return float(temperature), float(top_p), float(repetition_penalty)
 
 
+def _adapter_dir(spec: Any) -> tuple[Path, str] | None:
+    """(adapter dir, its base model) when ``spec`` is a PEFT adapter directory (``adapter_config.json``
+    and no ``config.json``: a LoRA training checkpoint), else None."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
+    d = Path(spec).expanduser()
+    cfg = d / "adapter_config.json"
+    if not cfg.is_file() or (d / "config.json").is_file():
+        return None
+    import json
+
+    base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"model_dir: {cfg} names no base_model_name_or_path; cannot merge the adapter")
+    return d, str(base)
+
+
+def _has_tokenizer(d: Path) -> bool:
+    return any((d / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
+
+
 class FanOutLM:
     """A causal chat LM that writes ``k`` subqueries per query, batched with left padding.
 
@@ -151,14 +172,22 @@ class FanOutLM:
         dtype = torch.float32 if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        adapter = _adapter_dir(model_dir)
         try:
-            path = resolve_policy(model_dir)
+            path = resolve_policy(adapter[1] if adapter else model_dir)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"model_dir: {exc}".replace("model_dir: spec: ", "model_dir: ")) from exc
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tok_dir = adapter[0] if adapter and _has_tokenizer(adapter[0]) else path
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        self.lora_merged = False
+        if adapter:  # a LoRA adapter dir (a training checkpoint): merged for inference, no adapter layers
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter[0])).merge_and_unload()
+            self.lora_merged = True
         self._setup(model, tokenizer, device)
-        self.model_dir: Path | None = path
+        self.model_dir: Path | None = adapter[0] if adapter else path
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, device: str | torch.device | None = None) -> FanOutLM:
@@ -168,6 +197,7 @@ class FanOutLM:
             device = next(model.parameters()).device
         self._setup(model, tokenizer, device)
         self.model_dir = None
+        self.lora_merged = False  # a PEFT model stays wrapped (training evaluates the live adapter)
         return self
 
     def _setup(self, model: Any, tokenizer: Any, device: Any) -> None:
