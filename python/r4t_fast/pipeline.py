@@ -108,10 +108,11 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
             "llm_max_new_tokens": 128,
             "latency_calls": 8,
             # LLM methods: seconds per call, so fewer timed calls; batch 8 reuses the quality run's
-            # batches (5 timed calls after the first); the FOLM is also timed at 64 (issue 11/12 ratios)
+            # batches (5 timed calls after the first); the FOLM and zero-shot are also timed at 64 with
+            # a warm-up and 2 timed calls (issue 20: same protocol, tokens/s compared at 8 and 64)
             "llm_latency": {
-                "folm": {"batches": [8, 64], "calls": {"8": 5, "64": 1}},
-                "llm-zeroshot": {"batches": [8], "calls": 5},
+                "folm": {"batches": [8, 64], "calls": {"8": 5, "64": 2}},
+                "llm-zeroshot": {"batches": [8, 64], "calls": {"8": 5, "64": 2}},
                 "llm-bon": {"batches": [8], "calls": 5},
             },
             # chosen on the validation splits (benchmarks/results/eval/val-sweep/)
