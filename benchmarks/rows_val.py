@@ -61,6 +61,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
         key, _, val = part.partition("=")
         if key.startswith("model."):
             over.setdefault("overrides", {})[key[6:]] = _value(val)
+        elif key.startswith("sample."):
+            over.setdefault("sampling", {})[key[7:]] = _value(val)
         else:
             over[key] = _value(val)
     return name, over
@@ -105,7 +107,6 @@ def main() -> int:
     (out / "eval").mkdir(parents=True, exist_ok=True)
     data = load_eval_data(args.dataset, encoder=args.encoder, data_dir=args.data_dir, progress=False)
     sampling = {key: v for key, v in SAMPLING_DEFAULTS.as_dict().items()}
-    select = rows_recall_scorer(data, split="val", sampling=sampling)
     t_start = time.perf_counter()
 
     def record(slug: str, r: Retriever) -> Path:
@@ -124,7 +125,10 @@ def main() -> int:
     for spec in args.variant:
         name, over = parse_variant(spec)
         d = out / name
-        cfg = DiffusionTrainConfig(**{**BASE, "select_every": args.select_every, **over})
+        vs = {**sampling, **over.get("sampling", {})}  # the variant's retrieval-time sampler
+        train_over = {key: v for key, v in over.items() if key != "sampling"}
+        cfg = DiffusionTrainConfig(**{**BASE, "select_every": args.select_every, **train_over})
+        select = rows_recall_scorer(data, split="val", sampling=vs)
         if not (d / "retriever.json").is_file():
             print(f"[rows] train {name}: {over}", flush=True)
             key = (cfg.targets, cfg.reference_samples, cfg.seed)
@@ -138,7 +142,7 @@ def main() -> int:
                 catalog=pairs.catalog, select_fn=select if cfg.select_every else None,
             )  # fmt: skip
             wall = time.perf_counter() - t
-            r = Retriever(model, data.catalog, data.encoder, encoder_spec=args.encoder, **sampling)
+            r = Retriever(model, data.catalog, data.encoder, encoder_spec=args.encoder, **vs)
             r.save(d, extra={"train_config": vars(cfg), "n_pairs": len(pairs.cond), "train_wall_s": wall})
             (d.parent / f"{name}.train_log.json").write_text(json.dumps([*log, {"train_wall_s": wall}]))
             print(

@@ -127,4 +127,5 @@ def test_pipeline_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="methods: unknown"):
         run_pipeline("polyvore", tmp_path, preset="smoke", methods=("bm25",))
     assert set(PIPELINE_PRESETS) == {"cpu-full", "cpu-small", "smoke"}
-    assert DEFAULT_METHODS == ("dense", "mmr", "dpp", "llm-zeroshot", "llm-bon", "folm", "r4t-diffusion")
+    assert DEFAULT_METHODS[:7] == ("dense", "mmr", "dpp", "llm-zeroshot", "llm-bon", "folm", "r4t-diffusion")
+    assert DEFAULT_METHODS[7:] == ("r4t-diffusion-rows",)  # issue 18: the rows alone, anchor 0

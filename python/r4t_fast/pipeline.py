@@ -46,8 +46,11 @@ from r4t_fast.diffusion.samplers import SAMPLING_DEFAULTS
 
 __all__ = ["DEFAULT_METHODS", "LLM_EVAL_METHODS", "PIPELINE_PRESETS", "PRESETS", "run_pipeline"]
 
-DEFAULT_METHODS = ("dense", "mmr", "dpp", "llm-zeroshot", "llm-bon", "folm", "r4t-diffusion")
-"""What the pipeline evaluates by default: the non-fan-out baselines, the LLM fan-outs and R4T-Diffusion."""
+DEFAULT_METHODS = (
+    "dense", "mmr", "dpp", "llm-zeroshot", "llm-bon", "folm", "r4t-diffusion", "r4t-diffusion-rows"
+)  # fmt: skip
+"""What the pipeline evaluates by default: the non-fan-out baselines, the LLM fan-outs and R4T-Diffusion
+(``r4t-diffusion-rows``: the same model with anchor 0, its rows alone without the query's own ranking)."""
 LLM_EVAL_METHODS = frozenset({"llm-zeroshot", "folm", "llm-bon"})
 """Methods scored on the first ``eval.llm_limit`` test queries only (every other method also on those)."""
 _VALID_METHODS = frozenset(DEFAULT_METHODS) | LLM_EVAL_METHODS
@@ -237,7 +240,7 @@ def run_pipeline(
         torch.set_num_threads(int(threads))
     if rl_policy is not None and not (Path(rl_policy) / "config.json").is_file():
         raise FileNotFoundError(f"rl_policy: {rl_policy} is not a model directory (no config.json)")
-    from r4t_fast.diffusion.retriever import Retriever
+    from r4t_fast.diffusion.retriever import Retriever, query_budget_share
     from r4t_fast.train import rl as rl_mod
     from r4t_fast.train.diffusion import DiffusionTrainConfig, config_pairs, load_shards, train_diffusion
     from r4t_fast.train.synthesis import SynthesisConfig, synthesize
@@ -318,7 +321,21 @@ def run_pipeline(
                 f"diffusion: no (query, set) pairs for targets={dcfg.targets!r} (synthesis in {syn_dir}: "
                 "see synthesis.json counts)"
             )
-        model, log = train_diffusion(pairs.cond, pairs.targets, dcfg, progress=progress)
+        select_fn = None
+        if dcfg.select_every:  # early stopping on the rows' val recall (issue 18, lever 3)
+            from r4t_fast.eval.selection import rows_recall_scorer
+
+            sampling = {k: v for k, v in cfg["retriever"].items() if k in ("steps", "sampler", "guidance")}
+            select_fn = rows_recall_scorer(data, split="val", sampling=sampling)
+        model, log = train_diffusion(
+            pairs.cond,
+            pairs.targets,
+            dcfg,
+            progress=progress,
+            positives=pairs.positives,
+            catalog=pairs.catalog,
+            select_fn=select_fn,
+        )
         r = Retriever(model, data.catalog, data.encoder, encoder_spec=cfg["encoder"], **cfg["retriever"])
         extra = {"train_config": vars(dcfg), "train_log": log, "n_pairs": len(pairs.cond)}
         r.save(dif_dir, extra={**extra, "pairs_by_source": pairs.counts})
@@ -336,7 +353,11 @@ def run_pipeline(
 
         r = Retriever.from_pretrained(dif_dir, encoder=data.encoder)
         sc = cfg.get("select") or {}
-        kw = {k: (tuple(map(tuple, v)) if k == "grid" else tuple(v)) for k, v in sc.items() if k != "limit"}
+        kw = {
+            k: (tuple(map(tuple, v)) if k == "grid" else tuple(v) if isinstance(v, (list, tuple)) else v)
+            for k, v in sc.items()
+            if k != "limit"
+        }
         sel = select_retrieval_settings(r, data, split="val", limit=sc.get("limit"), progress=progress, **kw)
         extra = {k: v for k, v in json.loads((dif_dir / "config.json").read_text()).items() if k in _EXTRA}
         r.save(dif_dir, extra={**extra, "selection": sel})
@@ -414,14 +435,18 @@ def run_pipeline(
                 "command": record["command"],
                 **lat_kw,
             }
-            if m == "r4t-diffusion":
+            if m in ("r4t-diffusion", "r4t-diffusion-rows"):
+                rr = Retriever.from_pretrained(r4t_dir, encoder=data.encoder)
+                if m == "r4t-diffusion-rows":
+                    rr.defaults["anchor"] = 0.0
                 rec = evaluate(
-                    Retriever.from_pretrained(r4t_dir, encoder=data.encoder),
+                    rr,
                     data.dataset,
-                    method_name="r4t-diffusion",
+                    method_name=m,
                     limit=e["limit"],
                     **kw,
                 )
+                rec["query_share_of_budget"] = query_budget_share(rr.defaults["anchor"], 10)
             elif m in LLM_EVAL_METHODS:
                 policy = folm if m == "folm" else cfg["policy"]
                 ll = (e.get("llm_latency") or {}).get(m)

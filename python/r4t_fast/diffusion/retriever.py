@@ -110,6 +110,24 @@ def check_options(o: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def query_budget_share(anchor: float, k: int) -> float:
+    """The share of the fair candidate budget that the query's own dense ranking takes at ``anchor``.
+
+    With ``anchor > 0``, row 0 is the query itself (one of the ``k`` items is the query's nearest item)
+    and ``m = max(1, round(anchor * k / (1 - anchor)))`` rows holding the query's ranking interleaved are
+    appended. The round-robin fair union reads the ranking from those ``m`` rows (row 0's candidates are
+    the same ranking: after its first item they are already taken), so about ``m / (k - 1 + m)`` of the
+    budget is the query's ranking; 0 without an anchor row.
+
+    >>> round(query_budget_share(0.3, 10), 4), query_budget_share(0.0, 10)
+    (0.3077, 0.0)
+    """
+    if anchor <= 0:
+        return 0.0
+    m = max(1, round(anchor * k / (1 - anchor)))
+    return m / (k - 1 + m)
+
+
 def query_seeds(seed: int, q: torch.Tensor) -> list[int]:
     """One seed per query, from ``seed`` and the query embedding's float32 bytes: the same query gets
     the same noise (hence the same set) alone or anywhere in any batch."""

@@ -98,8 +98,11 @@ __all__ = [
 
 METHOD_CHOICES = ("dense", "mmr", "dpp", "llm-zeroshot", "llm-bon")
 """Names ``--method`` accepts, besides a local policy directory (evaluated as ``folm``)."""
-RECORD_METHODS = ("dense", "mmr", "dpp", "llm-zeroshot", "llm-bon", "folm", "r4t-diffusion")
-"""Method names used in records (``r4t-diffusion`` is the diffusion retriever of a later stage)."""
+RECORD_METHODS = (
+    "dense", "mmr", "dpp", "llm-zeroshot", "llm-bon", "folm", "r4t-diffusion", "r4t-diffusion-rows"
+)  # fmt: skip
+"""Method names used in records (``r4t-diffusion`` is the diffusion retriever of a later stage,
+``r4t-diffusion-rows`` the same model with anchor 0: its rows alone)."""
 LLM_METHODS = frozenset({"llm-zeroshot", "llm-bon", "folm"})
 """LLM fan-out methods (their quality-run batches are reused as latency calls where the sizes match)."""
 

@@ -309,7 +309,9 @@ def format_table(record: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------
 # reading records (report and plots)
 # ----------------------------------------------------------------------------------------------------
-METHOD_ORDER = ("dense", "mmr", "dpp", "llm-zeroshot", "llm-bon", "folm", "r4t-diffusion")
+METHOD_ORDER = (
+    "dense", "mmr", "dpp", "llm-zeroshot", "llm-bon", "folm", "r4t-diffusion", "r4t-diffusion-rows"
+)  # fmt: skip
 """The order methods appear in tables and plots."""
 
 HEADLINE_COLUMNS = (

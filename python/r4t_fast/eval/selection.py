@@ -6,8 +6,11 @@ on the **validation** split, never the test split. Two steps, each scored with t
 candidate budget):
 
 1. **Quality settings** at the reference sampler (Heun, 16 steps = 31 network evaluations): every
-   ``anchor`` (the query-anchored row's share of the candidate budget) × ``guidance`` pair; the one with
-   the highest ``recall_at_fair`` is kept (ties: higher ``vendi``).
+   ``anchor`` (the query-anchored row's share of the candidate budget) × ``guidance`` × ``pull``; rule
+   ``"recall"``: the one with the highest ``recall_at_fair`` is kept (ties: higher ``vendi``) -- which
+   always takes the largest anchor offered; rule ``"rails"`` (issue 18): the highest ``recall_at_fair``
+   among the settings within the guard rails against dense kNN and MMR scored on the same queries
+   (:data:`DEFAULT_RAILS`), so diversity is not traded away for the query's own ranking.
 2. **Fewest network evaluations**: at those settings, every ``(sampler, steps)`` of ``grid``; the one with
    the fewest NFE whose ``recall_at_fair`` and ``vendi`` are at least ``tolerance[0]`` / ``tolerance[1]``
    of the reference's and whose ``item_relevance`` is at least ``tolerance[2]`` of it (issue 12: 97 %,
@@ -25,20 +28,21 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from r4t_fast._internal import check_float
+from r4t_fast._internal import check_choice, check_float
 
 __all__ = [
     "DEFAULT_ANCHORS",
     "DEFAULT_CONSISTENCY_STEPS",
     "DEFAULT_GRID",
     "DEFAULT_GUIDANCES",
+    "DEFAULT_RAILS",
     "meets_tolerance",
     "rows_recall_scorer",
     "select_distilled",
     "select_retrieval_settings",
 ]
 
-DEFAULT_ANCHORS: tuple[float, ...] = (0.0, 0.2, 0.3)
+DEFAULT_ANCHORS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 """Query-anchored row shares tried (0: no anchor row)."""
 DEFAULT_GUIDANCES: tuple[float, ...] = (0.0, 1.0)
 """Classifier-free guidance strengths tried."""
@@ -54,6 +58,10 @@ DEFAULT_GRID: tuple[tuple[str, int], ...] = (
 """(sampler, steps) pairs tried for the fewest network evaluations; the first is the reference."""
 
 _SETTINGS = ("sampler", "steps", "guidance", "anchor", "pull")
+
+DEFAULT_RAILS: tuple[float, float, float] = (0.01, 0.08, 1.0)
+"""Issue 18's guard rails of the ``"rails"`` rule: recall_at_fair at most 0.01 below dense kNN's,
+item_relevance at most 0.08 below dense's, vendi at least 1.0 above MMR's."""
 
 DEFAULT_CONSISTENCY_STEPS: tuple[int, ...] = (1, 2, 3, 4)
 """Consistency step counts of a distilled model tried by :func:`select_distilled`."""
@@ -130,6 +138,15 @@ def rows_recall_scorer(
     return score
 
 
+def _score_baseline(method: str, kwargs: dict | None, data: Any, split: str, limit: int | None) -> dict:
+    from r4t_fast.eval.evaluation import evaluate
+
+    rec = evaluate(method, data.dataset, split, data=data, limit=limit, method_kwargs=kwargs,
+                   latency_batch_sizes=(), n_boot=100, progress=False)  # fmt: skip
+    return {"method": method, "kwargs": kwargs, "n_queries": rec["n_queries"],
+            **{k: rec["metrics"].get(k) for k in _KEYS}}  # fmt: skip
+
+
 def meets_tolerance(row: dict[str, Any], ref: dict[str, Any], tol: Sequence[float]) -> bool:
     """The one rule of issue 12: ``row`` keeps ``tol[0]`` of ``ref``'s ``recall_at_fair``, ``tol[1]`` of its
     ``vendi`` and ``tol[2]`` of its ``item_relevance``."""
@@ -160,6 +177,9 @@ def select_retrieval_settings(
     limit: int | None = None,
     apply: bool = True,
     progress: bool = True,
+    rule: str = "recall",
+    rails: tuple[float, float, float] = DEFAULT_RAILS,
+    mmr_lambda: float = 0.9,
 ) -> dict[str, Any]:
     """Choose ``anchor``, ``guidance``, ``sampler`` and ``steps`` for ``retriever`` on ``split`` (module doc).
 
@@ -175,6 +195,11 @@ def select_retrieval_settings(
         tolerance: fractions of the reference's ``recall_at_fair``, ``vendi``, ``item_relevance``.
         limit: score only the first ``limit`` queries of the split.
         apply: store the choice in ``retriever.defaults``.
+        rule: how step 1 picks the quality setting. ``"recall"``: the highest ``recall_at_fair`` (ties:
+            higher ``vendi``). ``"rails"`` (issue 18): dense kNN and MMR (``mmr_lambda``) are scored on the
+            same queries; among the settings with ``recall_at_fair >= dense - rails[0]``,
+            ``item_relevance >= dense - rails[1]`` and ``vendi >= MMR + rails[2]``, the highest
+            ``recall_at_fair``; when none meets them, the highest ``recall_at_fair + vendi / 100``.
 
     Returns:
         ``{"chosen": {...}, "reference": row, "rows": [...], "rule": str, "split": split}``.
@@ -184,6 +209,7 @@ def select_retrieval_settings(
     if not anchors or not guidances or not grid or not pulls:
         raise ValueError("anchors, guidances, grid, pulls: each needs at least one value")
     tol = _check_tolerance(tolerance)
+    check_choice(rule, ("recall", "rails"), "rule")
     if retriever.model.cfg.cond_dim != retriever.model.cfg.dim:
         anchors, pulls = (0.0,), (0.0,)  # anchor row and pull need the query in the rows' space
     ref_sampler, ref_steps = grid[0]
@@ -207,7 +233,31 @@ def select_retrieval_settings(
                 row = _score(retriever, data, split, limit, {**s, "pull": float(pl)})
                 log(row)
                 quality.append(row)
-    ref = max(quality, key=lambda r: (r["recall_at_fair"], r["vendi"]))
+    baselines: dict[str, dict[str, Any]] = {}
+    if rule == "recall":
+        ref = max(quality, key=lambda r: (r["recall_at_fair"], r["vendi"]))
+        rule_text = f"anchor x guidance: the highest recall_at_fair at {ref_sampler} {ref_steps} steps"
+    else:
+        dense = baselines["dense"] = _score_baseline("dense", None, data, split, limit)
+        mmr = baselines["mmr"] = _score_baseline("mmr", {"lambda_": mmr_lambda}, data, split, limit)
+        ok = [
+            r
+            for r in quality
+            if r["recall_at_fair"] >= dense["recall_at_fair"] - rails[0]
+            and r["item_relevance"] >= dense["item_relevance"] - rails[1]
+            and r["vendi"] >= mmr["vendi"] + rails[2]
+        ]
+        ref = (
+            max(ok, key=lambda r: (r["recall_at_fair"], r["vendi"]))
+            if ok
+            else max(quality, key=lambda r: r["recall_at_fair"] + r["vendi"] / 100)
+        )
+        rule_text = (
+            f"anchor x guidance x pull at {ref_sampler} {ref_steps} steps: among the settings with "
+            f"recall_at_fair >= dense - {rails[0]:g}, item_relevance >= dense - {rails[1]:g} and vendi >= "
+            f"MMR(lambda {mmr_lambda:g}) + {rails[2]:g} on the same queries, the highest recall_at_fair "
+            f"({len(ok)} qualified; without one: the highest recall_at_fair + vendi / 100)"
+        )
     best = ref
     for sampler, steps in grid[1:]:
         s = {"sampler": sampler, "steps": steps, "guidance": ref["guidance"], "anchor": ref["anchor"]}
@@ -225,10 +275,10 @@ def select_retrieval_settings(
         "chosen": chosen,
         "reference": ref,
         "rows": rows,
+        "baselines": baselines,
         "rule": (
-            f"anchor x guidance: the highest recall_at_fair at {ref_sampler} {ref_steps} steps; then the "
-            f"fewest NFE with recall_at_fair >= {tol[0]:.0%}, vendi >= {tol[1]:.0%} and item_relevance "
-            f">= {tol[2]:.0%} of that reference"
+            f"{rule_text}; then the fewest NFE with recall_at_fair >= {tol[0]:.0%}, vendi >= {tol[1]:.0%} "
+            f"and item_relevance >= {tol[2]:.0%} of that reference"
         ),
     }
 

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 from r4t_fast import _threads
 from r4t_fast._internal import (
     check_choice,
+    check_non_negative_int,
     check_positive_int,
     check_save_target,
     check_seed,
@@ -57,7 +59,9 @@ from r4t_fast.diffusion.model import (
     save_model,
     shift_rows,
 )
+from r4t_fast.diffusion.samplers import sampler_sigmas
 from r4t_fast.kernels.ops import check_device
+from r4t_fast.train.row_loss import row_retrieval_loss
 from r4t_fast.train.targets import TARGET_CHOICES, TrainingPairs, process_info, rank_items, training_pairs
 
 __all__ = ["FORMAT", "DiffusionTrainConfig", "load_shards", "load_trained", "train_diffusion"]
@@ -105,10 +109,51 @@ class DiffusionTrainConfig:
     k: int | None = field(
         default=None, metadata={"help": "rows of a reference target (None: the shards' set size, else 10)"}
     )
+    retrieval_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the rows' retrieval loss beside the EDM loss (0 = off; needs reference "
+            "sets: targets reference/both; r4t_fast.train.row_loss)"
+        },
+    )
+    retrieval_tau: float = field(
+        default=0.05, metadata={"help": "retrieval loss: softmax temperature over cosine scores"}
+    )
+    retrieval_batch: int = field(
+        default=64, metadata={"help": "retrieval loss: sets of each batch that take it (the first ones)"}
+    )
+    retrieval_query_budget: int = field(
+        default=0,
+        metadata={
+            "help": "retrieval loss: reference items the query itself ranks within this many take no loss "
+            "(the query-anchored row as a competitor; 0 = off)"
+        },
+    )
+    retrieval_unroll: int = field(
+        default=0,
+        metadata={
+            "help": "retrieval loss on: 0 = the denoiser's clean-set prediction at the EDM training noise "
+            "level; n > 0 = the rows an n-step Euler sampler (the Retriever's sampler 'euler', n steps, "
+            "guidance 0) draws from pure noise, differentiated through every step (DRaFT-style)"
+        },
+    )
+    select_every: int = field(
+        default=0,
+        metadata={
+            "help": "steps between validation scores of the EMA model (0 = off); the best-scoring weights "
+            "are kept (early stopping; needs a select_fn, e.g. the rows' val recall)"
+        },
+    )
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "reference_samples"):
+        for name in ("steps", "batch_size", "reference_samples", "retrieval_batch"):
             setattr(self, name, check_positive_int(getattr(self, name), name))
+        for name in ("retrieval_query_budget", "retrieval_unroll", "select_every"):
+            setattr(self, name, check_non_negative_int(getattr(self, name), name))
+        if not (math.isfinite(self.retrieval_weight) and self.retrieval_weight >= 0):
+            raise ValueError(f"retrieval_weight: expected a finite float >= 0, got {self.retrieval_weight}")
+        if not (math.isfinite(self.retrieval_tau) and self.retrieval_tau > 0):
+            raise ValueError(f"retrieval_tau: expected a finite float > 0, got {self.retrieval_tau}")
         if self.k is not None:
             self.k = check_positive_int(self.k, "k")
         check_choice(self.targets, TARGET_CHOICES, "targets")
@@ -213,8 +258,18 @@ def train_diffusion(
     out_dir: str | os.PathLike | None = None,
     extra_meta: dict | None = None,
     progress: bool = True,
+    *,
+    positives: torch.Tensor | None = None,
+    catalog: torch.Tensor | None = None,
+    select_fn: Callable[[SetDenoiser], float] | None = None,
 ) -> tuple[SetDenoiser, list[dict]]:
     """Train on pairs cond (n, cond_dim) -> targets (n, L, d). Returns (EMA model, log rows).
+
+    ``cfg.retrieval_weight > 0`` adds the rows' retrieval loss (:mod:`r4t_fast.train.row_loss`): it needs
+    ``positives`` (n, P) (catalog indices of each pair's reference set, -1 = padding) and ``catalog``
+    (N, d). ``select_fn(model) -> score`` (higher is better) with ``cfg.select_every > 0`` scores the EMA
+    model every ``select_every`` steps and at the end; the best-scoring weights are returned and saved
+    (early stopping on a validation metric; the log's ``select`` rows record every score).
 
     When ``out_dir`` is given, the EMA model is saved there (config.json + model.safetensors) with
     the training config and log (``train_log.jsonl``), crash-safely, by rank 0 only (:func:`save_trained`;
@@ -222,6 +277,21 @@ def train_diffusion(
     same pairs (module docstring).
     """
     _check_pairs(cond, targets)
+    use_rows = cfg.retrieval_weight > 0
+    if use_rows:
+        if positives is None or catalog is None:
+            raise ValueError(
+                "retrieval_weight: the rows' retrieval loss needs reference sets (positives and the catalog; "
+                "use targets 'reference' or 'both')"
+            )
+        if positives.dim() != 2 or positives.shape[0] != cond.shape[0]:
+            raise ValueError(f"positives: expected ({cond.shape[0]}, P) int64, got {tuple(positives.shape)}")
+        if catalog.dim() != 2 or catalog.shape[1] != targets.shape[2]:
+            raise ValueError(f"catalog: expected (N, {targets.shape[2]}), got {tuple(catalog.shape)}")
+        if int(positives.max()) >= catalog.shape[0]:
+            raise ValueError(f"positives: indices must be < the catalog size {catalog.shape[0]}")
+    if cfg.select_every and select_fn is None:
+        raise ValueError("select_every: needs a select_fn (the validation score of the EMA model)")
     torch.set_num_threads(_threads.resolve(cfg.threads))  # 0: the package's rule
     n, L, d = targets.shape
     offset = resolve_cond_offset(cfg.cond_offset, cond, targets)
@@ -256,9 +326,15 @@ def train_diffusion(
         raise ValueError(f"targets: {n} pairs cannot be shared by {proc.world} processes")
     batch = min(max(1, cfg.batch_size // proc.world), local.numel())
     cond, targets = cond.to(dev), targets.to(dev)
+    if use_rows:
+        positives, catalog = positives.to(dev), catalog.float().to(dev)
+        q_budget = cfg.retrieval_query_budget if cond.shape[1] == targets.shape[2] else 0
+        if cfg.retrieval_unroll:
+            unroll_sigmas = sampler_sigmas("euler", cfg.retrieval_unroll, mcfg)
     log: list[dict] = []
     t0 = time.perf_counter()
-    running = 0.0
+    running = running_rows = 0.0
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     bar = tqdm(range(cfg.steps), desc="train-diffusion", disable=not progress or not proc.is_main)
     for step in bar:
         idx = local[torch.randint(0, local.numel(), (batch,), generator=g)].to(dev)
@@ -266,7 +342,29 @@ def train_diffusion(
         x0 = torch.gather(targets[idx], 1, perm[:, :, None].expand(-1, -1, d))
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        loss = edm.loss(x0, cond[idx], generator=g)
+        if use_rows and cfg.retrieval_unroll:
+            loss = edm.loss(x0, cond[idx], generator=g)
+            sub = idx[: cfg.retrieval_batch]
+            rows = unrolled_rows(edm, cond[sub], unroll_sigmas, generator=g)
+            rl = row_retrieval_loss(
+                rows, positives[sub], catalog, tau=cfg.retrieval_tau, query=cond[sub], query_budget=q_budget
+            )
+        elif use_rows:
+            loss, rows, kept = edm.loss(x0, cond[idx], generator=g, return_denoised=True)
+            sub = torch.nonzero(kept[: cfg.retrieval_batch], as_tuple=True)[0]
+            rl = row_retrieval_loss(
+                rows[sub],
+                positives[idx[sub]],
+                catalog,
+                tau=cfg.retrieval_tau,
+                query=cond[idx[sub]],
+                query_budget=q_budget,
+            )
+        if use_rows:
+            running_rows += float(rl.loss.detach())
+            loss = loss + cfg.retrieval_weight * rl.loss
+        else:
+            loss = edm.loss(x0, cond[idx], generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -284,9 +382,24 @@ def train_diffusion(
                 "lr": _lr_at(step, cfg),
                 "elapsed_s": time.perf_counter() - t0,
             }
+            if use_rows:
+                row["row_loss"] = running_rows / k
             log.append(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
-            running = 0.0
+            running = running_rows = 0.0
+        if (
+            select_fn is not None
+            and cfg.select_every
+            and ((step + 1) % cfg.select_every == 0 or step + 1 == cfg.steps)
+        ):
+            ema.eval()
+            score = float(select_fn(ema))
+            log.append({"step": step + 1, "select": score, "elapsed_s": time.perf_counter() - t0})
+            if best is None or score > best[0]:
+                best = (score, step + 1, {k: v.detach().clone() for k, v in ema.state_dict().items()})
+    if best is not None:
+        ema.load_state_dict(best[2])
+        log.append({"step": best[1], "selected": best[0]})
     ema.eval()
     if out_dir is not None and proc.is_main:
         meta = {
@@ -307,6 +420,22 @@ def _is_legacy_model(p: Path) -> bool:
     return (p / "model.safetensors").is_file()
 
 
+def unrolled_rows(
+    edm: EDM, cond: torch.Tensor, sigmas: list[float], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Rows (B, L, d) in the data space that Euler steps over ``sigmas`` (decreasing, last 0) draw from
+    pure noise for ``cond`` (B, cond_dim), guidance 0, **with** the graph through every step -- the
+    Retriever's ``euler`` sampler (:func:`r4t_fast.diffusion.samplers.sample_euler`) made
+    differentiable, for a loss on what retrieval actually grounds."""
+    cfg = edm.cfg
+    B = cond.shape[0]
+    x = torch.randn((B, cfg.set_size, cfg.dim), generator=generator).to(cond.device) * sigmas[0]
+    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        D = edm.denoise(x, torch.full((B,), float(s), device=cond.device), cond)
+        x = D if s_next == 0 else x + (s_next - s) * (x - D) / s
+    return edm.uncenter(x, cond)
+
+
 def save_trained(model: SetDenoiser, out_dir: str | os.PathLike, meta: dict, log: list[dict]) -> Path:
     """Save ``model`` (``config.json`` with ``meta``, ``model.safetensors``) and ``train_log.jsonl`` as
     one crash-safe directory (:func:`r4t_fast._internal.save_dir_atomically`, format :data:`FORMAT`)."""
@@ -315,9 +444,7 @@ def save_trained(model: SetDenoiser, out_dir: str | os.PathLike, meta: dict, log
         save_model(model, tmp, extra=meta)
         (tmp / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
 
-    return save_dir_atomically(
-        out_dir, write, format=FORMAT, legacy=_is_legacy_model
-    )
+    return save_dir_atomically(out_dir, write, format=FORMAT, legacy=_is_legacy_model)
 
 
 def load_trained(
@@ -472,7 +599,15 @@ def cli_main(args: argparse.Namespace) -> int:
         min_reward=cfg.min_reward,
         seed=cfg.seed,
     )
-    _, log = train_diffusion(pairs.cond, pairs.targets, cfg, args.out, extra_meta=meta)
+    _, log = train_diffusion(
+        pairs.cond,
+        pairs.targets,
+        cfg,
+        args.out,
+        extra_meta=meta,
+        positives=pairs.positives,
+        catalog=pairs.catalog,
+    )
     if process_info().is_main:
         src = ", ".join(f"{k} {pairs.counts[k]}" for k in ("teacher", "reference"))
         print(f"saved {args.out}: {len(pairs.cond)} pairs ({src}), final loss {log[-1]['loss']:.4f}")
