@@ -90,3 +90,36 @@ def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     jp.write_text(json.dumps(payload, indent=2) + "\n")
     mp.write_text(markdown)
     return jp, mp
+
+
+def paired_ci(a: dict, b: dict, key: str) -> dict | None:
+    """Paired 95 % bootstrap CI of record ``a`` minus record ``b`` on ``key`` over their common queries
+    (:func:`r4t_fast.eval.records.paired_difference`) as a JSON-ready dict; None when not comparable."""
+    from r4t_fast.eval.records import paired_difference
+
+    diff = paired_difference(a, b, key, n_boot=1000, seed=0)
+    if diff is None:
+        return None
+    ci, n = diff
+    return {"n": n, "mean": ci.mean, "low": ci.low, "high": ci.high, "excludes_zero": ci.excludes_zero}
+
+
+def ci_cell(d: dict | None, scale: float, digits: int) -> str:
+    """A table cell for a :func:`paired_ci` dict: ``+1.2* (+0.3, +2.0)`` (``*``: the CI excludes 0)."""
+    if not d:
+        return "–"
+    star = "*" if d.get("excludes_zero") else ""
+    lo, hi = d["low"] * scale, d["high"] * scale
+    return f"{d['mean'] * scale:+.{digits}f}{star} ({lo:+.{digits}f}, {hi:+.{digits}f})"
+
+
+def finish(name: str, res: dict, md: list[str]) -> int:
+    """Append the machine line to the Markdown ``md``, write ``name``.json / .md and print the table."""
+    md = [
+        *md,
+        "",
+        f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores; wall {res['wall_s']:.0f} s.",
+    ]
+    write_results(name, res, "\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0

@@ -31,23 +31,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import environment, write_results  # noqa: E402
+from _harness import ci_cell, environment, finish, paired_ci  # noqa: E402
 
 KEYS = ("recall_at_fair", "vendi", "item_relevance", "hit_at_fair", "row_groundedness")
 
 
 def _row(name: str, group: str, path: Path, against: str | None) -> dict[str, Any]:
     return {"name": name, "group": group, "record": str(path), "against": against}
-
-
-def _paired(a: dict, b: dict, key: str) -> dict[str, Any] | None:
-    from r4t_fast.eval.records import paired_difference
-
-    diff = paired_difference(a, b, key, n_boot=1000, seed=0)
-    if diff is None:
-        return None
-    ci, n = diff
-    return {"n": n, "mean": ci.mean, "low": ci.low, "high": ci.high, "excludes_zero": ci.excludes_zero}
 
 
 def main() -> int:
@@ -204,7 +194,7 @@ def main() -> int:
             if k in (rec.get("method_stats") or {}):
                 r["metrics"][k] = rec["method_stats"][k]
         if r["against"]:
-            r["paired"] = {k: _paired(rec, recs[r["against"]], k) for k in KEYS[:3]}
+            r["paired"] = {k: paired_ci(rec, recs[r["against"]], k) for k in KEYS[:3]}
     res = {
         **environment(),
         "run": str(run),
@@ -230,12 +220,7 @@ def main() -> int:
         m = r["metrics"]
 
         def cell(key: str, scale: float, digits: int, r: dict = r) -> str:
-            d = (r.get("paired") or {}).get(key)
-            if not d:
-                return "–"
-            star = "*" if d["excludes_zero"] else ""
-            lo, hi = d["low"] * scale, d["high"] * scale
-            return f"{d['mean'] * scale:+.{digits}f}{star} ({lo:+.{digits}f}, {hi:+.{digits}f})"
+            return ci_cell((r.get("paired") or {}).get(key), scale, digits)
 
         us = m.get("usable_subqueries")
         ns = m.get("no_subquery_rate")
@@ -246,13 +231,7 @@ def main() -> int:
             f"| {'–' if ns is None else f'{100 * ns:.0f} %'} | {r['against'] or '–'} "
             f"| {cell('recall_at_fair', 100, 1)} | {cell('vendi', 1, 2)} | {cell('item_relevance', 100, 1)} |"
         )
-    md += [
-        "",
-        f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores; wall {res['wall_s']:.0f} s.",
-    ]
-    write_results(args.results, res, "\n".join(md) + "\n")
-    print("\n".join(md))
-    return 0
+    return finish(args.results, res, md)
 
 
 if __name__ == "__main__":

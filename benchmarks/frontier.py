@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import RESULTS, environment, write_results  # noqa: E402
+from _harness import RESULTS, ci_cell, environment, finish, paired_ci  # noqa: E402
 
 KEYS = ("recall_at_fair", "vendi", "item_relevance", "recall@5000", "hit_at_fair")
 MMR_LAMBDAS = (0.3, 0.5, 0.7, 0.9)
@@ -72,7 +72,6 @@ def main() -> int:
     from r4t_fast.diffusion.retriever import Retriever, query_budget_share
     from r4t_fast.eval.evaluation import evaluate
     from r4t_fast.eval.plots import plot_frontier
-    from r4t_fast.eval.records import paired_difference
 
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -139,18 +138,11 @@ def main() -> int:
     test_b = baselines("test")
     r.defaults.update(base_defaults)
 
-    def paired(a: dict, b: dict, key: str) -> dict[str, Any] | None:
-        d = paired_difference(a, b, key, n_boot=1000, seed=0)
-        if d is None:
-            return None
-        ci, n = d
-        return {"n": n, "mean": ci.mean, "low": ci.low, "high": ci.high}
-
     rows = []
     for name, c in choices.items():
         s = c["setting"]
         a, b = test_r4t[s], test_b[name]
-        dr, dv = paired(a, b, "recall_at_fair"), paired(a, b, "vendi")
+        dr, dv = paired_ci(a, b, "recall_at_fair"), paired_ci(a, b, "vendi")
         rows.append(
             {
                 "baseline": name,
@@ -171,7 +163,8 @@ def main() -> int:
         "test": m(d_test),
         "vs": {
             name: {
-                k: paired(d_test, b, k) for k in ("recall_at_fair", "vendi", "item_relevance", "recall@5000")
+                k: paired_ci(d_test, b, k)
+                for k in ("recall_at_fair", "vendi", "item_relevance", "recall@5000")
             }
             for name, b in test_b.items()
         },
@@ -219,12 +212,6 @@ def main() -> int:
     def pct(x: float | None) -> str:
         return "–" if x is None else f"{100 * x:.1f}"
 
-    def ci(d: dict | None, scale: float, digits: int) -> str:
-        if not d:
-            return "–"
-        lo, hi = d["low"] * scale, d["high"] * scale
-        return f"{d['mean'] * scale:+.{digits}f} ({lo:+.{digits}f}, {hi:+.{digits}f})"
-
     md = [
         f"# Recall–diversity frontier on {args.dataset}",
         "",
@@ -258,8 +245,8 @@ def main() -> int:
         s, a, b = row["r4t_setting"], row["test_r4t"], row["test_baseline"]
         md.append(
             f"| {row['baseline']} | anchor {s['anchor']:g}, pull {s['pull']:g} | {pct(a['recall_at_fair'])} "
-            f"| {pct(b['recall_at_fair'])} | {ci(row['d_recall'], 100, 1)} | {a['vendi']:.2f} "
-            f"| {b['vendi']:.2f} | {ci(row['d_vendi'], 1, 2)} | {'yes' if row['met'] else 'no'} |"
+            f"| {pct(b['recall_at_fair'])} | {ci_cell(row['d_recall'], 100, 1)} | {a['vendi']:.2f} "
+            f"| {b['vendi']:.2f} | {ci_cell(row['d_vendi'], 1, 2)} | {'yes' if row['met'] else 'no'} |"
         )
     dt = default_row["test"]
     md += [
@@ -276,16 +263,10 @@ def main() -> int:
     ]
     for name, v in default_row["vs"].items():
         md.append(
-            f"| {name} | {ci(v['recall_at_fair'], 100, 1)} | {ci(v['vendi'], 1, 2)} "
-            f"| {ci(v['item_relevance'], 100, 1)} | {ci(v['recall@5000'], 100, 1)} |"
+            f"| {name} | {ci_cell(v['recall_at_fair'], 100, 1)} | {ci_cell(v['vendi'], 1, 2)} "
+            f"| {ci_cell(v['item_relevance'], 100, 1)} | {ci_cell(v['recall@5000'], 100, 1)} |"
         )
-    md += [
-        "",
-        f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores; wall {res['wall_s']:.0f} s.",
-    ]
-    write_results(args.results, res, "\n".join(md) + "\n")
-    print("\n".join(md))
-    return 0
+    return finish(args.results, res, md)
 
 
 if __name__ == "__main__":

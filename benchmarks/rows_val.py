@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import environment, write_results  # noqa: E402
+from _harness import ci_cell, environment, finish, paired_ci  # noqa: E402
 
 KEYS = ("recall_at_fair", "vendi", "item_relevance", "recall@5000")
 
@@ -66,16 +66,6 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
         else:
             over[key] = _value(val)
     return name, over
-
-
-def _paired(a: dict, b: dict, key: str) -> dict[str, Any] | None:
-    from r4t_fast.eval.records import paired_difference
-
-    diff = paired_difference(a, b, key, n_boot=1000, seed=0)
-    if diff is None:
-        return None
-    ci, n = diff
-    return {"n": n, "mean": ci.mean, "low": ci.low, "high": ci.high, "excludes_zero": ci.excludes_zero}
 
 
 def main() -> int:
@@ -174,7 +164,7 @@ def main() -> int:
         r["n_queries"] = rec["n_queries"]
         r["metrics"] = {key: rec["metrics"].get(key) for key in KEYS}
         if r["against"] in recs:
-            r["paired"] = {key: _paired(rec, recs[r["against"]], key) for key in KEYS[:3]}
+            r["paired"] = {key: paired_ci(rec, recs[r["against"]], key) for key in KEYS[:3]}
     res = {
         **environment(),
         "dataset": args.dataset,
@@ -201,14 +191,7 @@ def main() -> int:
         m = r["metrics"]
 
         def cell(key: str, scale: float, digits: int, r: dict = r) -> str:
-            d = (r.get("paired") or {}).get(key)
-            if not d:
-                return "–"
-            star = "*" if d["excludes_zero"] else ""
-            return (
-                f"{d['mean'] * scale:+.{digits}f}{star} ({d['low'] * scale:+.{digits}f}, "
-                f"{d['high'] * scale:+.{digits}f})"
-            )
+            return ci_cell((r.get("paired") or {}).get(key), scale, digits)
 
         r500 = m.get("recall@5000")
         md.append(
@@ -217,13 +200,7 @@ def main() -> int:
             f"| {'–' if r500 is None else f'{100 * r500:.1f}'} | {m['vendi']:.2f} "
             f"| {100 * m['item_relevance']:.1f} | {cell('recall_at_fair', 100, 1)} | {cell('vendi', 1, 2)} |"
         )
-    md += [
-        "",
-        f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores; wall {res['wall_s']:.0f} s.",
-    ]
-    write_results(args.results, res, "\n".join(md) + "\n")
-    print("\n".join(md))
-    return 0
+    return finish(args.results, res, md)
 
 
 if __name__ == "__main__":
