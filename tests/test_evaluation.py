@@ -14,7 +14,7 @@ from r4t_fast import objectives as M
 from r4t_fast.data import prepare as E_prepare
 from r4t_fast.eval import evaluation as E
 from r4t_fast.eval.baselines import DenseBaseline
-from r4t_fast.eval.records import subset_record
+from r4t_fast.eval.records import local_path, subset_record
 
 COLORS = ["red", "blue", "green", "black", "white", "pink", "beige", "navy"]
 KINDS = ["dress", "jeans", "sneakers", "handbag", "scarf", "jacket", "sandals", "skirt", "hat", "belt"]
@@ -131,7 +131,7 @@ def check_record(
     assert len(cat["ids_sha256"]) == 64 and len(cat["embeddings_sha256"]) == 64
 
 
-def test_record_schema(dense_record: dict, sets_file: Path) -> None:
+def test_record_schema(dense_record: dict, sets_file: Path, cache_dir: Path) -> None:
     rec = dense_record
     check_record(rec, "dense")
     lat = rec["latency_ms_per_query"]
@@ -151,7 +151,10 @@ def test_record_schema(dense_record: dict, sets_file: Path) -> None:
     cfg = rec["config"]
     assert cfg["encoder"].startswith("hashing") and cfg["k"] == 10
     assert cfg["split"]["ratios"] == [0.8, 0.1, 0.1]
-    assert Path(cfg["split"]["file"]).is_file() and Path(cfg["catalog"]["dir"]).is_dir()
+    # paths relative to the cache root (records read the same on every machine), found on this one
+    assert cfg["split"]["file"].startswith("$R4T_CACHE_DIR/splits/")
+    assert local_path(cfg["split"]["file"], cache_dir=cache_dir).is_file()
+    assert local_path(cfg["catalog"]["dir"], cache_dir=cache_dir).is_dir()
     # the test split of the synthetic file: every titled set is a query, untitled ones are counted
     from r4t_fast.data.datasets import load_jsonl
     from r4t_fast.data.splits import split_sets
@@ -166,8 +169,8 @@ def test_record_schema(dense_record: dict, sets_file: Path) -> None:
 
 def test_cached_catalog_and_split_are_reused(dense_record: dict, sets_file: Path, cache_dir: Path) -> None:
     data = E_prepare.load_eval_data(sets_file, encoder="hashing:32", cache_dir=cache_dir, progress=False)
-    assert data.catalog_dir == Path(dense_record["config"]["catalog"]["dir"])
-    assert str(data.split_path) == dense_record["config"]["split"]["file"]
+    assert data.catalog_dir == local_path(dense_record["config"]["catalog"]["dir"], cache_dir=cache_dir)
+    assert data.split_path == local_path(dense_record["config"]["split"]["file"], cache_dir=cache_dir)
     rec = E.evaluate("dense", sets_file, data=data, budgets=BUDGETS, latency_batch_sizes=(), progress=False)
     assert rec["metrics"] == pytest.approx(dense_record["metrics"])
     assert rec["latency_ms_per_query"] == {}

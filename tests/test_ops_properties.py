@@ -185,6 +185,11 @@ def test_set_stats_equals_reference(seed, S, L, d, use_len, zero_rows):
     if zero_rows and S > 0:
         x[:, 0] = 0.0
     lengths = torch.randint(0, L + 1, (S,), generator=g) if use_len else None
+    counted_zero = zero_rows and S > 0 and (lengths is None or bool((lengths > 0).any()))
+    if counted_zero:  # a counted all-zero row has no direction: refused, never scored (issue 22)
+        with pytest.raises(ValueError, match=r"^x: row 0 of set \d+ is all zeros"):
+            ops.set_stats(x, lengths)
+        return
     v, m = ops.set_stats(x, lengths)
     rv, rm = ref.set_stats(x, lengths)
     assert torch.allclose(v, rv, rtol=1e-4, atol=1e-5) and torch.allclose(m, rm, atol=1e-5)

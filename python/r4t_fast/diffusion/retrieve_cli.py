@@ -128,7 +128,8 @@ def cli_main(args: argparse.Namespace) -> int:
     if not is_retriever and not (model / "config.json").is_file():
         raise FileNotFoundError(f"--model: {model} holds neither retriever.json nor config.json")
     if args.save is not None:
-        check_save_target(Path(os.path.abspath(args.save)), FORMAT, name="--save")
+        legacy = lambda p: (p / "retriever.json").is_file()  # noqa: E731  (as Retriever.save accepts)
+        check_save_target(Path(os.path.abspath(args.save)), FORMAT, legacy, name="--save")
     if is_retriever:
         r = Retriever.from_pretrained(model)
     else:

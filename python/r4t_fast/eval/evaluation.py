@@ -498,8 +498,8 @@ def _check_cli_args(args: argparse.Namespace, kwargs: dict[str, Any]) -> None:
     retriever_dir = (Path(m).expanduser() / "retriever.json").is_file()
     if m not in METHOD_CHOICES and m != "folm" and not retriever_dir and not _is_policy_dir(m):
         raise ValueError(
-            f"--method: unknown method {m!r}; valid choices: {', '.join(METHOD_CHOICES)}, a tuned policy "
-            "directory (config.json) or a diffusion retriever directory (retriever.json)"
+            f"--method: unknown method {m!r}; valid choices: {', '.join(sorted(METHOD_CHOICES))}, folm "
+            "(with --policy), a tuned policy dir (config.json) or a retriever dir (retriever.json)"
         )
     factory = _REGISTRY.get(m)
     params = inspect.signature(factory).parameters if isinstance(factory, type) else {}

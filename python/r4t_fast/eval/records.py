@@ -28,6 +28,7 @@ __all__ = [
     "format_table",
     "paired_difference",
     "per_query_values",
+    "local_path",
     "portable_paths",
     "query_ids_sha256",
     "subset_record",
@@ -97,6 +98,25 @@ def portable_paths(
         return x
 
     return walk(record)
+
+
+def local_path(text: str, *, cache_dir: Any = None, data_dir: Any = None) -> Path:
+    """A path a record stores (:func:`portable_paths`) on this machine: ``$R4T_CACHE_DIR`` and
+    ``$R4T_DATA_DIR`` expand to ``cache_dir`` / ``data_dir`` (default: this machine's roots); any other
+    path is returned as it is (relative ones are relative to the working directory of the run).
+
+    >>> str(local_path("$R4T_CACHE_DIR/splits/a.json", cache_dir="/srv/c"))
+    '/srv/c/splits/a.json'
+    """
+    from r4t_fast.data.datasets import default_data_dir
+
+    for name, root in (
+        (CACHE_ROOT, cache_dir or default_cache_dir()),
+        (DATA_ROOT, data_dir or default_data_dir()),
+    ):
+        if root is not None and (text == name or text.startswith(name + "/")):
+            return Path(root) / text[len(name) + 1 :]
+    return Path(text)
 
 
 def environment() -> tuple[dict[str, Any], dict[str, Any]]:
