@@ -341,7 +341,8 @@ class Retriever:
         """Sets for query embeddings (B, cond_dim) float32.
 
         Args:
-            k: items per set (default the model's L), at most the catalog size.
+            k: items per set (default the model's L), at most the catalog size and
+                :data:`MAX_K_RETRIEVE` (grounding a set costs O(k^2)).
             n_candidates: C nearest items per row for ``candidates`` (0: none).
             steps, sampler, guidance, seed: sampling options (default: the retriever's defaults). Each
                 query's noise comes from its own seed, derived from ``seed`` and the query's bytes
