@@ -20,7 +20,7 @@ FOLM's and zero-shot's tokens/s compared (within 10 %: same base, LoRA merged).
     python benchmarks/bench_sampler.py --quick                  # reduced grid, < 2 min
     python benchmarks/bench_sampler.py --prepare-model runs/oracle --dataset polyvore   # see below
     python benchmarks/bench_sampler.py --model runs/polyvore/diffusion --distilled runs/polyvore/distilled \\
-        --default-distilled --end-to-end --llm --folm runs/polyvore/rl/policy --split val
+        --default-distilled --end-to-end --llm --bon --folm runs/polyvore/rl/policy --split val
                                                                  # -> results/latency_e2e.{json,md}
 
 Both paths are the real ``Retriever`` (what users get): ``eager`` is ``fused=False`` (PyTorch forwards,
@@ -306,6 +306,7 @@ def e2e_methods(args, r4t: Retriever, data: Any) -> dict[str, Any]:
     llm_kw = {"max_new_tokens": 128, "batch_size": 8}
     if args.llm:
         out["llm-zeroshot"] = resolve_method("llm-zeroshot", data, method_kwargs=llm_kw)[0]
+    if args.bon:
         out["llm-bon"] = resolve_method("llm-bon", data, method_kwargs=llm_kw)[0]
     if args.folm:
         out["folm"] = resolve_method("folm", data, method_kwargs={**llm_kw, "policy": args.folm})[0]
@@ -633,8 +634,13 @@ def main() -> None:
         metavar="POLICY",
         help="the end-to-end tables (results/latency_e2e) with the tuned policy (a directory) as FOLM",
     )
+    ap.add_argument("--llm", action="store_true", help="end-to-end tables: also the zero-shot LLM fan-out")
+    ap.add_argument("--bon", action="store_true", help="end-to-end tables: also the best-of-N LLM fan-out")
     ap.add_argument(
-        "--llm", action="store_true", help="end-to-end tables: also the zero-shot LLM and best-of-N fan-outs"
+        "--untrained-distilled",
+        action="store_true",
+        help="no --model: the random cpu-small retriever at the pipeline's distilled default (consistency, "
+        "2 steps, w = 0, anchor 0.3) instead of Retriever's defaults",
     )
     ap.add_argument(
         "--end-to-end",
@@ -658,7 +664,11 @@ def main() -> None:
         help="--prepare-model: the dataset; also the query texts' dataset without --quality-dataset",
     )
     ap.add_argument("--train-steps", type=int, default=2000, help="--prepare-model: optimizer steps")
-    ap.add_argument("--out", default="sampler_cpu", help="results name under benchmarks/results/")
+    ap.add_argument(
+        "--out",
+        default="sampler_cpu",
+        help="results name under benchmarks/results/ (the end-to-end tables: latency_e2e unless given)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(_threads.resolve(args.threads))
     if args.prepare_model:
@@ -666,7 +676,7 @@ def main() -> None:
         return
     if args.quality_dataset and not args.model:
         ap.error("--quality-dataset needs --model (a random model's catalog is not the dataset's)")
-    e2e = bool(args.end_to_end or args.folm or args.llm)
+    e2e = bool(args.end_to_end or args.folm or args.llm or args.bon)
     real = bool(e2e or args.quality_dataset)  # real query texts: the dataset's split titles
     qname = args.quality_dataset or args.dataset
     if args.model:
@@ -678,9 +688,11 @@ def main() -> None:
     elif real:  # a random model over the dataset's catalog, with its encoder (FOLM needs both)
         data = eval_data(qname)
         teacher = random_retriever(catalog=data.catalog, encoder=data.encoder)
+        if args.untrained_distilled:
+            teacher.defaults.update(sampler="consistency", steps=2, guidance=0.0, anchor=0.3)
         setup = {
             "model": f"randomly initialised cpu-small (d = {teacher.catalog.dim}, L = 10; latency does not "
-            "depend on weights)",
+            "depend on weights)" + (", at the distilled default" if args.untrained_distilled else ""),
             "catalog": f"{qname}'s, {len(teacher.catalog):,} × {teacher.catalog.dim}",
         }
     else:
@@ -737,7 +749,7 @@ def main() -> None:
         env = environment(("transformers", "peft"))
         payload = {"benchmark": "latency_e2e", "environment": env, "machine": machine_description()}
         payload.update(setup=setup, **res)
-        name = "latency_e2e" + ("_quick" if args.quick else "")
+        name = ("latency_e2e" if args.out == "sampler_cpu" else args.out) + ("_quick" if args.quick else "")
         jp, mp = write_results(name, payload, e2e_markdown(env, setup, res))
         print(f"wrote {jp} and {mp}")
         if args.end_to_end:
