@@ -317,4 +317,80 @@ def test_auto_task_is_wscr_with_reference_sets_else_oar(setup) -> None:
     assert R.build_reward("auto", cat, enc).task == "oar"
     with pytest.raises(ValueError, match="auto"):  # RewardFunction takes a resolved task only
         R.RewardFunction(cat, enc, task="auto")
-    assert R.TASK_CHOICES == ("auto", "oar", "wscr", "mixed")
+    assert R.TASK_CHOICES == ("auto", "oar", "wscr", "mixed", "soft", "soft-mixed")
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 19: smooth coverage, copies of the title, the copy penalty
+# ----------------------------------------------------------------------------------------------------
+def _soft_by_hand(sub: list[str], enc: HashingEncoder, cat: np.ndarray, ref: list[int], b: int, tau: float):
+    """Smooth coverage written out: each row's b-th best score by a full sort, sigmoid of the margins."""
+    e = enc.encode(sub).astype(np.float64)
+    s = e @ cat.astype(np.float64).T  # (n, N)
+    boundary = np.sort(s, axis=1)[:, ::-1][:, b - 1]
+    m = (s[:, ref] - boundary[:, None]) / tau
+    return float((1.0 / (1.0 + np.exp(-m))).max(axis=0).mean())
+
+
+def test_soft_coverage_matches_a_hand_computation_and_ranks_zero_coverage_completions(setup) -> None:
+    enc, cat = setup
+    k, b, tau = 2, 2, 0.05
+    ref = [0, 1]  # red wool scarf, black leather boots
+    near = ["red wool scarf hat", "brown suede loafers"]  # a row close to item 0
+    far = ["grey knit beanie", "silver hoop earrings"]
+    fn = R.build_reward("soft", cat, enc, k=k, budget_per_row=b, soft_tau=tau)
+    batch = fn.score([_answer(near), _answer(far)], ["q one", "q two"], [ref, ref])
+    for i, sub in enumerate((near, far)):
+        assert batch.reward[i] == pytest.approx(_soft_by_hand(sub, enc, cat, ref, b, tau), abs=1e-6)
+        assert batch.soft_coverage[i] == pytest.approx(batch.reward[i])
+    assert 0.0 < batch.reward[1] < batch.reward[0]  # a gradient where hard coverage is flat
+    hard = R.build_reward("wscr", cat, enc, k=k, budget_per_row=1).score([_answer(far)], ["q"], [ref])
+    assert hard.reward[0] == 0.0
+    mixed = R.build_reward("soft-mixed", cat, enc, k=k, budget_per_row=b, soft_tau=tau, mixed_weight=0.3)
+    mb = mixed.score([_answer(near), _answer(far)], ["q one", "q two"], [ref, ref])
+    np.testing.assert_allclose(mb.reward, 0.3 * batch.soft_coverage + 0.7 * mb.coverage, atol=1e-9)
+    assert fn.last_seconds > 0.0
+    with pytest.raises(ValueError, match="soft_tau"):
+        R.build_reward("soft", cat, enc, soft_tau=0.0)
+    with pytest.raises(ValueError, match="references"):
+        fn.score([_answer(near)], ["q"])
+
+
+def test_soft_coverage_tends_to_hard_coverage_as_tau_shrinks(setup) -> None:
+    enc, cat = setup
+    subs = [["blue denim jacket", "grey knit beanie"], ["white linen shirt", "red wool scarf"]]
+    refs = [[2, 4], [3, 0, 7]]
+    comps, queries = [_answer(s) for s in subs], ["a b", "c d"]
+    hard = R.build_reward("wscr", cat, enc, k=2, budget_per_row=3).score(comps, queries, refs).reward
+    soft = R.build_reward("soft", cat, enc, k=2, budget_per_row=3, soft_tau=1e-6).score(comps, queries, refs)
+    np.testing.assert_allclose(soft.reward, hard, atol=1e-6)
+
+
+def test_copies_of_the_title_are_counted_and_penalised(setup) -> None:
+    enc, cat = setup
+    title = "Red Wool Scarf"
+    sub = ["red wool scarf with", "black leather boots", "RED-wool scarf", "wool scarf"]
+    k = 4
+    plain = R.build_reward("oar", cat, enc, k=k).score([_answer(sub)], [title])
+    assert plain.n_copies.tolist() == [2]  # text rule: the first and the third contain the title
+    assert plain.summary()["copy_rate"] == pytest.approx(2 / 4)
+    pen = R.build_reward("oar", cat, enc, k=k, copy_penalty=0.5).score([_answer(sub)], [title])
+    assert pen.reward[0] == pytest.approx(plain.reward[0] - 0.5 * 2 / k)
+    # the cosine rule: the hashing encoder embeds "scarf red wool" exactly as the title (same tokens)
+    cos = R.build_reward("oar", cat, enc, k=2).score(
+        [_answer(["scarf red wool", "blue denim jacket"])], [title]
+    )
+    assert cos.n_copies.tolist() == [1]
+    with pytest.raises(ValueError, match="copy_penalty"):
+        R.build_reward("oar", cat, enc, copy_penalty=2.0)
+
+
+def test_copy_mask_rules() -> None:
+    from r4t_fast.fanout.copies import copy_mask, normalise_text
+
+    assert normalise_text("Boho-Chic  SUMMER!") == "boho chic summer"
+    assert copy_mask(["summery dress", "summer dress"], "summer").tolist() == [False, True]  # whole words
+    e = np.array([[1.0, 0.0], [0.95, np.sqrt(1 - 0.95**2)], [0.94, np.sqrt(1 - 0.94**2)]])
+    assert copy_mask(["x", "y", "z"], "t", e, np.array([1.0, 0.0])).tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="title_emb"):
+        copy_mask(["x"], "t", e[:1])

@@ -54,17 +54,28 @@ encoder call and searches the catalog with one kernel call; it never raises on a
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from r4t_fast import objectives
 from r4t_fast._internal import check_choice, check_float, check_k, check_positive_int
+from r4t_fast.fanout.copies import copy_mask
 from r4t_fast.fanout.missing import fill_missing_rows
 from r4t_fast.fanout.parser import ParseResult, parse_subqueries
+from r4t_fast.fanout.reward_terms import (
+    OAR_MISSING_CHOICES,
+    OARTerms,
+    _catalog_tensor,
+    _check_weights,
+    oar_reward,
+    retrieve_candidates,
+    soft_wscr_coverage,
+    wscr_coverage,
+)
 
 __all__ = [
     "MISSING_CHOICES",
@@ -78,44 +89,29 @@ __all__ = [
     "oar_reward",
     "resolve_task",
     "retrieve_candidates",
+    "soft_wscr_coverage",
     "wscr_coverage",
 ]
 
-TASK_CHOICES = ("auto", "oar", "wscr", "mixed")
+__test__ = {  # doctest.testmod(rewards) also runs the doctests of the pure terms (now in reward_terms)
+    "retrieve_candidates": retrieve_candidates,
+    "oar_reward": oar_reward,
+    "wscr_coverage": wscr_coverage,
+    "soft_wscr_coverage": soft_wscr_coverage,
+}
+
+TASK_CHOICES = ("auto", "oar", "wscr", "mixed", "soft", "soft-mixed")
 """Reward regimes: ``"oar"`` (composite of the three properties), ``"wscr"`` (reference-set coverage),
-``"mixed"`` (``w * coverage + (1 - w) * composite``) and ``"auto"`` (:func:`resolve_task`)."""
+``"mixed"`` (``w * coverage + (1 - w) * composite``), ``"soft"`` (smooth coverage,
+:func:`soft_wscr_coverage`), ``"soft-mixed"`` (``w * soft + (1 - w) * coverage``) and ``"auto"``
+(:func:`resolve_task`)."""
+
+COVERAGE_TASKS = ("wscr", "mixed", "soft", "soft-mixed")
+"""Tasks whose reward reads the reference sets."""
 
 MISSING_CHOICES = ("query", "zero", "ignore")
 """How subqueries the completion did not write count (module docstring): fill with the raw query
 (``"query"``, the ``r4t eval`` protocol), score 0 (``"zero"``: factor ``n / k``) or ``"ignore"``."""
-
-OAR_MISSING_CHOICES = ("zero", "ignore")
-"""``missing`` of :func:`oar_reward`, which sees embeddings only (the ``"query"`` fill happens on text)."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# input helpers
-# ----------------------------------------------------------------------------------------------------
-def _catalog_tensor(catalog: Any) -> torch.Tensor:
-    """``(N, d)`` float32/float16 CPU-or-device tensor of a Catalog, tensor or array; validated."""
-    emb = getattr(catalog, "embeddings", catalog)
-    if isinstance(emb, np.ndarray):
-        emb = torch.from_numpy(np.ascontiguousarray(emb))
-    if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or not emb.is_floating_point():
-        got = f"{type(emb).__name__} {tuple(getattr(emb, 'shape', ()))}"
-        raise ValueError(f"catalog: expected a (N, dim) float array or an object with .embeddings, got {got}")
-    if emb.shape[0] < 1:
-        raise ValueError(f"catalog: expected at least one item, got shape {tuple(emb.shape)}")
-    if emb.dtype not in (torch.float32, torch.float16):
-        emb = emb.to(torch.float32)
-    if not bool(torch.isfinite(emb).all()):
-        raise ValueError("catalog: embeddings contain NaN or inf")
-    return emb.contiguous()
-
-
-def _check_weights(weights: Sequence[float]) -> tuple[float, float, float]:
-    objectives.composite(0.0, 0.0, 0.0, weights)  # validates: 3 finite numbers, error names `weights`
-    return (float(weights[0]), float(weights[1]), float(weights[2]))
 
 
 def completion_text(completion: Any) -> str | None:
@@ -147,177 +143,10 @@ def completion_text(completion: Any) -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------------------------------
-# pure reward functions
-# ----------------------------------------------------------------------------------------------------
-def retrieve_candidates(rows: Any, catalog: Any, budget: int = 1) -> np.ndarray:
-    """The dense retriever: top-``budget`` catalog rows of every subquery by inner product, one kernel call.
-
-    ``ids[..., j]`` = the ``j``-th best ``c`` by ``<e(q), e(c)>`` (cosine for unit-norm embeddings), ties
-    by ascending catalog row, ``-1`` past the catalog size (see :func:`r4t_fast.ops.knn`).
-
-    Args:
-        rows: ``(..., d)`` subquery embeddings (any leading shape; flattened into one batch).
-        catalog: ``(N, d)`` embeddings or an object with ``.embeddings`` (e.g. ``r4t_fast.Catalog``).
-        budget: items per subquery, ``b >= 1``.
-
-    Returns:
-        int64 ``(..., budget)`` numpy array.
-
-    >>> import numpy as np
-    >>> rows = np.array([[0.0, 1.0], [1.0, 0.0]], np.float32)
-    >>> retrieve_candidates(rows, np.eye(2, dtype=np.float32)).tolist()
-    [[1], [0]]
-    """
-    from r4t_fast.kernels import ops
-
-    budget = check_positive_int(budget, "budget")
-    cat = _catalog_tensor(catalog)
-    r = torch.as_tensor(np.asarray(rows, dtype=np.float32)) if not isinstance(rows, torch.Tensor) else rows
-    r = r.detach().to(device=cat.device, dtype=torch.float32)
-    if r.ndim < 1 or r.shape[-1] != cat.shape[1]:
-        raise ValueError(f"rows: expected (..., {cat.shape[1]}) to match the catalog, got {tuple(r.shape)}")
-    lead = tuple(r.shape[:-1])
-    flat = r.reshape(-1, r.shape[-1]).contiguous()
-    if flat.shape[0] == 0:
-        return np.zeros((*lead, budget), dtype=np.int64)
-    _, ids = ops.knn(flat, cat, budget, metric="ip", check_finite=True)
-    return ids.cpu().numpy().astype(np.int64).reshape(*lead, budget)
-
-
-@dataclass(frozen=True)
-class OARTerms:
-    """OAR reward terms of a batch of fan-outs (each ``(B,)`` float64).
-
-    Attributes:
-        reward: ``R = scale * composite(g, d, a)``, ``scale = n / k`` (``missing="zero"``) or 1.
-        groundedness, diversity, alignment: the ``[0, 1]`` terms over the ``n`` written subqueries.
-        scale: the completeness factor applied to the composite.
-    """
-
-    reward: np.ndarray
-    groundedness: np.ndarray
-    diversity: np.ndarray
-    alignment: np.ndarray
-    scale: np.ndarray
-
-
-def oar_reward(
-    subquery_emb: Any,
-    query_emb: Any,
-    catalog: Any,
-    *,
-    lengths: Any | None = None,
-    k: int | None = None,
-    weights: Sequence[float] = objectives.DEFAULT_WEIGHTS,
-    missing: str = "zero",
-    top1_ids: Any | None = None,
-) -> OARTerms:
-    """OAR composite reward of ``B`` fan-outs: ``R = (n/k) * (lg*r_ground + ld*r_div + la*r_align)``.
-
-    ``r_ground``, ``r_div``, ``r_align`` are :func:`r4t_fast.objectives.groundedness`,
-    :func:`~r4t_fast.objectives.diversity` (of the top-1 retrieved item of each subquery) and
-    :func:`~r4t_fast.objectives.alignment` in their ``[0, 1]`` forms, combined by
-    :func:`~r4t_fast.objectives.composite`; see the module docstring for the formulas.
-
-    Args:
-        subquery_emb: ``(B, L, d)`` subquery embeddings (padded; the first ``lengths[b]`` rows count).
-        query_emb: ``(B, d)`` query embeddings.
-        catalog: ``(N, d)`` item embeddings or an object with ``.embeddings``.
-        lengths: ``(B,)`` written subqueries ``n`` per fan-out, ``1 <= n <= L`` (default ``L``).
-        k: subqueries asked for (default ``L``); ``n > k`` is an error.
-        weights: ``(lg, ld, la)``, default the paper's ``(0.6, 0.2, 0.2)``.
-        missing: ``"zero"`` (default, scale ``n / k``) or ``"ignore"`` (scale 1).
-        top1_ids: optional ``(B, L)`` top-1 catalog rows already retrieved (else one
-            :func:`retrieve_candidates` call).
-
-    >>> import numpy as np
-    >>> cat = np.eye(3, dtype=np.float32)               # three orthogonal items
-    >>> rows = np.eye(3, dtype=np.float32)[None, :2]     # two subqueries, each exactly an item
-    >>> t = oar_reward(rows, np.array([[1.0, 1.0, 0.0]]), cat, k=2)
-    >>> float(t.groundedness[0]), float(t.diversity[0]), round(float(t.alignment[0]), 4)
-    (1.0, 1.0, 0.8536)
-    >>> round(float(t.reward[0]), 4)                     # 0.6*1 + 0.2*1 + 0.2*0.8536
-    0.9707
-    >>> round(float(oar_reward(rows, np.array([[1.0, 1.0, 0.0]]), cat, k=4).reward[0]), 4)   # 2 of 4
-    0.4854
-    """
-    weights = _check_weights(weights)
-    missing = check_choice(missing, OAR_MISSING_CHOICES, "missing")
-    if isinstance(subquery_emb, torch.Tensor):
-        subquery_emb = subquery_emb.detach().cpu().to(torch.float64).numpy()
-    x = np.asarray(subquery_emb, dtype=np.float64)
-    if x.ndim != 3 or x.shape[1] < 1:
-        raise ValueError(f"subquery_emb: expected shape (B, L, d) with L >= 1, got {x.shape}")
-    b, width, _ = x.shape
-    n = np.full(b, width, np.int64) if lengths is None else np.asarray(lengths, np.int64).reshape(-1)
-    if n.shape != (b,) or (n < 1).any() or (n > width).any():
-        raise ValueError(f"lengths: expected {b} ints in [1, {width}], got {np.asarray(lengths).tolist()}")
-    k = width if k is None else check_positive_int(k, "k")
-    if (n > k).any():
-        raise ValueError(f"lengths: expected at most k = {k} subqueries per fan-out, got {int(n.max())}")
-    cat = _catalog_tensor(catalog)
-    if top1_ids is None:
-        top1 = retrieve_candidates(x.astype(np.float32), cat, 1)[..., 0]
-    else:
-        top1 = np.asarray(top1_ids, dtype=np.int64)
-        if top1.shape != (b, width):
-            raise ValueError(f"top1_ids: expected shape ({b}, {width}), got {top1.shape}")
-    valid = np.arange(width)[None, :] < n[:, None]
-    safe = np.where(valid & (top1 >= 0), top1, 0)
-    items = cat[torch.from_numpy(safe.reshape(-1)).to(cat.device)].to(torch.float64).cpu().numpy()
-    items = items.reshape(b, width, -1)
-    g = objectives.groundedness(x, cat, lengths=n)
-    d = objectives.diversity(items, lengths=n)
-    a = objectives.alignment(x, np.asarray(query_emb, dtype=np.float64), lengths=n)
-    scale = n / k if missing == "zero" else np.ones(b)
-    r = scale * objectives.composite(g, d, a, weights)
-    return OARTerms(
-        reward=np.asarray(r, dtype=np.float64),
-        groundedness=np.asarray(g, dtype=np.float64),
-        diversity=np.asarray(d, dtype=np.float64),
-        alignment=np.asarray(a, dtype=np.float64),
-        scale=np.asarray(scale, dtype=np.float64),
-    )
-
-
-def wscr_coverage(candidates: Sequence[Any], references: Sequence[Any]) -> np.ndarray:
-    """WSCR reward ``R = |Y ∩ R(Q)| / |Y|`` per fan-out, ``R(Q)`` = union of every subquery's candidates.
-
-    Args:
-        candidates: per fan-out, an ``(n, b)`` int array: the top-``b`` catalog rows of each of its ``n``
-            written subqueries (``-1`` entries are ignored; ``n = 0`` rows retrieve nothing).
-        references: per fan-out, the reference set ``Y`` as catalog rows (non-empty).
-
-    Returns:
-        ``(B,)`` float64 (:func:`r4t_fast.objectives.recall_at_k` over
-        :func:`r4t_fast.objectives.union_candidates`).
-
-    >>> import numpy as np
-    >>> wscr_coverage([np.array([[1, 2], [3, 1]]), np.zeros((0, 2), np.int64)], [{1, 3, 7, 9}, {1}])
-    array([0.5, 0. ])
-    """
-    if len(candidates) != len(references):
-        raise ValueError(
-            f"references: expected one reference set per fan-out ({len(candidates)}), got {len(references)}"
-        )
-    retrieved = []
-    for i, c in enumerate(candidates):
-        arr = np.asarray(c)
-        if arr.ndim != 2 or (arr.size and arr.dtype.kind not in "iu"):
-            raise ValueError(f"candidates[{i}]: expected integer ids of shape (n, b), got {arr.shape}")
-        if arr.shape[0] == 0 or arr.shape[1] == 0:
-            retrieved.append(np.zeros(0, dtype=np.int64))
-        else:
-            retrieved.append(objectives.union_candidates(arr.astype(np.int64), arr.shape[1]))
-    refs = [[int(j) for j in y] for y in references]
-    return objectives.recall_at_k(retrieved, refs)
-
-
 def resolve_task(task: str, references: Sequence[Sequence[int]] | None) -> str:
     """The concrete reward regime of ``task``: ``"auto"`` is ``"wscr"`` when ``references`` (one reference
     set per training query) is given and every set is non-empty, else ``"oar"``; other tasks are returned
-    as they are (``"wscr"`` / ``"mixed"`` without reference sets are errors).
+    as they are (the :data:`COVERAGE_TASKS` with an empty reference set are errors).
 
     >>> resolve_task("auto", [[1, 2], [3]]), resolve_task("auto", [[1], []]), resolve_task("auto", None)
     ('wscr', 'oar', 'oar')
@@ -326,7 +155,7 @@ def resolve_task(task: str, references: Sequence[Sequence[int]] | None) -> str:
     has_refs = references is not None and len(references) > 0 and all(len(y) > 0 for y in references)
     if task == "auto":
         return "wscr" if has_refs else "oar"
-    if task in ("wscr", "mixed") and references is not None and not has_refs:
+    if task in COVERAGE_TASKS and references is not None and not has_refs:
         raise ValueError(f"task: {task!r} needs a non-empty reference set for every query")
     return task
 
@@ -348,6 +177,10 @@ class RewardBatch:
         parse_ok: at least one usable subquery (False = format failure, reward 0).
         format_ok: the strict format was followed.
         subqueries: the parsed subqueries of each completion.
+        soft_coverage: smooth coverage (:func:`soft_wscr_coverage`; ``nan`` without reference sets or
+            where nothing parsed); ``None`` when not computed.
+        n_copies: written subqueries that copy the title (:mod:`r4t_fast.fanout.copies`); ``None``
+            when not computed.
     """
 
     reward: np.ndarray
@@ -359,10 +192,13 @@ class RewardBatch:
     parse_ok: np.ndarray
     format_ok: np.ndarray
     subqueries: list[list[str]] = field(repr=False)
+    soft_coverage: np.ndarray | None = None
+    n_copies: np.ndarray | None = None
 
     def summary(self) -> dict[str, float]:
         """Batch means for logging: ``reward``, terms over parsed completions, ``usable_subqueries``,
-        ``no_subquery_rate`` and ``strict_format_failure_rate``.
+        ``no_subquery_rate``, ``strict_format_failure_rate``, and when computed ``soft_coverage`` and
+        ``copy_rate`` (copies over all written subqueries of the batch).
 
         Terms with no parsed completion in the batch are ``nan``.
         """
@@ -373,6 +209,12 @@ class RewardBatch:
 
         usable = mean(self.n_subqueries.astype(np.float64))
         no_subquery = float(1.0 - self.parse_ok.mean()) if self.parse_ok.size else float("nan")
+        extra: dict[str, float] = {}
+        if self.soft_coverage is not None:
+            extra["soft_coverage"] = mean(self.soft_coverage)
+        if self.n_copies is not None:
+            written = int(self.n_subqueries.sum())
+            extra["copy_rate"] = float(self.n_copies.sum()) / written if written else float("nan")
         return {
             "reward": mean(self.reward),
             "groundedness": mean(self.groundedness),
@@ -382,6 +224,7 @@ class RewardBatch:
             "usable_subqueries": usable,
             "no_subquery_rate": no_subquery,
             "strict_format_failure_rate": mean(1.0 - self.format_ok.astype(np.float64)),
+            **extra,
         }
 
 
@@ -400,7 +243,12 @@ class RewardFunction:
         missing: how unwritten subqueries count: ``"query"`` (default; rows filled with the raw query, the
             ``r4t eval`` protocol), ``"zero"`` (factor ``n / k``) or ``"ignore"``.
         require_strict_format: also score 0 completions that parse but break the strict format.
-        mixed_weight: ``w`` of ``task="mixed"``, in ``[0, 1]``.
+        mixed_weight: ``w`` of ``task="mixed"`` / ``"soft-mixed"``, in ``[0, 1]``.
+        copy_penalty: ``lambda`` in ``[0, 1]``: the reward of a scored completion loses
+            ``lambda * c / k`` for its ``c`` subqueries that copy the title (:mod:`r4t_fast.fanout.copies`);
+            0 (default) = off (copies are still counted: ``copy_rate``).
+        soft_tau: temperature of the smooth coverage (tasks ``"soft"``, ``"soft-mixed"``; logged for
+            every task with reference sets), cosine units ``> 0``.
         cache: optional :class:`r4t_fast.encoders.EmbeddingCache` for the encoder calls.
         query_key, reference_key: the dataset columns TRL passes (default ``"query"``, ``"reference"``).
 
@@ -428,12 +276,18 @@ class RewardFunction:
         missing: str = "query",
         require_strict_format: bool = False,
         mixed_weight: float = 0.5,
+        copy_penalty: float = 0.0,
+        soft_tau: float = objectives.SOFT_COVERAGE_TAU,
         cache: Any | None = None,
         query_key: str = "query",
         reference_key: str = "reference",
     ) -> None:
         self.task = check_choice(task, TASK_CHOICES[1:], "task (resolve 'auto' with resolve_task)")
         self.mixed_weight = check_float(mixed_weight, "mixed_weight", low=0.0, high=1.0)
+        self.copy_penalty = check_float(copy_penalty, "copy_penalty", low=0.0, high=1.0)
+        self.soft_tau = check_float(soft_tau, "soft_tau", low=0.0)
+        if self.soft_tau <= 0.0:
+            raise ValueError(f"soft_tau: expected a number > 0, got {soft_tau!r}")
         self.k = check_k(k)
         self.weights = _check_weights(weights)
         self.budget_per_row = check_positive_int(budget_per_row, "budget_per_row")
@@ -452,12 +306,13 @@ class RewardFunction:
         self.query_key = query_key
         self.reference_key = reference_key
         self.last: RewardBatch | None = None
+        self.last_seconds = 0.0  # wall time of the last score() call (the RL step log's reward time)
         self.totals: dict[str, int] = {"completions": 0, "no_subquery": 0, "strict_format_failures": 0}
 
     def __repr__(self) -> str:
         return (
             f"RewardFunction(task={self.task!r}, k={self.k}, weights={self.weights}, "
-            f"mixed_weight={self.mixed_weight}, "
+            f"mixed_weight={self.mixed_weight}, copy_penalty={self.copy_penalty}, "
             f"catalog={tuple(self._cat.shape)}, encoder={getattr(self.encoder, 'name', self.encoder)!r})"
         )
 
@@ -499,8 +354,9 @@ class RewardFunction:
         Args:
             completions: ``B`` completion texts (or TRL chat messages; anything else scores 0).
             queries: ``B`` query strings.
-            references: ``B`` reference sets as catalog rows; required for ``task="wscr"``.
+            references: ``B`` reference sets as catalog rows; required for the :data:`COVERAGE_TASKS`.
         """
+        t_start = time.perf_counter()
         b = len(completions)
         if len(queries) != b:
             raise ValueError(f"queries: expected {b} queries (one per completion), got {len(queries)}")
@@ -509,7 +365,7 @@ class RewardFunction:
                 raise ValueError(f"queries[{i}]: expected a non-empty string, got {q!r}")
         if references is not None and len(references) != b:
             raise ValueError(f"references: expected {b} reference sets, got {len(references)}")
-        if self.task != "oar" and references is None:
+        if self.task in COVERAGE_TASKS and references is None:
             raise ValueError(f"references: required for task={self.task!r} (the dataset's reference column)")
 
         parses = [self.parse(completion_text(c)) for c in completions]
@@ -521,6 +377,7 @@ class RewardFunction:
 
         nan = np.full(b, np.nan)
         g, d, a, cov, reward = nan.copy(), nan.copy(), nan.copy(), nan.copy(), np.zeros(b)
+        soft, copies = nan.copy(), np.zeros(b, dtype=np.int64)
         idx = np.flatnonzero(parse_ok)
         if idx.size:
             if self.missing == "query":  # the one missing-row rule (r4t_fast.fanout.missing)
@@ -550,16 +407,23 @@ class RewardFunction:
                 top1_ids=cand[..., 0],
             )
             g[idx], d[idx], a[idx] = terms.groundedness, terms.diversity, terms.alignment
+            for r, i in enumerate(idx):  # the written subqueries come first in rows_text[i]
+                copies[i] = int(copy_mask(subq[i], queries[i], rows[r, : n[i]], qemb[r]).sum())
             if references is not None:
-                cov[idx] = wscr_coverage(
-                    [cand[r, : lengths[r]] for r in range(idx.size)], [references[i] for i in idx]
+                refs = [references[i] for i in idx]
+                cov[idx] = wscr_coverage([cand[r, : lengths[r]] for r in range(idx.size)], refs)
+                soft[idx] = soft_wscr_coverage(
+                    rows, cand, self._cat, refs, lengths=lengths, tau=self.soft_tau
                 )
-            if self.task == "wscr":
-                reward[idx] = cov[idx]
-            elif self.task == "mixed":
-                reward[idx] = self.mixed_weight * cov[idx] + (1.0 - self.mixed_weight) * terms.reward
-            else:
-                reward[idx] = terms.reward
+            w = self.mixed_weight
+            reward[idx] = {
+                "wscr": lambda: cov[idx],
+                "mixed": lambda: w * cov[idx] + (1.0 - w) * terms.reward,
+                "soft": lambda: soft[idx],
+                "soft-mixed": lambda: w * soft[idx] + (1.0 - w) * cov[idx],
+                "oar": lambda: terms.reward,
+            }[self.task]()
+            reward[idx] -= self.copy_penalty * copies[idx] / self.k
         if references is not None:
             cov[~parse_ok] = 0.0
         reward[~scored] = 0.0
@@ -573,8 +437,11 @@ class RewardFunction:
             parse_ok=parse_ok,
             format_ok=format_ok,
             subqueries=subq,
+            soft_coverage=soft if references is not None else None,
+            n_copies=copies,
         )
         self.last = batch
+        self.last_seconds = time.perf_counter() - t_start
         self.totals["completions"] += b
         self.totals["no_subquery"] += int((~parse_ok).sum())
         self.totals["strict_format_failures"] += int((~format_ok).sum())
@@ -623,6 +490,8 @@ def build_reward(
     budget_per_row: int = 10,
     missing: str = "query",
     require_strict_format: bool = False,
+    copy_penalty: float = 0.0,
+    soft_tau: float = objectives.SOFT_COVERAGE_TAU,
     cache: Any | None = None,
 ) -> RewardFunction:
     """The reward of ``task`` over ``catalog``: the one constructor RL, synthesis and evaluation call.
@@ -634,4 +503,5 @@ def build_reward(
     task = resolve_task(task, references)
     return RewardFunction(catalog, encoder, task=task, k=k, weights=weights, budget_per_row=budget_per_row,
                           missing=missing, require_strict_format=require_strict_format,
-                          mixed_weight=mixed_weight, cache=cache)  # fmt: skip
+                          mixed_weight=mixed_weight, copy_penalty=copy_penalty, soft_tau=soft_tau,
+                          cache=cache)  # fmt: skip

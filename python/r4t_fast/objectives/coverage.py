@@ -18,6 +18,7 @@ from r4t_fast.objectives.terms import describe
 
 __all__ = [
     "FAIR_BUDGET_SHARE",
+    "SOFT_COVERAGE_TAU",
     "category_coverage",
     "fair_budget",
     "hit_at_k",
@@ -25,6 +26,7 @@ __all__ = [
     "mrecall_at_k",
     "recall_at_k",
     "round_robin_union",
+    "soft_coverage",
     "union_candidates",
 ]
 
@@ -240,4 +242,67 @@ def category_coverage(
             out[i] = np.nan
             continue
         out[i] = len(ys & {c for c in r if c is not None}) / len(ys)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# smooth coverage (a reward with a gradient)
+# ----------------------------------------------------------------------------------------------------
+SOFT_COVERAGE_TAU = 0.05
+"""Default temperature of :func:`soft_coverage`, in cosine units (a margin of ``0.05`` to the budget
+boundary gives a reference item ``sigmoid(1) = 0.73`` of a hit)."""
+
+
+def soft_coverage(
+    reference_scores: Sequence[Any], boundary: Sequence[Any], tau: float = SOFT_COVERAGE_TAU
+) -> np.ndarray:
+    """Smooth WSCR coverage: each reference item's best *soft rank* among the rows' retrieved lists.
+
+    Row ``i`` of a fan-out retrieves its top ``b`` catalog items; ``t_i`` is the score of its ``b``-th
+    item (the per-row budget's boundary) and ``s_ij = <e(q_i), e(y_j)>`` the score of reference item
+    ``y_j``. Item ``y_j`` is inside row ``i``'s budget exactly when ``s_ij >= t_i``, so the hard coverage
+    ``|Y ∩ R(Q)| / |Y|`` is ``mean_j max_i 1[s_ij >= t_i]`` (ties aside). The smooth coverage replaces the
+    step by a sigmoid of the margin to the boundary::
+
+        soft = (1 / |Y|) sum_j max_i sigmoid((s_ij - t_i) / tau)
+
+    It is ``> 0`` for every fan-out and grows as any row moves toward a missed reference item, so GRPO
+    groups whose hard coverage is all 0 still rank their completions; as ``tau -> 0`` it tends to the hard
+    coverage (an item exactly on the boundary counts 1/2).
+
+    Args:
+        reference_scores: per fan-out, an ``(n, |Y|)`` array of ``s_ij`` (``n >= 1`` rows, ``|Y| >= 1``).
+        boundary: per fan-out, the ``(n,)`` boundary scores ``t_i``.
+        tau: temperature ``> 0`` in score units.
+
+    Returns:
+        ``(B,)`` float64 in ``(0, 1)``.
+
+    >>> import numpy as np
+    >>> s = [np.array([[0.9, 0.2], [0.1, 0.5]])]        # 2 rows x 2 reference items
+    >>> round(float(soft_coverage(s, [np.array([0.8, 0.6])], tau=0.05)[0]), 4)   # (s(2) + s(-2)) / 2
+    0.5
+    >>> float(soft_coverage(s, [np.array([0.8, 0.4])], tau=1e-4)[0])             # both inside: hard = 1
+    1.0
+    """
+    tau = float(tau)
+    if not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau: expected a finite number > 0, got {tau!r}")
+    if len(reference_scores) != len(boundary):
+        raise ValueError(
+            f"boundary: expected one array per fan-out ({len(reference_scores)}), got {len(boundary)}"
+        )
+    out = np.empty(len(reference_scores), dtype=np.float64)
+    for i, (s, t) in enumerate(zip(reference_scores, boundary, strict=True)):
+        s = np.asarray(s, dtype=np.float64)
+        t = np.asarray(t, dtype=np.float64).reshape(-1)
+        if s.ndim != 2 or s.shape[0] < 1 or s.shape[1] < 1:
+            raise ValueError(f"reference_scores[{i}]: expected shape (n >= 1, |Y| >= 1), got {s.shape}")
+        if t.shape != (s.shape[0],):
+            raise ValueError(f"boundary[{i}]: expected shape ({s.shape[0]},), got {t.shape}")
+        if not (np.isfinite(s).all() and np.isfinite(t).all()):
+            raise ValueError(f"reference_scores[{i}] / boundary[{i}]: expected finite scores")
+        margin = (s - t[:, None]) / tau
+        credit = 0.5 * (1.0 + np.tanh(0.5 * margin))  # sigmoid without overflow
+        out[i] = float(credit.max(axis=0).mean())
     return out
