@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from r4t_fast.serve import app as app_module  # noqa: E402
 from r4t_fast.serve.app import TOKEN_ENV, create_app  # noqa: E402
 from r4t_fast.serve.batcher import MicroBatcher, QueueFull  # noqa: E402
-from r4t_fast.serve.state import ServeState  # noqa: E402
+from r4t_fast.serve.state import ServeState, copy_catalog  # noqa: E402
 from serve_helpers import tiny_retriever, tiny_retriever_dir  # noqa: E402
 
 QUERIES = ["red shirt", "blue bag", "green hat for summer", "black boots", "white dress", "grey scarf"]
@@ -254,6 +254,22 @@ def test_bad_catalog_updates_change_nothing(client: TestClient, upd: dict, field
     assert 400 <= r.status_code < 500 and r.json()["field"] == field, r.text
     info = client.get("/v1/info").json()["catalog"]
     assert info["revision"] == 0 and info["items"] == 48
+
+
+def test_copy_catalog_leaves_the_published_catalog_untouched() -> None:
+    cat = tiny_retriever().catalog
+    before = (list(cat.ids), list(cat.texts), [dict(m) for m in cat.metadata], cat.embeddings.clone())
+    new = copy_catalog(cat)
+    new.add(["x1"], np.ones((1, 16), dtype=np.float32), texts=["x one"], metadata=[{"colour": "x"}])
+    new.update(["id1"], np.ones((1, 16), dtype=np.float32), texts=["changed"], metadata=[{"colour": "y"}])
+    new.remove(["id0", "id2"])
+    assert (list(cat.ids), list(cat.texts), cat.metadata) == before[:3] and "x1" not in cat
+    assert cat.index_of("id3") == 3 and bool((cat.embeddings == before[3]).all())
+    assert len(new) == 47 and new.index_of("x1") == 46 and new.texts[new.index_of("id1")] == "changed"
+    assert new.search(np.ones((1, 16), dtype=np.float32), 1)[1][0, 0] in (
+        new.index_of("x1"),
+        new.index_of("id1"),
+    )
 
 
 def test_catalog_updates_need_the_exact_index() -> None:

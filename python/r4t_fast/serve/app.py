@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -75,13 +76,17 @@ def create_app(
         on_batch=metrics.batch,
     )
 
+    updates: list[ThreadPoolExecutor] = []  # one thread: changes are serial and off the event loop
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
+        updates.append(ThreadPoolExecutor(1, thread_name_prefix="r4t-catalog"))
         try:
             yield
         finally:
             await batcher.stop()
+            updates.pop().shutdown(wait=True)
 
     app = FastAPI(
         title="r4t_fast",
@@ -150,7 +155,7 @@ def create_app(
             if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
                 return _error(401, f"authorization: a valid 'Bearer' token ({TOKEN_ENV}) is required")
         try:
-            snap = await asyncio.get_running_loop().run_in_executor(None, state.apply, upd)
+            snap = await asyncio.get_running_loop().run_in_executor(updates[0], state.apply, upd)
         except RequestError as exc:
             return _error(409 if isinstance(exc, ConflictError) else 400, str(exc))
         return {"revision": snap.revision, "items": len(snap.catalog)}

@@ -13,6 +13,7 @@ one catalog search for ``dense``/``mmr``/``dpp``).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -45,18 +46,19 @@ class ConflictError(RequestError):
 
 
 def copy_catalog(cat: Catalog) -> Catalog:
-    """An independent copy of ``cat`` (same items, vectors, index kind and parameters)."""
-    return Catalog(
-        list(cat.ids),
-        cat.embeddings,
-        list(cat.texts),
-        list(cat.categories),
-        [dict(m) for m in cat.metadata],
-        dtype=cat.dtype,
-        normalize=False,
-        index=cat.index_kind,
-        index_params=cat.index_params,
-    )
+    """An independent copy of an exact-index ``cat``, in O(N) pointer copies (no re-validation).
+
+    Shares what a Catalog never changes in place: the embedding matrix (every change replaces the
+    tensor), the item dicts (a change replaces a list entry) and the stateless exact backend; copies the
+    per-item lists and the id -> row table, which ``add`` extends in place.
+    """
+    if cat.index_kind != "exact":
+        raise ValueError(f"catalog: copy_catalog needs index='exact', got {cat.index_kind!r}")
+    new = copy.copy(cat)
+    new.ids, new.texts = list(cat.ids), list(cat.texts)
+    new.categories, new.metadata = list(cat.categories), list(cat.metadata)
+    new._pos = dict(cat._pos)  # the id -> row table (private to Catalog; extended in place by add)
+    return new
 
 
 @dataclass
