@@ -113,7 +113,7 @@ py::dict plan_dict(const KnnPlan& pl) {
   py::dict d;
   d["isa"] = std::string(pl.isa);
   d["threads"] = pl.threads;
-  d["path"] = std::string(pl.direct ? "direct" : "gemm");
+  d["path"] = std::string(pl.small ? "small" : pl.direct ? "direct" : "gemm");
   d["n_allowed"] = pl.n_allowed;
   d["keff"] = pl.keff;
   d["query_chunk"] = pl.query_chunk;

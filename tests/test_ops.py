@@ -326,3 +326,65 @@ def test_edm_step_cuda_matches_reference(rng):
     out, _ = ops.edm_step(x.cuda(), fc.cuda(), fu.cuda(), z.cuda(), **kw)
     rx, _ = ref.edm_step(x, fc, fu, z, **kw)
     assert torch.allclose(out.cpu(), rx, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ small-B knn path
+_CLONES = [c for c in r4t_fast.build_info()["simd_clones"] if "unsupported" not in c]
+_WIDTH = {"x86-64-v4": 16, "x86-64-v3": 8, "baseline": 4}
+
+
+@pytest.mark.parametrize("simd", _CLONES)
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_knn_small_batch_path_matches_reference(simd, metric, rng):
+    """2 <= B < the vector width: the small-B kernel (every query per catalog row, one reduction per row)
+    against the reference, k = 1, k = n, k > n (sentinels), non-contiguous queries, fp16 catalog, a
+    filter; ties tolerated (sorted scores)."""
+    from r4t_fast.kernels import _backend
+
+    N, d = 301, 37  # odd d: a partial vector at the end of every row
+    c = _randn(N, d, g=rng)
+    width = _WIDTH.get(simd.split(" ")[0], 4)
+    with _backend.simd(simd.split(" ")[0]):
+        for B in range(2, width):
+            assert ops.knn_plan(B, N, d, 5)["path"] == "small"
+            base = _randn(2 * B, 2 * d, g=rng)
+            q = base[::2, ::2]  # non-contiguous both ways
+            for k in (1, 7, N, N + 4):
+                s, i = ops.knn(q, c, k, metric=metric)
+                rs, ri = ref.knn(q.contiguous(), c, k, metric)
+                _assert_knn_matches(s, i, rs, ri, c, q.contiguous(), metric)
+            s16, i16 = ops.knn(q, c.half(), 7, metric=metric)
+            rs16, ri16 = ref.knn(q.contiguous(), c.half().float(), 7, metric)
+            _assert_knn_matches(s16, i16, rs16, ri16, c.half().float(), q.contiguous(), metric)
+            allowed = torch.zeros(N, dtype=torch.bool)
+            allowed[::3] = True
+            sa, ia = ops.knn(q, c, 7, metric=metric, allowed=allowed)
+            assert bool((ia % 3 == 0).all())
+            ra, _ = ref.knn(q.contiguous(), c[::3].contiguous(), 7, metric)
+            torch.testing.assert_close(sa, ra, rtol=1e-4, atol=1e-4)
+    assert ops.knn_plan(1, N, d, 5)["path"] == "direct"  # a single query keeps the direct path
+
+
+def test_knn_small_path_equals_the_direct_path(rng, tmp_path):
+    """R4T_KNN_SMALL=0 (read once per process) falls back to the direct path: same ids, scores within
+    rounding, on the same inputs."""
+    import subprocess
+    import sys
+
+    q, c = _randn(11, 384, g=rng), _randn(2000, 384, g=rng)
+    torch.save({"q": q, "c": c}, tmp_path / "in.pt")
+    code = (
+        "import sys, torch; from r4t_fast import ops; t = torch.load(sys.argv[1]); "
+        "s, i = ops.knn(t['q'], t['c'], 10, num_threads=1); "
+        "torch.save({'s': s, 'i': i, 'path': ops.knn_plan(11, 2000, 384, 10)['path']}, sys.argv[2])"
+    )
+    outs = {}
+    for flag in ("1", "0"):
+        env = {**__import__("os").environ, "R4T_KNN_SMALL": flag}
+        out = tmp_path / f"out{flag}.pt"
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(out)], env=env, check=True)
+        outs[flag] = torch.load(out)
+    if r4t_fast.build_info()["simd"].startswith("x86-64-v4"):  # B = 11 < 16: small unless turned off
+        assert (outs["1"]["path"], outs["0"]["path"]) == ("small", "direct")
+    assert torch.equal(outs["1"]["i"], outs["0"]["i"])
+    torch.testing.assert_close(outs["1"]["s"], outs["0"]["s"], rtol=1e-5, atol=1e-5)

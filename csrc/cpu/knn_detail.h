@@ -105,6 +105,7 @@ struct Job {
   const uint8_t* allowed = nullptr;
   int64_t d = 0, dpad = 0, keff = 0, nq = 0;
   bool direct = false;
+  bool small = false;           // direct path, 2 <= nq < W: the small-B kernel (every query per catalog row)
   bool prefetch = false;        // direct path: software-prefetch rows ahead (catalogs beyond the L3)
   const float* qrow = nullptr;  // direct path: (nq, dpad) queries, zero-padded rows
   const float* qT = nullptr;    // GEMM path: transposed query blocks

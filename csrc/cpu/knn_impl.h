@@ -6,7 +6,7 @@
 //   R4T_ISA_LEVEL 4 (AVX-512 intrinsics: fp16 conversion, mask moves), 3 (AVX2/F16C), 0 (portable)
 // Everything here is static to this ISA's namespace; the driver (knn.cpp) only sees info().
 //
-// Two paths (the driver picks one per call; see knn.cpp for the plan):
+// Three paths (the driver picks one per call; see knn.cpp for the plan):
 //
 //  * GEMM path (B >= W). Queries are the vector operand: each block of NV * W queries is transposed
 //    once per call into qT[feature][lane]. Catalog rows are the broadcast operand, read in place (fp32;
@@ -16,8 +16,11 @@
 //    Loop order per thread: catalog tile (tile_rows rows, ~1 MiB, stays in L2) -> query block -> feature
 //    block (K-blocking: a query block's slice kc x NV*W floats stays in L1; partial sums of the tile are
 //    kept in cbuf between feature blocks) -> micro-tiles of the tile.
-//  * Direct path (B < W): vectors along the feature axis; a group of DR rows is read once for all
+//  * Direct path (B = 1): vectors along the feature axis; a group of DR rows is read once for all
 //    queries (two queries at a time), and DR dot products are reduced together by a shuffle tree.
+//  * Small-B path (2 <= B < W, e.g. a set's 10 rows + its anchor at batch 1): each catalog row is read
+//    once, in order, and meets every query; the row's B accumulators are reduced across the queries into
+//    one vector of B scores, admitted against all B thresholds at once (see "small-B path" below).
 //
 // After a micro-tile's last feature block the scores are compared, as vectors, against each query's
 // admission threshold (its heap root); only lanes that pass visit the heap. The comparison is
@@ -348,8 +351,99 @@ void direct(const Job& J, const Slice& S) {
   }
 }
 
+// ----------------------------------------------------------------------------------- small-B path
+// 2 <= B < W queries (a set's rows and its anchor, at batch 1). Vectors along the feature axis as in the
+// direct path, but the roles swap: each catalog row (read from memory once) meets every query in the same
+// pass, one accumulator per query (Q + 2 vector registers; the queries, Q * d floats, are re-read from
+// L1); after the last feature the row's Q accumulators are reduced by the shuffle tree into ONE vector
+// whose lane q is the row's score for query q, admitted against the thresholds of all queries at once
+// (lanes >= Q hold +inf). Per row: Q * d / W multiply-adds, Q - 1 + log2(W / Q') shuffle steps, one
+// compare, and a heap visit only for the queries the row enters.
+constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
+
+template <int Q, bool L2>
+R4T_INLINE vf small_dots(const float* q, int64_t qs, const float* row, int64_t d) {
+  constexpr int QP = pow2_at_least(Q);
+  vf acc[QP];
+#pragma GCC unroll 16
+  for (int i = 0; i < QP; ++i) acc[i] = vf{};
+  const int64_t full = d / W * W;
+  auto step = [&](int64_t f, bool partial) __attribute__((always_inline)) {
+    const vf c = partial ? vload_partial(row + f, d - f) : vload(row + f);
+#pragma GCC unroll 16
+    for (int i = 0; i < Q; ++i) {
+      const vf qv = vload(q + i * qs + f);  // zero-padded query rows: whole vectors only
+      if (L2) {
+        const vf t = qv - c;
+        acc[i] += t * t;
+      } else {
+        acc[i] += qv * c;
+      }
+    }
+  };
+  for (int64_t f = 0; f < full; f += W) step(f, false);
+  if (full < d) step(full, true);
+  return tree_reduce<0, QP>(acc);
+}
+
+template <bool L2>
+R4T_INLINE void small_filter(const Job& J, const Slice& S, vf s, int64_t id) {
+  const vf key = L2 ? -s : s;
+  uint32_t bits = admit(key, vload(S.thr));  // S.thr: nq thresholds, then +inf (padding lanes)
+  while (bits != 0) {
+    const int q = __builtin_ctz(bits);
+    bits &= bits - 1;
+    if (q >= J.nq) break;
+    if (!(key[q] <= S.thr[q])) S.thr[q] = heap_offer(S.heaps + q * J.keff, J.keff, key[q], id);
+  }
+}
+
+template <int Q, bool L2>
+void small(const Job& J, const Slice& S) {
+  int64_t cur = S.n0, pf_cur = S.n0;
+  int64_t ids[DR], pf_ids[DR];
+  const int64_t dd = J.f16 ? J.dpad : J.d;
+  const int64_t row_bytes = J.d * (J.f16 ? 2 : 4);
+  const int64_t kAhead = std::max<int64_t>(DR, (32768 / row_bytes) / DR * DR);  // as the direct path
+  const char* cat = static_cast<const char*>(J.cat);
+  const int64_t stride_bytes = J.cs * (J.f16 ? 2 : 4);
+  collect_rows(J.allowed, pf_cur, S.n1, kAhead, nullptr);
+  for (;;) {
+    const int cnt = static_cast<int>(collect_rows(J.allowed, cur, S.n1, DR, ids));
+    if (cnt == 0) break;
+    const int64_t npf = collect_rows(J.allowed, pf_cur, S.n1, DR, pf_ids);
+    if (J.prefetch) {
+      for (int64_t j = 0; j < npf; ++j) prefetch_row(cat + pf_ids[j] * stride_bytes, row_bytes);
+    }
+    for (int j = 0; j < cnt; ++j) {
+      const float* row;
+      if (J.f16) {
+        float* dst = S.tile;
+        convert_row(static_cast<const uint16_t*>(J.cat) + ids[j] * J.cs, J.d, dst, J.dpad);
+        row = dst;
+      } else {
+        row = static_cast<const float*>(J.cat) + ids[j] * J.cs;
+      }
+      small_filter<L2>(J, S, small_dots<Q, L2>(J.qrow, J.dpad, row, dd), ids[j]);
+    }
+  }
+}
+
+template <int Q, bool L2>
+void small_for(const Job& J, const Slice& S) {  // the instantiation for J.nq (2 <= nq < W)
+  if constexpr (Q < W) {
+    if (J.nq == Q) {
+      small<Q, L2>(J, S);
+    } else {
+      small_for<Q + 1, L2>(J, S);
+    }
+  }
+}
+
 void worker(const Job& J, const Slice& S) {
-  if (J.direct) {
+  if (J.direct && J.small) {
+    J.l2 ? small_for<2, true>(J, S) : small_for<2, false>(J, S);
+  } else if (J.direct) {
     J.l2 ? direct<true>(J, S) : direct<false>(J, S);
   } else {
     J.l2 ? gemm<true>(J, S) : gemm<false>(J, S);

@@ -180,7 +180,7 @@ def knn_plan(
     batch: int, n: int, dim: int, k: int, *, num_threads: int | None = None, allowed: Any | None = None
 ) -> dict[str, Any]:
     """How the CPU :func:`knn` kernel will run a search of ``batch`` queries over ``n`` rows of ``dim``
-    features: ``{"isa", "threads", "path" ("direct" or "gemm"), "n_allowed", "keff" (the heap size,
+    features: ``{"isa", "threads", "path" ("direct", "small" or "gemm"), "n_allowed", "keff" (the heap size,
     min(k, allowed rows)), "query_chunk", "tile_rows", "k_block"}`` (k_block < dim: K-blocking)."""
     B = check_positive_int(batch, "batch")
     N = check_positive_int(n, "n")
