@@ -188,11 +188,13 @@ def test_unconstrained_default_is_unchanged(tokenizers) -> None:
 
 
 def _drive(processor: FanOutLogitsProcessor, tokenizer: Any, wanted: list[int], rows: int, steps: int,
-           seed: int = 0, noise: float = 0.1) -> list[str]:  # fmt: skip
-    """Greedy decoding of a fake model whose logits cycle through ``wanted`` token ids (plus noise)."""
+           seed: int = 0, noise: float = 0.1, prompt: list[int] | None = None) -> list[str]:  # fmt: skip
+    """Greedy decoding of a fake model whose logits cycle through ``wanted`` token ids (plus noise), after
+    ``prompt`` (default five filler tokens) on every row."""
     gen = torch.Generator().manual_seed(seed)
     vocab = len(tokenizer)
-    ids = torch.full((rows, 5), 1, dtype=torch.long)
+    prompt = [1] * 5 if prompt is None else prompt
+    ids = torch.tensor([prompt] * rows, dtype=torch.long)
     for step in range(steps):
         scores = noise * torch.randn(rows, vocab, generator=gen)
         for r in range(rows):
@@ -202,7 +204,7 @@ def _drive(processor: FanOutLogitsProcessor, tokenizer: Any, wanted: list[int], 
         ids = torch.cat([ids, scores.argmax(dim=1, keepdim=True)], dim=1)
     texts = []
     eos = processor.eos
-    for row in ids[:, 5:].tolist():
+    for row in ids[:, len(prompt) :].tolist():
         end = row.index(eos) if eos in row else len(row)
         texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
         assert end < len(row), "the answer did not end within max_new_tokens"
@@ -406,3 +408,57 @@ def test_grpo_trainer_rollouts_are_constrained(tmp_path: Path) -> None:
     assert len(seen) >= 4
     for text in seen:
         _assert_fanout(constraint, text)
+
+
+# --------------------------------------------------------------------------------------------------
+# forbid_title (issue 19): no subquery contains its row's title
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_forbid_title_keeps_a_title_loving_scorer_off_the_title(tokenizers, name: str) -> None:
+    tok = tokenizers[name]
+
+    def enc(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    title = "Red Dress"
+    # the scorer wants every subquery to be the title plus a suffix ("red dress with", "red dress a" ...)
+    wanted = enc('<queries>["') + enc("red dress with") + enc('", "') + enc("Red Dress a") + enc('", "')
+    free = FanOutConstraint(k=4)
+    strict = FanOutConstraint(k=4, forbid_title=True)
+    need = strict.min_new_tokens(tok)
+    copied = _drive(free.logits_processor(tok, need + 30), tok, wanted, rows=2, steps=need + 30)
+    assert any(title.casefold() in q.casefold() for t in copied for q in parse_subqueries(t, 4).queries)
+    proc = strict.logits_processor(tok, need + 30, titles=[title, title])
+    for text in _drive(proc, tok, wanted, rows=2, steps=need + 30):
+        _assert_fanout(strict, text)
+        assert strict.check(text, title) is None
+        assert all("red dress" not in q.casefold() for q in parse_subqueries(text, 4).queries), text
+    assert proc.fallbacks == 0
+    with pytest.raises(ValueError, match="titles"):
+        strict.logits_processor(tok, need, titles="red dress")
+
+
+def test_forbid_title_reads_each_rows_title_from_its_prompt(tokenizers) -> None:
+    """Without ``titles`` (TRL's rollouts), each row's title is the query of its chat-templated prompt."""
+    tok = tokenizers["bpe"]
+    prompt = tok.apply_chat_template(
+        build_messages("blue jeans", 3), tokenize=False, add_generation_prompt=True
+    )
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    wanted = tok('<queries>["blue jeans x", "Blue Jeans y", "', add_special_tokens=False)["input_ids"]
+    strict = FanOutConstraint(k=3, forbid_title=True)
+    budget = strict.min_new_tokens(tok) + 30
+    free = _drive(
+        FanOutConstraint(k=3).logits_processor(tok, budget), tok, wanted, 2, budget, prompt=prompt_ids
+    )
+    assert any("blue jeans" in q.casefold() for t in free for q in parse_subqueries(t, 3).queries)
+    proc = strict.logits_processor(tok, budget)
+    for text in _drive(proc, tok, wanted, rows=2, steps=budget, prompt=prompt_ids):
+        _assert_fanout(strict, text)
+        assert strict.check(text, "blue jeans") is None, text
+    assert strict.check('<queries>["x abc y", "q", "r"]</queries>', "abc") == (
+        "subquery 'x abc y' contains the title 'abc'"
+    )
+    assert strict.check('<queries>["x ab y", "q", "r"]</queries>', "ab") is None  # under MIN_TITLE_CHARS

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,7 @@ import numpy as np
 
 from r4t_fast._internal import check_k, check_non_negative_int, check_positive_int
 from r4t_fast.fanout.parser import _STRIP_CHARS, _clean, parse_subqueries
+from r4t_fast.fanout.prompt import query_from_prompt
 from r4t_fast.fanout.tokens import (
     _OPEN_THINK,
     _PARSER_MAX_CHARS,
@@ -80,6 +81,17 @@ __all__ = [
 # The constraint (a frozen config)
 # --------------------------------------------------------------------------------------------------
 
+MIN_TITLE_CHARS = 3
+"""``forbid_title`` leaves titles shorter than this alone (forbidding "a" would forbid most words)."""
+
+
+def _title_key(title: str | None) -> str | None:
+    """The case-folded, whitespace-collapsed title a subquery may not contain (None: not enforced)."""
+    if title is None:
+        return None
+    key = " ".join(title.casefold().split())
+    return key if len(key) >= MIN_TITLE_CHARS else None
+
 
 @dataclass(frozen=True)
 class FanOutConstraint:
@@ -96,6 +108,10 @@ class FanOutConstraint:
             tokens left, so that the list always closes within ``max_new_tokens``).
         exclude: subqueries never to emit (compared as the parser compares them), e.g. the worked
             example's, so that a small policy cannot copy the example verbatim; at most 64.
+        forbid_title: no subquery may contain its row's title (the query, case-folded, whitespace
+            collapsed; titles under :data:`MIN_TITLE_CHARS` characters are not enforced) as a substring.
+            The processor reads each row's title from ``titles`` or, when not given, from the row's
+            prompt (:func:`r4t_fast.fanout.prompt.query_from_prompt`), so it works inside TRL's rollouts.
 
     >>> c = FanOutConstraint(k=3, max_words=2)
     >>> c.check('<queries>["red dress", "blue jeans", "hat"]</queries>') is None
@@ -111,6 +127,7 @@ class FanOutConstraint:
     max_think_tokens: int = 32
     max_query_tokens: int = 16
     exclude: tuple[str, ...] = ()
+    forbid_title: bool = False
 
     def __post_init__(self) -> None:
         check_k(self.k, "k")
@@ -120,6 +137,8 @@ class FanOutConstraint:
         check_positive_int(self.max_query_tokens, "max_query_tokens")
         if not isinstance(self.think, bool):
             raise ValueError(f"think: expected a bool, got {self.think!r}")
+        if not isinstance(self.forbid_title, bool):
+            raise ValueError(f"forbid_title: expected a bool, got {self.forbid_title!r}")
         if isinstance(self.exclude, str) or not all(isinstance(x, str) for x in self.exclude):
             raise ValueError(f"exclude: expected a tuple of strings, got {self.exclude!r}")
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -132,8 +151,9 @@ class FanOutConstraint:
         keys = (_clean(x, _PARSER_MAX_CHARS) for x in self.exclude)
         return frozenset(key.casefold() for key in keys if key is not None)
 
-    def check(self, text: str) -> str | None:
-        """``None`` when ``text`` satisfies the constraint, else the first rule it breaks (for tests)."""
+    def check(self, text: str, title: str | None = None) -> str | None:
+        """``None`` when ``text`` satisfies the constraint, else the first rule it breaks (for tests);
+        with ``forbid_title``, ``title`` is the row's title."""
         parse = parse_subqueries(text, self.k)
         if parse.n_valid != self.k:
             return f"only {parse.n_valid} distinct usable subqueries of {self.k}"
@@ -147,6 +167,9 @@ class FanOutConstraint:
                 return f"subquery {q!r} is excluded"
             if len(q) > self.max_chars or len(q.split()) > self.max_words:
                 return f"subquery {q!r} exceeds {self.max_words} words / {self.max_chars} characters"
+            key = _title_key(title) if self.forbid_title and title is not None else None
+            if key is not None and key in q.casefold():
+                return f"subquery {q!r} contains the title {title!r}"
         return None
 
     def min_new_tokens(self, tokenizer: Any) -> int:
@@ -154,10 +177,17 @@ class FanOutConstraint:
         return _table(tokenizer).min_new_tokens(self.k, self.think)
 
     def logits_processor(
-        self, tokenizer: Any, max_new_tokens: int, *, eos_token_id: int | None = None
+        self,
+        tokenizer: Any,
+        max_new_tokens: int,
+        *,
+        eos_token_id: int | None = None,
+        titles: Sequence[str] | None = None,
     ) -> FanOutLogitsProcessor:
         """A fresh processor for one ``generate`` call with this ``max_new_tokens`` (see the class)."""
-        return FanOutLogitsProcessor(self, tokenizer, max_new_tokens, eos_token_id=eos_token_id)
+        return FanOutLogitsProcessor(
+            self, tokenizer, max_new_tokens, eos_token_id=eos_token_id, titles=titles
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,7 +200,19 @@ _FORCED, _THINK, _STRING, _DONE = range(4)
 class _Row:
     """Decoding state of one sequence."""
 
-    __slots__ = ("phase", "forced", "then", "think_n", "j", "text", "n_tok", "limit", "seen", "words")
+    __slots__ = (
+        "phase",
+        "forced",
+        "then",
+        "think_n",
+        "j",
+        "text",
+        "n_tok",
+        "limit",
+        "seen",
+        "words",
+        "title",
+    )
 
     def __init__(self) -> None:
         self.phase = _FORCED
@@ -183,6 +225,7 @@ class _Row:
         self.limit = 1
         self.words = 0
         self.seen: set[str] = set()
+        self.title: str | None = None  # the key a string may not contain (forbid_title)
 
 
 class FanOutLogitsProcessor:
@@ -194,6 +237,8 @@ class FanOutLogitsProcessor:
         tokenizer: the policy's tokenizer (token texts are read once and cached per tokenizer object).
         max_new_tokens: the call's generation cap; every answer ends (end token included) within it.
         eos_token_id: the end token (default ``<|im_end|>`` when the vocabulary has it, else the eos).
+        titles: with ``constraint.forbid_title``, the title of each row (``batch`` strings); ``None``
+            reads them from the rows' prompts at the first call.
 
     ``input_ids`` is ``(batch, prompt + generated)``, ``scores`` ``(batch, vocab)``; masked tokens get
     ``-inf``. ``generate`` applies user processors before temperature / top-p, so sampling only ever sees
@@ -212,6 +257,7 @@ class FanOutLogitsProcessor:
         max_new_tokens: int,
         *,
         eos_token_id: int | None = None,
+        titles: Sequence[str] | None = None,
     ) -> None:
         if not isinstance(constraint, FanOutConstraint):
             raise TypeError(f"constraint: expected a FanOutConstraint, got {type(constraint).__name__}")
@@ -233,14 +279,30 @@ class FanOutLogitsProcessor:
         self._prev: torch.Tensor | None = None
         self._prompt_width = 0
         self.fallbacks = 0  # steps where no rule-abiding token was left (never expected; tests check 0)
+        if titles is not None and (isinstance(titles, str) or not all(isinstance(t, str) for t in titles)):
+            raise ValueError(f"titles: expected a sequence of strings, got {titles!r}")
+        self.titles = None if titles is None else list(titles)
 
     # -- state ---------------------------------------------------------------------------------------
-    def _start(self, n_rows: int) -> None:
+    def _row_titles(self, ids: torch.Tensor) -> list[str | None]:
+        """Each row's title: ``titles`` or, without them, the query of the row's prompt."""
+        if self.titles is not None:
+            if len(self.titles) != ids.shape[0]:
+                raise ValueError(
+                    f"titles: expected {ids.shape[0]} titles (one per row), got {len(self.titles)}"
+                )
+            return list(self.titles)
+        decode = self.table.tokenizer.decode
+        return [query_from_prompt(decode(row, skip_special_tokens=False)) for row in ids.tolist()]
+
+    def _start(self, n_rows: int, ids: torch.Tensor) -> None:
         t = self.table
         self.rows = []
         excluded = self.constraint.excluded_keys
-        for _ in range(n_rows):
+        titles = self._row_titles(ids) if self.constraint.forbid_title else [None] * n_rows
+        for title in titles:
             row = _Row()
+            row.title = _title_key(title)
             row.seen = set(excluded)
             row.forced = list(t.open_think if self.constraint.think else t.open_list)
             row.then = _THINK if self.constraint.think else _STRING
@@ -316,6 +378,10 @@ class FanOutLogitsProcessor:
         if not must_close:
             last_space = row.text.endswith(" ")
             out[:] = t.content_mask(len(row.text), row.words, last_space, self._limits, out.shape[0])
+            if row.title is not None:  # forbid_title: no token that completes the title
+                out[[i for i in self.table.tokens_completing(row.text, row.title) if i < out.shape[0]]] = (
+                    False
+                )
             if row.n_tok == row.limit:  # a duplicate at its budget: one repair token that makes it new
                 self._keep_only_new(row, scores[i], out)
             elif row.seen:
@@ -371,7 +437,7 @@ class FanOutLogitsProcessor:
                     self._advance(row, int(tok), used)
         else:  # the first step of a generate call
             self._prompt_width = width
-            self._start(n_rows)
+            self._start(n_rows, ids)
         self._prev = ids.clone()
 
         # numpy, not torch: a few hundred tiny per-row ops per step, which torch's thread pool makes slow

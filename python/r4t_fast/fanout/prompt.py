@@ -22,7 +22,18 @@ from r4t_fast._internal import check_k
 CHATML_END = "<|im_end|>"
 """ChatML end-of-turn token (the GGUF metadata's eos is wrong: pass this token's id explicitly)."""
 
-__all__ = ["CHATML_END", "SYSTEM_PROMPT", "SYSTEM_PROMPT_NO_THINK", "build_messages", "format_answer"]
+__all__ = [
+    "CHATML_END",
+    "REQUEST_PREFIX",
+    "SYSTEM_PROMPT",
+    "SYSTEM_PROMPT_NO_THINK",
+    "build_messages",
+    "format_answer",
+    "query_from_prompt",
+]
+
+REQUEST_PREFIX = "Request: "
+"""What the user turn puts before the query (:func:`build_messages`; :func:`query_from_prompt` reads it)."""
 
 # --------------------------------------------------------------------------------------------------
 # Prompt
@@ -107,8 +118,25 @@ def build_messages(
     system = SYSTEM_PROMPT if think else SYSTEM_PROMPT_NO_THINK
     messages = [{"role": "system", "content": system.format(k=k)}]
     if one_shot and k <= len(_EXAMPLE_SUBQUERIES):
-        messages.append({"role": "user", "content": f"Request: {_EXAMPLE_QUERY}"})
+        messages.append({"role": "user", "content": f"{REQUEST_PREFIX}{_EXAMPLE_QUERY}"})
         thought = _EXAMPLE_THOUGHT if think else None
         messages.append({"role": "assistant", "content": format_answer(_EXAMPLE_SUBQUERIES[:k], thought)})
-    messages.append({"role": "user", "content": f"Request: {' '.join(query.split())}"})
+    messages.append({"role": "user", "content": f"{REQUEST_PREFIX}{' '.join(query.split())}"})
     return messages
+
+
+def query_from_prompt(text: str) -> str | None:
+    """The query of a chat-templated :func:`build_messages` prompt (its last user turn), or ``None``.
+
+    >>> query_from_prompt("<|im_start|>user\\nRequest: beach day<|im_end|>\\n"
+    ...                   "<|im_start|>user\\nRequest: red  scarf<|im_end|>\\n<|im_start|>assistant\\n")
+    'red scarf'
+    """
+    at = text.rfind(REQUEST_PREFIX)
+    if at < 0:
+        return None
+    rest = text[at + len(REQUEST_PREFIX) :]
+    for end in (CHATML_END, "\n"):
+        rest = rest.split(end, 1)[0]
+    query = " ".join(rest.split())
+    return query or None

@@ -191,6 +191,43 @@ class _TokenTable:
         """String-safe tokens of exactly ``n`` characters."""
         return self._by_length.get(n, [])
 
+    def _folded(self) -> tuple[list[str], list[int]]:
+        """String-safe tokens' case-folded texts, sorted, and their ids (for prefix searches)."""
+        index = getattr(self, "_fold_index", None)
+        if index is None:
+            pairs = sorted((t.casefold(), i) for i, t in enumerate(self.texts) if t and self.feats["safe"][i])
+            index = ([p[0] for p in pairs], [p[1] for p in pairs])
+            self._fold_index = index
+        return index
+
+    def tokens_with_prefix(self, prefix: str) -> list[int]:
+        """String-safe tokens whose case-folded text starts with ``prefix`` (case-folded)."""
+        import bisect
+
+        texts, ids = self._folded()
+        lo = bisect.bisect_left(texts, prefix)
+        hi = bisect.bisect_left(texts, prefix + "\U0010ffff")
+        return ids[lo:hi]
+
+    def tokens_containing(self, key: str) -> list[int]:
+        """String-safe tokens whose case-folded text contains ``key`` (cached per key)."""
+        cache = self.__dict__.setdefault("_containing", {})
+        if key not in cache:
+            texts, ids = self._folded()
+            cache[key] = [i for t, i in zip(texts, ids, strict=True) if key in t]
+        return cache[key]
+
+    def tokens_completing(self, text: str, key: str) -> list[int]:
+        """String-safe tokens after which the case-folded ``text + token`` contains ``key`` for the first
+        time (``text`` does not contain it): the token holds ``key`` whole, or ``text`` ends with a
+        prefix ``key[:j]`` and the token starts with the rest ``key[j:]``."""
+        folded = text.casefold()
+        out = list(self.tokens_containing(key))
+        for j in range(1, len(key)):
+            if folded.endswith(key[:j]):
+                out += self.tokens_with_prefix(key[j:])
+        return out
+
 
 _TABLES: dict[int, tuple[Callable[[], Any], _TokenTable]] = {}
 

@@ -79,6 +79,7 @@ from r4t_fast.train.rl_setup import (
     _reward_function,
     _versions,
     build_train_dataset,
+    completion_cap,
     rollout_constraint,
 )
 from r4t_fast.train.rl_setup import _split_rows as _split_rows
@@ -266,7 +267,7 @@ def train(
         reward_fn = _reward_function(cfg, data)
         model, tokenizer, model_dir = load_policy(cfg.policy)
     constraint, max_completion = rollout_constraint(
-        cfg, tokenizer, cfg.max_completion_length, "max_completion_length"
+        cfg, tokenizer, completion_cap(cfg, tokenizer), "max_completion_length"
     )
     setup_s = time.time() - t_setup
 

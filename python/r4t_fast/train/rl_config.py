@@ -88,10 +88,24 @@ class RLConfig:
     task: str = _f(
         "auto",
         f"reward: 'oar' ({_WEIGHTS_TEXT} composite), 'wscr' (reference coverage), 'mixed' "
-        "(mixed_weight * coverage + (1 - mixed_weight) * composite) or 'auto' (= 'wscr' when every "
-        "training query has reference items, else 'oar'; fanout.rewards.resolve_task)",
+        "(mixed_weight * coverage + (1 - mixed_weight) * composite), 'soft' (smooth coverage: each "
+        "reference item's best soft rank within the per-row budget, objectives.soft_coverage), "
+        "'soft-mixed' (mixed_weight * soft + (1 - mixed_weight) * coverage) or 'auto' (= 'wscr' when "
+        "every training query has reference items, else 'oar'; fanout.rewards.resolve_task)",
     )
-    mixed_weight: float = _f(0.5, "task 'mixed': weight of the coverage term, in [0, 1]")
+    mixed_weight: float = _f(0.5, "tasks 'mixed' / 'soft-mixed': weight of the first term, in [0, 1]")
+    soft_tau: float = _f(
+        0.05, "tasks 'soft' / 'soft-mixed': sigmoid temperature of the smooth coverage (cosine)"
+    )
+    copy_penalty: float = _f(
+        0.0,
+        "reward minus copy_penalty * c / k for the c subqueries that copy the title (contain it or have "
+        "cosine >= 0.95 with it; fanout.copies), in [0, 1]; 0 = off (copy_rate is logged anyway)",
+    )
+    forbid_title: bool = _f(
+        False,
+        "constrained rollouts and evaluation: no subquery may contain the title (case-folded) as a substring",
+    )
     weights: list[float] = _f(list(DEFAULT_WEIGHTS), "OAR weights (groundedness, diversity, alignment)")
     missing: str = _f(
         "query",
@@ -110,6 +124,12 @@ class RLConfig:
     num_generations: int = _f(8, "completions per query (the GRPO group size G; paper: 8)")
     prompts_per_step: int = _f(1, "queries per optimizer step (batch = prompts_per_step * num_generations)")
     max_completion_length: int = _f(112, "max generated tokens per completion during training")
+    tokens_per_subquery: int | None = _f(
+        None,
+        "cap rollouts by what k short subqueries need: max_completion_length = the constraint's "
+        "min_new_tokens + k * (tokens_per_subquery - 1) (train.rl_setup.completion_cap; constrained only); "
+        "None: max_completion_length as given",
+    )
     temperature: float = _f(1.0, "sampling temperature of the training rollouts")
     top_p: float = _f(1.0, "nucleus mass of the training rollouts")
     learning_rate: float = _f(3e-4, "AdamW learning rate (LoRA; use ~1e-6 for full fine-tuning)")
@@ -222,6 +242,8 @@ class RLConfig:
             pos_int(name)
         for name in ("max_train_queries", "num_threads", "eval_max_queries", "budget_per_row"):
             pos_int(name, allow_none=True)
+        for name in ("tokens_per_subquery",):
+            pos_int(name, allow_none=True)
         if self.num_generations < 2:
             raise ValueError(
                 f"num_generations: GRPO needs at least 2 completions per query, got {self.num_generations}"
@@ -233,7 +255,9 @@ class RLConfig:
             raise ValueError(f"split_seed: expected an int, got {self.split_seed!r}")
         choice("task", TASK_CHOICES)
         number("mixed_weight", 0.0, 1.0)
-        for name in ("constrained", "think", "one_shot", "lora"):
+        number("copy_penalty", 0.0, 1.0)
+        number("soft_tau", 0.0, open_low=True)
+        for name in ("constrained", "think", "one_shot", "lora", "forbid_title"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         choice("missing", ("query", "zero", "ignore"))

@@ -16,7 +16,7 @@ from typing import Any
 from r4t_fast._internal import default_cache_dir, package_versions
 from r4t_fast.train.rl_config import RLConfig
 
-__all__ = ["build_train_dataset", "rollout_constraint"]
+__all__ = ["build_train_dataset", "completion_cap", "rollout_constraint"]
 
 RECORDED_PACKAGES = ("r4t_fast", "torch", "transformers", "trl", "peft", "accelerate")
 """Distributions whose versions ``rl_config.json`` and ``before_after.json`` record."""
@@ -88,7 +88,9 @@ def rollout_constraint(cfg: RLConfig, tokenizer: Any, budget: int, name: str) ->
 
     from r4t_fast.fanout.constrained import FanOutConstraint
 
-    constraint = FanOutConstraint(k=cfg.k, think=cfg.think)
+    constraint = FanOutConstraint(
+        k=cfg.k, think=cfg.think, forbid_title=bool(getattr(cfg, "forbid_title", False))
+    )
     need = constraint.min_new_tokens(tokenizer)
     if budget < need:
         warnings.warn(
@@ -98,6 +100,25 @@ def rollout_constraint(cfg: RLConfig, tokenizer: Any, budget: int, name: str) ->
         )
         budget = need
     return constraint, budget
+
+
+def completion_cap(cfg: RLConfig, tokenizer: Any) -> int:
+    """The rollouts' ``max_new_tokens``: ``cfg.max_completion_length``, or with ``cfg.tokens_per_subquery``
+    (constrained rollouts) what ``k`` short subqueries need::
+
+        cap = min_new_tokens(k) + k * (tokens_per_subquery - 1)
+
+    ``min_new_tokens`` (:meth:`~r4t_fast.fanout.constrained.FanOutConstraint.min_new_tokens`) already
+    holds the tags, the separators and one token per subquery; the constraint shares the rest fairly, so
+    every subquery may use ``tokens_per_subquery`` tokens. Batched generation runs until the longest row
+    ends, so the cap bounds every step's generate and backward cost.
+    """
+    if cfg.tokens_per_subquery is None or not cfg.constrained:
+        return cfg.max_completion_length
+    from r4t_fast.fanout.constrained import FanOutConstraint
+
+    need = FanOutConstraint(k=cfg.k, think=cfg.think).min_new_tokens(tokenizer)
+    return need + cfg.k * (cfg.tokens_per_subquery - 1)
 
 
 def _reward_function(cfg: RLConfig, data: Any) -> Any:
@@ -120,6 +141,8 @@ def _reward_function(cfg: RLConfig, data: Any) -> Any:
         k=cfg.k,
         weights=cfg.weights,
         mixed_weight=cfg.mixed_weight,
+        copy_penalty=cfg.copy_penalty,
+        soft_tau=cfg.soft_tau,
         budget_per_row=cfg.budget_per_row or max(1, fair_budget(len(data.catalog), cfg.k) // cfg.k),
         missing=cfg.missing,
         require_strict_format=cfg.require_strict_format,
