@@ -89,7 +89,10 @@ def run_size(n: int, base: torch.Tensor, cats: np.ndarray, q: torch.Tensor, args
     rows = [("usearch HNSW f32 (M=16, ef=64)", lambda: UsearchBackend({"expansion_add": 64}))]
     rows = rows if n <= args.usearch_max else []
     rows.append(
-        (f"milvus lite {args.index_type}", lambda: MilvusBackend({"uri": db, "index_type": args.index_type})),
+        (
+            f"milvus lite {args.index_type} (fetch k)",
+            lambda: MilvusBackend({"uri": db, "index_type": args.index_type, "rerank": 0}),
+        ),
     )
     for name, make in rows:
         be = make()
@@ -117,7 +120,7 @@ def run_size(n: int, base: torch.Tensor, cats: np.ndarray, q: torch.Tensor, args
             filt = be.search(emb, q, K, allowed=mask)[1]
             row = {
                 **row,
-                "backend": f"{name} rerank={args.rerank}",
+                "backend": f"milvus lite {args.index_type} rerank={args.rerank}",
                 "recall@10": round(recall(got, ref), 4),
                 **res,
             }
@@ -200,6 +203,8 @@ def markdown(p: dict) -> str:
         f"set: {s['distinct_within_every_set']}.",
         "",
     ]
+    if p.get("note"):
+        lines += [f"Note: {p['note']}", ""]
     return "\n".join(lines)
 
 
@@ -217,6 +222,7 @@ def main() -> int:
         "--build-budget-s", type=float, default=900.0, help="skip a size whose build would exceed it"
     )
     ap.add_argument("--model", default=None, help="a Retriever dir whose sampled rows are grounded")
+    ap.add_argument("--note", default="", help="a remark stored with the record (e.g. what else ran)")
     ap.add_argument("--out", default="serve/milvus_cpu")
     args = ap.parse_args()
     env = environment(("pymilvus", "milvus-lite", "usearch"))
@@ -253,6 +259,7 @@ def main() -> int:
         "not_run": not_run,
         "grounding": grounding,
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "note": args.note,
     }
     jp, mp = write_results(args.out, payload, markdown(payload))
     print(f"wrote {jp} and {mp}")

@@ -101,6 +101,7 @@ def test_save_and_reconnect(uri: str, tmp_path) -> None:
     back = Catalog.load(tmp_path / "cat")
     assert back.index_kind == "milvus" and back.index_params["collection"] == "saved_one"
     assert back.backend.built  # reconnected, not rebuilt
+    assert back.index_params["rerank"] == 40  # the default over-fetch (bench_milvus: recall 0.984 -> 1.0)
     assert back.search(q, 5)[1].tolist() == cat.search(q, 5)[1].tolist()
     assert before.shape == (4, 5)
 

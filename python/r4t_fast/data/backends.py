@@ -384,7 +384,8 @@ _MILVUS_INDEXES = ("AUTOINDEX", "FLAT", "IVF_FLAT", "HNSW")
 _MILVUS_TOPK = 16384  # Milvus' largest limit per search
 _MILVUS_EXPR_IDS = 16384  # longest key list pushed down as a filter expression
 _MILVUS_INSERT = 5000  # rows per insert call
-MILVUS_TOKEN_ENV = "R4T_MILVUS_TOKEN"  # a Milvus server's token: from the environment, never on disk
+_MILVUS_RERANK = 40  # default candidates per query (AUTOINDEX recall@10 at 100k: 0.984 -> 1.0)
+MILVUS_TOKEN_ENV = "R4T_MILVUS_TOKEN"  # a server's token: from the environment, never on disk
 
 
 class MilvusBackend(UsearchBackend):
@@ -393,11 +394,10 @@ class MilvusBackend(UsearchBackend):
     or cluster (token from ``R4T_MILVUS_TOKEN``). Stable int64 primary keys as with usearch (removal
     deletes keys, update upserts, addition inserts: a removed item is never returned). Candidates from one
     batch search per chunk of queries, re-scored exactly; a query left short falls back to exact search.
-    A filter with at most 16,384 allowed (or refused) keys is pushed down as ``key in [...]``; wider
-    filters over-fetch and filter afterwards. Params: ``uri``, ``collection`` (default ``r4t_<hex>``),
-    ``index_type`` (``AUTOINDEX`` default, ``FLAT``, ``IVF_FLAT``, ``HNSW``), ``rerank``. A saved catalog
-    keeps uri and collection in its manifest and reconnects on load (rebuilding if the rows differ).
-    """
+    A filter of at most 16,384 allowed (or refused) keys is pushed down as ``key in [...]``; wider ones
+    over-fetch and filter afterwards. Params: ``uri``, ``collection`` (default ``r4t_<hex>``), ``index_type``
+    (``AUTOINDEX`` default, ``FLAT``, ``IVF_FLAT``, ``HNSW``), ``rerank`` (candidates per query, default 40).
+    A saved catalog keeps uri and collection in its manifest and reconnects on load (or rebuilds)."""
 
     kind: ClassVar[str] = "milvus"
     PARAMS: ClassVar[dict[str, str]] = {
@@ -411,6 +411,7 @@ class MilvusBackend(UsearchBackend):
         p = check_index_params("milvus", params)
         p.setdefault("uri", os.path.join(tempfile.gettempdir(), "r4t_milvus.db"))
         p.setdefault("collection", f"r4t_{uuid.uuid4().hex[:16]}")
+        p.setdefault("rerank", _MILVUS_RERANK)
         super().__init__({})
         self.params = p
         self._client: Any = None
@@ -575,10 +576,9 @@ def ground_sets(
     """Ground (B, L, d) float32 rows to distinct items per set through ``backend`` (the rule of
     ``ops.ground_sets``: each row's L nearest allowed items, then greedy by score, no item twice).
 
-    With L candidates per row every row finds a free item whenever the backend returns full candidate
-    lists; a set where an approximate backend came back short is re-fetched with twice the candidates
-    (then exactly), so the guarantee holds: every row of a set gets a distinct allowed item when at
-    least L items are allowed. Returns (ids int64 (B, L), scores float32 (B, L)).
+    With L candidates per row every row finds a free item when the backend's lists are full; a set an
+    approximate backend left short is re-fetched with twice the candidates (then exactly): every row gets
+    a distinct allowed item when at least L are allowed. Returns (ids int64 (B, L), scores float32 (B, L)).
     """
     B, L, d = rows.shape
     n_ok = int(embeddings.shape[0]) if allowed is None else int(allowed.sum())
