@@ -47,6 +47,8 @@ OVERRIDDEN_TRL_HOOKS: dict[str, tuple[Any, ...]] = {
         "batch_size",
         ...,
     ),
+    # overridden as a timed pass-through (the step log's time split)
+    "training_step": ("self", "model", "inputs", "num_items_in_batch"),
 }
 """Private ``trl.GRPOTrainer`` methods :data:`SoftPPOGRPOTrainer` overrides or calls: name -> the
 parameter names we rely on, in order. A trailing ``...`` means TRL may add parameters after them;
@@ -169,6 +171,26 @@ def _make_trainer_class() -> type:
             self.log_kl = bool(log_kl)
             self._capture_logps = False
             self._captured_logps: torch.Tensor | None = None
+            self._r4t_times = {"generate": 0.0, "reward": 0.0, "score": 0.0, "completions": 0.0}
+            _time_generate(self.model, self._r4t_times)
+
+        # -- the step's wall time split: generate / reward / other scoring / loss + backward ---------
+        def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any) -> Any:
+            times = self._r4t_times
+            for key in times:
+                times[key] = 0.0
+            t0 = time.perf_counter()
+            out = super().training_step(model, inputs, num_items_in_batch)
+            total = time.perf_counter() - t0
+            metrics = self._metrics["train"]
+            metrics["time/generate_s"].append(times["generate"])
+            metrics["time/reward_s"].append(times["reward"])
+            metrics["time/score_other_s"].append(
+                max(0.0, times["score"] - times["generate"] - times["reward"])
+            )
+            metrics["time/backward_s"].append(max(0.0, total - times["score"]))
+            metrics["time/completions"].append(times["completions"])
+            return out
 
         # -- the base policy's log-probs, for the KL metric ------------------------------------------
         def _kl_reference_available(self) -> bool:
@@ -181,6 +203,17 @@ def _make_trainer_class() -> type:
             )
 
         def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            out = self._r4t_generate_and_score(inputs)
+            if self.model.training:
+                self._r4t_times["score"] += time.perf_counter() - t0
+                self._r4t_times["reward"] += sum(
+                    float(getattr(f, "last_seconds", 0.0)) for f in self.reward_funcs
+                )
+                self._r4t_times["completions"] += float(out["completion_ids"].shape[0])
+            return out
+
+        def _r4t_generate_and_score(self, inputs: Any) -> dict[str, Any]:
             out = super()._generate_and_score_completions(inputs)
             if self.model.training and self._kl_reference_available():
                 ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
@@ -248,6 +281,21 @@ def _make_trainer_class() -> type:
     return _SoftPPOGRPOTrainer
 
 
+def _time_generate(model: Any, times: dict[str, float]) -> None:
+    """Wrap ``model.generate`` (on this object, as :func:`~r4t_fast.fanout.constrained.install_constraint`
+    does; a constraint installed later wraps this one) so that ``times["generate"]`` sums its seconds."""
+    original = model.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            times["generate"] += time.perf_counter() - t0
+
+    model.generate = generate
+
+
 _TRAINER_CLASS: type | None = None
 
 
@@ -277,6 +325,12 @@ _ALIASES = {
     "r4t/no_subquery_rate": "no_subquery_rate",
     "r4t/strict_format_failure_rate": "strict_format_failure_rate",
     "r4t/usable_subqueries": "usable_subqueries",
+    "r4t/copy_rate": "copy_rate",
+    "r4t/soft_coverage": "soft_coverage",
+    "time/generate_s": "generate_s",
+    "time/reward_s": "reward_s",
+    "time/score_other_s": "score_other_s",
+    "time/backward_s": "backward_s",
     "frac_reward_zero_std": "frac_zero_spread_groups",
     "kl": "kl",
     "completions/mean_length": "completion_length",
@@ -291,14 +345,18 @@ def _step_logger_class() -> type:
 
         Each line has ``step``, ``time`` (unix), ``elapsed_s`` (wall seconds of training so far, summed
         over resumed runs), TRL's keys and short aliases: ``reward``, ``groundedness``, ``diversity``,
-        ``alignment``, ``coverage``, ``no_subquery_rate``, ``usable_subqueries``,
-        ``frac_zero_spread_groups``, ``kl``,
-        ``completion_length``.
+        ``alignment``, ``coverage``, ``soft_coverage``, ``no_subquery_rate``, ``usable_subqueries``,
+        ``copy_rate``, ``frac_zero_spread_groups``, ``kl``, ``completion_length``; the step's wall time
+        split ``generate_s`` (inside ``model.generate``), ``reward_s`` (the reward function),
+        ``score_other_s`` (the rest of scoring: old / base log-probs, advantages) and ``backward_s`` (the
+        loss's forward and backward), ``completions`` generated in the step, and ``completions_per_s``:
+        completions generated so far per second of training (``elapsed_s``, summed over resumed runs).
         """
 
         def __init__(self, path: str | os.PathLike[str], resume_step: int | None = None) -> None:
             self.path = Path(path)
             self.offset = 0.0
+            self.completions = 0.0
             main = os.environ.get("RANK", "0") == "0"  # under accelerate launch only rank 0 writes
             if self.path.is_file():
                 kept = []
@@ -314,6 +372,7 @@ def _step_logger_class() -> type:
                     ):
                         kept.append(line)
                         self.offset = max(self.offset, float(rec.get("elapsed_s", 0.0)))
+                        self.completions += float(rec.get("completions") or 0.0)
                 if main:
                     self.path.write_text("".join(f"{x}\n" for x in kept))
             self.t0 = time.time()
@@ -334,6 +393,10 @@ def _step_logger_class() -> type:
                     rec[key] = v
                     if key in _ALIASES:
                         rec[_ALIASES[key]] = v
+            if isinstance(logs.get("time/completions"), (int, float)):
+                rec["completions"] = float(logs["time/completions"])
+                self.completions += rec["completions"]
+                rec["completions_per_s"] = round(self.completions / max(rec["elapsed_s"], 1e-9), 4)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
