@@ -277,3 +277,20 @@ def test_tiny_llama_best_of_n(world, tiny_policy: Path) -> None:
     (res,) = bon.retrieve(["city walk"], 2)
     assert res.item_indices.shape == (2,) and bon.last_rewards.shape == (1, 2)
     assert np.isfinite(bon.last_rewards).all()
+
+
+def test_copy_rate_counts_generated_rows_that_copy_the_query(world) -> None:
+    """Issue 19: copy_rate beside usable_subqueries in method_stats; fill rows are not counted."""
+    cat, enc = world
+    scripts = {
+        "red dress": _answer(["red dress with", "blue jeans", "dress red"], 4),  # text rule; cosine rule
+        "pink scarf": _answer(["green sandals"], 4),  # 3 fill rows (= the query) are not copies
+    }
+    base = LLMFanOutBaseline(cat, enc, policy=ScriptedLM(lambda q, s: scripts[q]), k=4)
+    base.retrieve(list(scripts), 4)
+    st = base.stats
+    assert st["n_copies"] == 2 and st["usable_subqueries"] == 2.0
+    assert st["copy_rate"] == pytest.approx(2 / 4)
+    bon = BestOfNBaseline(cat, enc, policy=ScriptedLM(lambda q, s: scripts[q]), k=4, n=3)
+    bon.retrieve(["red dress"], 4)
+    assert bon.stats["n_copies"] == 3 * 2 and bon.stats["copy_rate"] == pytest.approx(6 / 9)

@@ -52,6 +52,7 @@ import torch
 from r4t_fast._internal import MAX_K, check_positive_int, check_seed
 from r4t_fast.data.results import RetrievalResult
 from r4t_fast.eval.baselines import _EmbeddingBaseline
+from r4t_fast.fanout.copies import copy_mask
 from r4t_fast.fanout.generation import check_sampling
 from r4t_fast.fanout.missing import MISSING_ROW_RULE, fill_missing_rows
 from r4t_fast.kernels import ops
@@ -95,6 +96,8 @@ class FanOutStats:
         n_rows: rows built (``n_completions * k``).
         n_missing_rows: rows filled with the raw query (the missing-row rule).
         n_truncated: completions cut at ``max_new_tokens``.
+        n_copies: usable subqueries that copy the query (:mod:`r4t_fast.fanout.copies`: contain it or
+            have cosine >= 0.95 with it), counted by ``retrieve``.
         generated_tokens: tokens generated over all completions.
         generate_s: seconds spent in the policy's ``generate`` (tokenisation and parsing included).
     """
@@ -107,12 +110,14 @@ class FanOutStats:
     n_rows: int = 0
     n_missing_rows: int = 0
     n_truncated: int = 0
+    n_copies: int = 0
     generated_tokens: int = 0
     generate_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         """The counters plus ``usable_subqueries``, ``no_subquery_rate``, ``strict_format_failure_rate``,
-        ``missing_row_rate``, ``truncated_rate`` and ``mean_new_tokens``."""
+        ``missing_row_rate``, ``truncated_rate``, ``mean_new_tokens`` and ``copy_rate`` (copies over usable
+        subqueries)."""
         out: dict[str, float] = dict(asdict(self))
         n = max(self.n_completions, 1)
         out["usable_subqueries"] = self.n_usable_subqueries / n
@@ -121,6 +126,7 @@ class FanOutStats:
         out["missing_row_rate"] = self.n_missing_rows / max(self.n_rows, 1)
         out["truncated_rate"] = self.n_truncated / n
         out["mean_new_tokens"] = self.generated_tokens / n
+        out["copy_rate"] = self.n_copies / max(self.n_usable_subqueries, 1)
         return out
 
 
@@ -334,6 +340,18 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
         k = len(fanouts[0].rows)
         return emb[[pos[t] for t in texts]].reshape(len(fanouts), k, self._dim)
 
+    def _count_copies(
+        self, queries: Sequence[str], q: np.ndarray, fanouts: Sequence[FanOut], rows: np.ndarray
+    ) -> None:
+        """Add the copies of the query among each fan-out's generated rows to :attr:`stats`.
+
+        ``fanouts[i]`` belongs to ``queries[i * len(fanouts) // len(queries)]`` (samples of a query are
+        consecutive); ``q (B, d)``, ``rows (S, k, d)``."""
+        per = len(fanouts) // max(len(queries), 1)
+        for i, f in enumerate(fanouts):
+            b, n = i // per, f.n_generated
+            self._stats.n_copies += int(copy_mask(f.rows[:n], queries[b], rows[i, :n], q[b]).sum())
+
     def _ground(self, rows: np.ndarray) -> np.ndarray:
         """``(S, k, d)`` rows -> ``(S, k)`` int64 distinct catalog rows (``-1`` only when ``N < k``)."""
         cat = self._emb if self._emb.dtype in (torch.float32, torch.float16) else self._emb.float()
@@ -367,6 +385,7 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
         q = self._encode(query_texts)
         fanouts = [s[0] for s in self.fan_out(query_texts, k)]
         rows = self._embed_rows(fanouts)
+        self._count_copies(query_texts, q, fanouts, rows)
         return self._finish(q, rows, self._ground(rows), c)
 
 
@@ -440,6 +459,7 @@ class BestOfNBaseline(LLMFanOutBaseline):
         b = len(samples)
         flat = [f for s in samples for f in s]
         rows = self._embed_rows(flat)
+        self._count_copies(query_texts, q, flat, rows)
         items = self._ground(rows)
         rewards = self.rewards(q, rows.reshape(b, self.n, k, -1), items.reshape(b, self.n, k))
         self.last_rewards = rewards
