@@ -64,10 +64,15 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
     "cpu-small": {
         "encoder": "minilm",
         "policy": "smollm2",
+        # issue 19: rollouts batched across prompts (8 x 8 per step, one generate call) and capped by what
+        # k short subqueries need: 57 + 10 * (5 - 1) = 97 tokens with SmolLM2 (sampled constrained answers
+        # take 90 tokens, ~4.3 per subquery: benchmarks/results/fanout_format.json); one RL step of each
+        # setting, same run: benchmarks/bench_rl_step.py
         "rl": {
-            "num_generations": 4,
-            "prompts_per_step": 1,
+            "num_generations": 8,
+            "prompts_per_step": 8,
             "max_completion_length": 112,
+            "tokens_per_subquery": 5,
             "temperature": 0.7,
             "num_iterations": 2,
             "learning_rate": 3e-4,
@@ -185,7 +190,7 @@ def _merge(base: dict, over: dict) -> dict:
 PIPELINE_PRESETS["cpu-full"] = _merge(
     PIPELINE_PRESETS["cpu-small"],
     {
-        "rl": {"num_generations": 8, "max_steps": 60, "save_steps": 20, "time_budget_minutes": 25},
+        "rl": {"max_steps": 60, "save_steps": 20, "time_budget_minutes": 25},
         # 0.63 constrained answers/s at batch 32 (cpu-small run, 2026-12-02): 2,048 answers ~ 55 min
         "synthesis": {"samples": 4, "keep": 2, "max_queries": 512, "batch_size": 64},
         "diffusion": {"steps": 5000, "reference_samples": 16},
