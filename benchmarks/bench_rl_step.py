@@ -65,7 +65,7 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
         **over,
     )
     cpu0, t0 = time.process_time(), time.perf_counter()
-    summary = train(cfg, root / name)
+    summary = train(cfg, root / name, save=False)
     run_cpu, run_wall = time.process_time() - cpu0, time.perf_counter() - t0
     steps = _read_steps(root / name / "steps.jsonl")
     step_s = sum(float(r.get("step_time") or 0.0) for r in steps)
@@ -151,28 +151,23 @@ def main(argv: list[str] | None = None) -> int:
     from _harness import environment
 
     env = environment(("transformers", "trl", "peft"))
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="bench_rl_step-") as tmp:
-        for name in names:
-            results[name] = run_config(name, args, Path(tmp))
-            print(name, json.dumps(results[name]), flush=True)
     import os
 
-    rec = {
-        "environment": env,
-        "dataset": args.dataset,
-        "policy": args.policy,
-        "threads": args.threads,
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "results": results,
-    }
-    text = markdown(rec)
+    results: dict[str, Any] = {}
+    rec = {"environment": env, "dataset": args.dataset, "policy": args.policy, "threads": args.threads,
+           "load_average_after": None, "results": results}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench_rl_step-") as tmp:
+        for name in names:  # the record is rewritten after each config: a cut run keeps what finished
+            results[name] = run_config(name, args, Path(tmp))
+            print(name, json.dumps(results[name]), flush=True)
+            rec["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+            text = markdown(rec)
+            if args.out:
+                out = Path(args.out)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.with_suffix(".json").write_text(json.dumps(rec, indent=2) + "\n")
+                out.with_suffix(".md").write_text(text)
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(rec, indent=2) + "\n")
-        out.with_suffix(".md").write_text(text)
     return 0
 
 

@@ -229,6 +229,7 @@ def train(
     *,
     resume: bool = False,
     command: str | None = None,
+    save: bool = True,
 ) -> dict[str, Any]:
     """Run GRPO + soft-PPO; write checkpoints, ``steps.jsonl``, the reward curve and ``policy/``.
 
@@ -238,6 +239,7 @@ def train(
         resume: continue from the last ``checkpoint-N`` in ``out_dir`` (an error if there is none) up to
             ``cfg.max_steps`` total steps.
         command: the command line, recorded in ``rl_config.json``.
+        save: write ``policy/`` at the end (False: benchmarks that only time the steps).
 
     Returns:
         a summary: ``steps``, ``train_wall_s``, ``policy_dir``, ``resumed_from``, first/last rewards.
@@ -378,7 +380,7 @@ def train(
     policy_dir = out / _POLICY_SUBDIR
     meta = {"base_policy": str(model_dir), "steps": steps, "config": cfg.to_dict(), "lora_merged": cfg.lora,
             "reward_task": reward_fn.task, "rollouts": record["rollouts"]}  # fmt: skip
-    if main:  # records, the policy and the curve are written by one process only
+    if main and save:  # records, the policy and the curve are written by one process only
         policy_dir = save_policy(trainer.model, tokenizer, policy_dir, meta=meta)
     trainer.accelerator.wait_for_everyone()
     recs = _read_steps(out / _STEPS_FILE)
