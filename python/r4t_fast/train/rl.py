@@ -80,6 +80,7 @@ from r4t_fast.train.rl_setup import (
     _versions,
     build_train_dataset,
     completion_cap,
+    lora_config,
     rollout_constraint,
 )
 from r4t_fast.train.rl_setup import _split_rows as _split_rows
@@ -217,6 +218,26 @@ def _is_main_process() -> bool:
     return _world_size() == 1 or os.environ.get("RANK", "0") == "0"
 
 
+def _expert_policy(cfg: RLConfig, data: Any, out: Path) -> Path:
+    """The policy GRPO starts from after ``cfg.expert_rounds`` rounds of expert iteration
+    (:mod:`r4t_fast.train.rl_expert`, in ``out/expert``); a run that finished them (a resumed one) reuses
+    the last round's policy."""
+    from r4t_fast.train.rl_expert import expert_iteration
+
+    if _world_size() > 1:
+        raise ValueError(
+            "expert_rounds: expert iteration runs in one process; run it without accelerate launch"
+        )
+    record = out / "expert" / "expert.json"
+    if record.is_file():
+        rounds = json.loads(record.read_text()).get("rounds", [])
+        if len(rounds) >= cfg.expert_rounds and Path(rounds[-1]["policy"]).is_dir():
+            return Path(rounds[-1]["policy"])
+    return expert_iteration(
+        cfg, data, _split_rows(data, [cfg.train_split], cfg.max_train_queries), out / "expert"
+    )
+
+
 def _last_checkpoint(out: Path) -> Path | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -244,7 +265,6 @@ def train(
     Returns:
         a summary: ``steps``, ``train_wall_s``, ``policy_dir``, ``resumed_from``, first/last rewards.
     """
-    from peft import LoraConfig
     from trl import GRPOConfig
 
     out = Path(out_dir)
@@ -267,7 +287,8 @@ def train(
         data = _load_data(cfg)
         train_ds = build_train_dataset(cfg, data)
         reward_fn = _reward_function(cfg, data)
-        model, tokenizer, model_dir = load_policy(cfg.policy)
+        expert = _expert_policy(cfg, data, out) if cfg.expert_rounds else None
+        model, tokenizer, model_dir = load_policy(str(expert) if expert else cfg.policy)
     constraint, max_completion = rollout_constraint(
         cfg, tokenizer, completion_cap(cfg, tokenizer), "max_completion_length"
     )
@@ -284,6 +305,7 @@ def train(
         "versions": _versions(),
         "resumed_from": str(checkpoint) if checkpoint else None,
         "reward_task": reward_fn.task,  # cfg.task with 'auto' resolved
+        "expert_policy": str(expert) if expert else None,  # GRPO's start after expert iteration
         "rollouts": {"constrained": constraint is not None, "think": cfg.think,
                      "max_completion_length": max_completion, "world_size": _world_size()},
     }  # fmt: skip
@@ -337,15 +359,7 @@ def train(
         remove_unused_columns=False,
         log_completions=False,
     )
-    peft_config = None
-    if cfg.lora:
-        peft_config = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_target_modules),
-            task_type="CAUSAL_LM",
-        )
+    peft_config = lora_config(cfg) if cfg.lora else None
     trainer_cls = trainer_class()
     resume_step = None
     if checkpoint is not None:

@@ -151,6 +151,19 @@ class RLConfig:
     log_kl: bool = _f(
         True, "log KL(pi_theta || base) each step (LoRA: base = adapter disabled; one extra forward)"
     )
+    # -- expert iteration before GRPO (train.rl_expert) -----------------------------------------------
+    expert_rounds: int = _f(
+        0,
+        "rounds of expert iteration before GRPO (0 = off, at most 3): sample expert_samples fan-outs per "
+        "training title (constrained), keep the expert_keep best by the reward, LoRA SFT on them (TRL), "
+        "merge (train.rl_expert)",
+    )
+    expert_samples: int = _f(8, "expert iteration: fan-outs sampled per training title (n)")
+    expert_keep: int = _f(2, "expert iteration: best fan-outs kept per title (m <= n)")
+    expert_epochs: int = _f(1, "expert iteration: SFT epochs over the kept fan-outs per round")
+    expert_learning_rate: float = _f(2e-4, "expert iteration: SFT learning rate (LoRA)")
+    expert_batch_size: int = _f(8, "expert iteration: SFT batch size (sampling batches 4x this)")
+    expert_max_queries: int | None = _f(None, "expert iteration: use the first N training titles (None: all)")
     # -- run -------------------------------------------------------------------------------------------
     max_steps: int = _f(60, "total optimizer steps (a resumed run continues up to this step)")
     save_steps: int = _f(10, "checkpoint every N steps")
@@ -242,7 +255,17 @@ class RLConfig:
             pos_int(name)
         for name in ("max_train_queries", "num_threads", "eval_max_queries", "budget_per_row"):
             pos_int(name, allow_none=True)
-        for name in ("tokens_per_subquery",):
+        for name in ("expert_samples", "expert_keep", "expert_epochs", "expert_batch_size"):
+            pos_int(name)
+        self.expert_rounds = check_non_negative_int(self.expert_rounds, "expert_rounds")
+        if self.expert_rounds > 3:
+            raise ValueError(f"expert_rounds: expected 0..3, got {self.expert_rounds}")
+        if self.expert_keep > self.expert_samples:
+            raise ValueError(
+                f"expert_keep: must be <= expert_samples ({self.expert_samples}), got {self.expert_keep}"
+            )
+        number("expert_learning_rate", 0.0, open_low=True)
+        for name in ("tokens_per_subquery", "expert_max_queries"):
             pos_int(name, allow_none=True)
         if self.num_generations < 2:
             raise ValueError(

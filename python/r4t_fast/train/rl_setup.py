@@ -121,6 +121,19 @@ def completion_cap(cfg: RLConfig, tokenizer: Any) -> int:
     return need + cfg.k * (cfg.tokens_per_subquery - 1)
 
 
+def lora_config(cfg: RLConfig) -> Any:
+    """The ``peft.LoraConfig`` of ``cfg`` (GRPO and expert iteration adapt the same modules)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
 def _reward_function(cfg: RLConfig, data: Any) -> Any:
     """The :class:`r4t_fast.fanout.rewards.RewardFunction` of ``cfg`` over ``data``'s catalog
     (:func:`r4t_fast.fanout.rewards.build_reward`; ``task="auto"`` is resolved on the training split's

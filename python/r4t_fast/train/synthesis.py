@@ -53,7 +53,14 @@ from tqdm.auto import tqdm
 from r4t_fast._internal import atomic_write, atomic_write_text, check_choice, check_positive_int, check_seed
 from r4t_fast.train.targets import process_info, rank_items, stack_counts
 
-__all__ = ["SynthesisConfig", "shard_counts", "synthesize", "synthesize_queries"]
+__all__ = [
+    "ScoredSamples",
+    "SynthesisConfig",
+    "sample_and_select",
+    "shard_counts",
+    "synthesize",
+    "synthesize_queries",
+]
 
 COUNT_KEYS = ("sampled", "kept", "dropped_format", "dropped_filter", "dropped")
 """Per-shard counts (``dropped = dropped_format + dropped_filter``; ``sampled = kept + dropped``)."""
@@ -137,6 +144,82 @@ def _select(reward: np.ndarray, usable: np.ndarray, keep: int | None) -> list[in
     return sorted(idx if keep is None else idx[:keep])
 
 
+@dataclass
+class ScoredSamples:
+    """Fan-outs sampled for a list of queries, scored by a reward and filtered (:func:`sample_and_select`).
+
+    Attributes:
+        flat: ``(query index, GenerationOutput)`` of every sample, query by query.
+        scored: the reward's :class:`~r4t_fast.fanout.rewards.RewardBatch` over ``flat``.
+        keep_rows: indices into ``flat`` of the kept samples (the ``keep`` best usable ones per query).
+        counts: ``sampled``, ``kept``, ``dropped_format``, ``dropped_filter``, ``dropped``,
+            ``generated_tokens``, ``finished`` (and ``generate_s`` when the policy times its calls).
+    """
+
+    flat: list[tuple[int, Any]]
+    scored: Any
+    keep_rows: list[int]
+    counts: dict[str, Any]
+
+
+def sample_and_select(
+    queries: list[str],
+    lm: Any,
+    reward_fn: Any,
+    *,
+    k: int,
+    samples: int,
+    keep: int | None,
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    constrained: Any = True,
+    think: bool = False,
+    min_subqueries: int = 1,
+    references: list[list[int]] | None = None,
+) -> ScoredSamples:
+    """Reward-filtered sampling, shared by synthesis and expert iteration (``train.rl_expert``): ``samples``
+    fan-outs per query from ``lm`` (``constrained``: a bool or a ``FanOutConstraint``), scored by
+    ``reward_fn`` (a :class:`~r4t_fast.fanout.rewards.RewardFunction`; ``references`` are the queries'
+    reference sets for coverage rewards), the ``keep`` best with at least ``min_subqueries`` usable
+    subqueries kept per query (ties: earlier sample first)."""
+    gens = lm.generate(
+        queries,
+        k=k,
+        num_samples=samples,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        constrained=constrained,
+        think=think,
+    )
+    timing = getattr(lm, "last_timing", None)
+    flat = [(qi, g) for qi, per_query in enumerate(gens) for g in per_query]
+    refs = None if references is None else [references[qi] for qi, _ in flat]
+    scored = reward_fn.score([g.text for _, g in flat], [queries[qi] for qi, _ in flat], refs)
+    n_sub = np.array([min(len(s), k) for s in scored.subqueries])
+    usable = n_sub >= min_subqueries
+    counts: dict[str, Any] = {key: 0 for key in COUNT_KEYS}
+    counts["sampled"] = len(flat)
+    counts["dropped_format"] = int((~usable).sum())
+    keep_rows: list[int] = []
+    start = 0
+    for per_query in gens:
+        rows = np.arange(start, start + len(per_query))
+        keep_rows += [int(rows[j]) for j in _select(scored.reward[rows], usable[rows], keep)]
+        start += len(per_query)
+    counts["kept"] = len(keep_rows)
+    counts["dropped_filter"] = int(usable.sum()) - len(keep_rows)
+    counts["dropped"] = counts["dropped_format"] + counts["dropped_filter"]
+    counts["generated_tokens"] = int(sum(g.n_tokens for _, g in flat))
+    counts["finished"] = int(sum(g.finished for _, g in flat))
+    if timing is not None:
+        counts["generate_s"] = float(timing.generate_s)
+    return ScoredSamples(flat, scored, keep_rows, counts)
+
+
 def synthesize_queries(
     queries: list[str],
     lm: Any,
@@ -161,39 +244,13 @@ def synthesize_queries(
 
     if reward_fn is None:
         reward_fn = build_reward("oar", catalog, encoder, k=cfg.k, cache=cache)
-    gens = lm.generate(
-        queries,
-        k=cfg.k,
-        num_samples=cfg.samples,
-        temperature=cfg.temperature,
-        max_new_tokens=max_new_tokens or cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
-        seed=seed,
-        constrained=cfg.constrained,
-        think=cfg.think,
-    )
-    timing = getattr(lm, "last_timing", None)
-    flat = [(qi, g) for qi, per_query in enumerate(gens) for g in per_query]
-    refs = None if references is None else [references[qi] for qi, _ in flat]
-    scored = reward_fn.score([g.text for _, g in flat], [queries[qi] for qi, _ in flat], refs)
-    n_sub = np.array([min(len(s), cfg.k) for s in scored.subqueries])
-    usable = n_sub >= cfg.min_subqueries
-    counts: dict[str, Any] = {key: 0 for key in COUNT_KEYS}
-    counts["sampled"] = len(flat)
-    counts["dropped_format"] = int((~usable).sum())
-    keep_rows: list[int] = []
-    start = 0
-    for per_query in gens:
-        rows = np.arange(start, start + len(per_query))
-        keep_rows += [int(rows[j]) for j in _select(scored.reward[rows], usable[rows], cfg.keep)]
-        start += len(per_query)
-    counts["kept"] = len(keep_rows)
-    counts["dropped_filter"] = int(usable.sum()) - len(keep_rows)
-    counts["dropped"] = counts["dropped_format"] + counts["dropped_filter"]
-    counts["generated_tokens"] = int(sum(g.n_tokens for _, g in flat))
-    counts["finished"] = int(sum(g.finished for _, g in flat))
-    if timing is not None:
-        counts["generate_s"] = float(timing.generate_s)
+    sel = sample_and_select(
+        queries, lm, reward_fn, k=cfg.k, samples=cfg.samples, keep=cfg.keep, temperature=cfg.temperature,
+        max_new_tokens=max_new_tokens or cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed,
+        constrained=cfg.constrained, think=cfg.think, min_subqueries=cfg.min_subqueries,
+        references=references,
+    )  # fmt: skip
+    flat, scored, keep_rows, counts = sel.flat, sel.scored, sel.keep_rows, sel.counts
     D = encoder.dim
     if not keep_rows:
         return {
