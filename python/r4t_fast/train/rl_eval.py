@@ -100,6 +100,9 @@ def _eval_policy(
         "vendi_top1": nk.diversity * nk.n_subqueries,
         "coverage": nk.coverage,
         "usable_subqueries": batch.n_subqueries.astype(np.float64),
+        "copy_rate": np.where(
+            batch.n_subqueries > 0, batch.n_copies / np.maximum(batch.n_subqueries, 1), np.nan
+        ),
         "parse_ok": batch.parse_ok.astype(np.float64),
         "format_ok": batch.format_ok.astype(np.float64),
         "eval_composite": sm.per_query["row_composite"],
@@ -141,6 +144,7 @@ _TABLE_ROWS = (
     ("eval_diversity", "diversity (Vendi / k), r4t-eval protocol"),
     ("coverage", "coverage of the reference set (top-b items per written subquery)"),
     ("usable_subqueries", "usable subqueries parsed (of k)"),
+    ("copy_rate", "share of the written subqueries that copy the title (fanout.copies)"),
     ("parse_ok", "completions with >= 1 usable subquery"),
     ("format_ok", "completions in the strict format"),
 )
