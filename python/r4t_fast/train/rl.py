@@ -63,7 +63,6 @@ import torch
 
 from r4t_fast import _threads
 from r4t_fast._internal import atomic_write_text, check_seed
-from r4t_fast.fanout.prompt import CHATML_END
 from r4t_fast.train.rl_config import LOSS_TYPE_CHOICES, RLConfig
 from r4t_fast.train.rl_eval import _TABLE_ROWS as _TABLE_ROWS
 from r4t_fast.train.rl_eval import _eval_policy as _eval_policy
@@ -74,6 +73,7 @@ from r4t_fast.train.rl_eval import (
     rebuild_before_after,
     summary_table,
 )
+from r4t_fast.train.rl_policy import load_policy, save_policy
 from r4t_fast.train.rl_setup import (
     _load_data,
     _reward_function,
@@ -132,79 +132,6 @@ def __getattr__(name: str) -> Any:  # SoftPPOGRPOTrainer is built on first use: 
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# policy
-# ----------------------------------------------------------------------------------------------------
-def load_policy(spec: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, Path]:
-    """Load a chat causal LM for training: ``(model, tokenizer, model_dir)``.
-
-    Applies ``shared/NOTES.md``: removes a leftover quantization config (GGUF conversions), makes
-    ``<|im_end|>`` the eos and pad token when the vocabulary has it (else pads with eos), pads on the
-    left, and writes the ids into the model's config and generation config.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from r4t_fast.fanout.policy import resolve_policy
-
-    path = resolve_policy(spec)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"policy: {path} has no chat template; the fan-out prompt needs a chat model")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    if CHATML_END in tokenizer.get_vocab():
-        tokenizer.eos_token = CHATML_END
-        tokenizer.pad_token = CHATML_END
-    elif tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"policy: the tokenizer of {path} has neither {CHATML_END} nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    for cfg in (model.config, model.generation_config):
-        cfg.eos_token_id = tokenizer.eos_token_id
-        cfg.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer, path
-
-
-# ----------------------------------------------------------------------------------------------------
-# training
-# ----------------------------------------------------------------------------------------------------
-def save_policy(
-    model: Any, tokenizer: Any, out_dir: str | os.PathLike[str], meta: dict[str, Any] | None = None
-) -> Path:
-    """Save a HF model dir loadable by :class:`r4t_fast.fanout.generation.FanOutLM` (LoRA merged),
-    crash-safely.
-
-    A PEFT model is merged into a copy-free base (``merge_and_unload``); ``r4t_policy.json`` records
-    ``meta`` (base policy, steps, config). The directory is written by
-    :func:`r4t_fast._internal.save_dir_atomically` (format :data:`~r4t_fast.fanout.policy.POLICY_FORMAT`):
-    ``out_dir`` is a symlink to a complete version with a sha256 manifest, switched atomically, so a
-    crash leaves the previous policy or the new one; :func:`~r4t_fast.fanout.policy.resolve_policy`
-    (hence ``FanOutLM``, ``r4t eval``) verifies it on load.
-    """
-    from peft import PeftModel
-
-    from r4t_fast._internal import save_dir_atomically
-    from r4t_fast.fanout.policy import POLICY_FORMAT
-
-    if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
-    for cfg in (model.config, model.generation_config):
-        cfg.eos_token_id = tokenizer.eos_token_id
-        cfg.pad_token_id = tokenizer.pad_token_id
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "r4t_policy.json").write_text(json.dumps(meta or {}, indent=2, default=str) + "\n")
-
-    return save_dir_atomically(
-        out_dir, write, format=POLICY_FORMAT, meta={"steps": (meta or {}).get("steps")}
-    )
-
-
 def _world_size() -> int:
     """Processes of this run (``accelerate launch --num_processes N`` sets ``WORLD_SIZE``)."""
     try:
@@ -222,7 +149,7 @@ def _expert_policy(cfg: RLConfig, data: Any, out: Path) -> Path:
     """The policy GRPO starts from after ``cfg.expert_rounds`` rounds of expert iteration
     (:mod:`r4t_fast.train.rl_expert`, in ``out/expert``); a run that finished them (a resumed one) reuses
     the last round's policy."""
-    from r4t_fast.train.rl_expert import expert_iteration
+    from r4t_fast.train.rl_expert import expert_iteration  # imports down: rl_expert never imports rl
 
     if _world_size() > 1:
         raise ValueError(

@@ -90,7 +90,7 @@ def expert_iteration(cfg: RLConfig, data: Any, train_rows: list[dict[str, Any]],
     returns the last round's policy directory (module docstring)."""
     from r4t_fast.fanout.generation import FanOutLM
     from r4t_fast.fanout.policy import resolve_policy
-    from r4t_fast.train.rl import load_policy, save_policy
+    from r4t_fast.train.rl_policy import load_policy, save_policy
     from r4t_fast.train.rl_setup import _reward_function, rollout_constraint
     from r4t_fast.train.synthesis import sample_and_select
 
