@@ -122,7 +122,15 @@ def rows_recall_scorer(
     sets = [by_id[i] for i in getattr(data.split, split) if by_id[i].query is not None][:limit]
     if not sets:
         raise ValueError(f"split: no titled sets in {split!r} to score the rows on")
-    q = torch.from_numpy(np.asarray(data.encoder.encode([query_text(s) for s in sets]), dtype=np.float32))
+    # Encoded in r4t eval's batches (64): each query's sampling noise is seeded from its embedding's
+    # bytes, and a transformer encoder's output changes in the last bits with the batch it is padded in.
+    texts = [query_text(s) for s in sets]
+    q = torch.cat(
+        [
+            torch.from_numpy(np.asarray(data.encoder.encode(texts[i : i + 64]), dtype=np.float32))
+            for i in range(0, len(texts), 64)
+        ]
+    )
     refs = [data.catalog.id_to_index(s.item_ids) for s in sets]
     big_k = fair_budget(len(data.catalog), k)
     opts = {**SAMPLING_DEFAULTS.as_dict(), **(sampling or {})}
