@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import make_tiny_policy, sets_jsonl
+from r4t_fast.diffusion.retriever import query_budget_share
 from r4t_fast.pipeline import DEFAULT_METHODS, PIPELINE_PRESETS, run_pipeline
 
 ANSWER = '<queries>["red scarf", "black boots", "blue jacket"]</queries><|im_end|>'
@@ -72,7 +73,7 @@ def test_pipeline_smoke_end_to_end_and_resume(tmp_path: Path, monkeypatch) -> No
         preset="smoke",
         overrides=over,
         progress=False,
-        methods=("r4t-diffusion", "folm", "dense"),
+        methods=("r4t-diffusion", "r4t-diffusion-rows", "folm", "dense"),
     )
     assert set(rec["stages"]) == {"rl", "synthesis", "diffusion", "select", "distill", "eval", "report"}
     dis = json.loads((out / "distill.json").read_text())
@@ -85,6 +86,15 @@ def test_pipeline_smoke_end_to_end_and_resume(tmp_path: Path, monkeypatch) -> No
     recs = {
         m: json.loads((out / "eval" / f"{m}.json").read_text()) for m in ("r4t-diffusion", "folm", "dense")
     }
+    # issue 18: the rows' retrieval loss and early stopping ran in the diffusion stage; the rows alone
+    # (anchor 0) are evaluated beside the retriever, with the query's share of the budget recorded
+    log = json.loads((out / "diffusion" / "config.json").read_text())["train_log"]
+    assert [r["step"] for r in log if "select" in r] == [10, 20] and any("selected" in r for r in log)
+    assert all(r["row_loss"] > 0 for r in log if "loss" in r)
+    rows = json.loads((out / "eval" / "r4t-diffusion-rows.json").read_text())
+    assert rows["method"] == "r4t-diffusion-rows" and rows["query_share_of_budget"] == 0.0
+    anchor = json.loads((used / "retriever.json").read_text())["defaults"]["anchor"]
+    assert recs["r4t-diffusion"]["query_share_of_budget"] == query_budget_share(anchor, 10)
     for m, r in recs.items():
         assert r["method"] == m and r["n_queries"] > 0 and "recall_at_fair" in r["metrics"]
         assert "row_composite" in r["metrics"] and "composite" not in r["metrics"]

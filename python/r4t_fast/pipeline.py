@@ -147,7 +147,19 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
             "min_subqueries": 1,
             "queries_per_shard": 3,
         },
-        "diffusion": {"preset": "tiny", "steps": 20, "batch_size": 16, "warmup": 5, "log_every": 5},
+        "diffusion": {
+            "preset": "tiny",
+            "steps": 20,
+            "batch_size": 16,
+            "warmup": 5,
+            "log_every": 5,
+            "targets": "both",
+            "reference_samples": 1,
+            "retrieval_weight": 1.0,
+            "retrieval_unroll": 2,
+            "retrieval_batch": 8,
+            "select_every": 10,
+        },
         "distill": None,
         "retriever": {
             "steps": 4,
@@ -193,7 +205,25 @@ PIPELINE_PRESETS["cpu-full"] = _merge(
         "rl": {"max_steps": 60, "save_steps": 20, "time_budget_minutes": 25},
         # 0.63 constrained answers/s at batch 32 (cpu-small run, 2026-12-02): 2,048 answers ~ 55 min
         "synthesis": {"samples": 4, "keep": 2, "max_queries": 512, "batch_size": 64},
-        "diffusion": {"steps": 5000, "reference_samples": 16},
+        # issue 18: the rows' retrieval loss on 4-step Euler samples (benchmarks/results/rows/), early
+        # stopping on the rows' val recall, the Euler-4 sampler it was trained for (4 NFE: no distillation)
+        "diffusion": {
+            "steps": 1500,
+            "reference_samples": 16,
+            "retrieval_weight": 1.0,
+            "retrieval_unroll": 4,
+            "select_every": 250,
+        },
+        "retriever": {"sampler": "euler", "steps": 4, "guidance": 0.0},
+        "distill": None,
+        # the query-anchored row's share and the pull traced on val; the guard-rail rule (issue 18)
+        "select": {
+            "rule": "rails",
+            "anchors": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
+            "guidances": [0.0],
+            "pulls": [0.0, 0.4],
+            "grid": [["euler", 4], ["euler", 2], ["euler", 1]],
+        },
         "eval": {"llm_limit": 100_000},
     },
 )
@@ -247,7 +277,13 @@ def run_pipeline(
         raise FileNotFoundError(f"rl_policy: {rl_policy} is not a model directory (no config.json)")
     from r4t_fast.diffusion.retriever import Retriever, query_budget_share
     from r4t_fast.train import rl as rl_mod
-    from r4t_fast.train.diffusion import DiffusionTrainConfig, config_pairs, load_shards, train_diffusion
+    from r4t_fast.train.diffusion import (
+        DiffusionTrainConfig,
+        config_pairs,
+        final_loss,
+        load_shards,
+        train_diffusion,
+    )
     from r4t_fast.train.synthesis import SynthesisConfig, synthesize
 
     def stage(name: str, fn) -> Any:
@@ -344,7 +380,7 @@ def run_pipeline(
         r = Retriever(model, data.catalog, data.encoder, encoder_spec=cfg["encoder"], **cfg["retriever"])
         extra = {"train_config": vars(dcfg), "train_log": log, "n_pairs": len(pairs.cond)}
         r.save(dif_dir, extra={**extra, "pairs_by_source": pairs.counts})
-        return {"n_pairs": len(pairs.cond), "pairs_by_source": pairs.counts, "final_loss": log[-1]["loss"]}
+        return {"n_pairs": len(pairs.cond), "pairs_by_source": pairs.counts, "final_loss": final_loss(log)}
 
     stage("diffusion", do_dif)
 

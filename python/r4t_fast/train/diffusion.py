@@ -64,7 +64,15 @@ from r4t_fast.kernels.ops import check_device
 from r4t_fast.train.row_loss import row_retrieval_loss
 from r4t_fast.train.targets import TARGET_CHOICES, TrainingPairs, process_info, rank_items, training_pairs
 
-__all__ = ["FORMAT", "DiffusionTrainConfig", "load_shards", "load_trained", "train_diffusion"]
+__all__ = [
+    "FORMAT",
+    "DiffusionTrainConfig",
+    "final_loss",
+    "load_shards",
+    "load_trained",
+    "train_diffusion",
+    "unrolled_rows",
+]
 
 FORMAT = "r4t_fast.diffusion"
 """``format`` of the manifest of a ``r4t train-diffusion`` output directory."""
@@ -420,6 +428,16 @@ def _is_legacy_model(p: Path) -> bool:
     return (p / "model.safetensors").is_file()
 
 
+def final_loss(log: list[dict]) -> float:
+    """The last logged training loss of a :func:`train_diffusion` log (its last rows may be
+    ``select`` / ``selected`` rows of early stopping).
+
+    >>> final_loss([{"step": 5, "loss": 0.5}, {"step": 5, "select": 0.1}, {"step": 5, "selected": 0.1}])
+    0.5
+    """
+    return next(float(r["loss"]) for r in reversed(log) if "loss" in r)
+
+
 def unrolled_rows(
     edm: EDM, cond: torch.Tensor, sigmas: list[float], generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -610,5 +628,5 @@ def cli_main(args: argparse.Namespace) -> int:
     )
     if process_info().is_main:
         src = ", ".join(f"{k} {pairs.counts[k]}" for k in ("teacher", "reference"))
-        print(f"saved {args.out}: {len(pairs.cond)} pairs ({src}), final loss {log[-1]['loss']:.4f}")
+        print(f"saved {args.out}: {len(pairs.cond)} pairs ({src}), final loss {final_loss(log):.4f}")
     return 0
