@@ -245,6 +245,8 @@ def markdown(payload: dict) -> str:
             + " |"
         )
     lines += ["", f"Load average after: {payload['load_average_after']}.", ""]
+    if payload.get("note"):
+        lines += [f"Note: {payload['note']}", ""]
     return "\n".join(lines)
 
 
@@ -260,6 +262,7 @@ def main() -> int:
     ap.add_argument("--direct-seconds", type=float, default=20.0)
     ap.add_argument("--warmup", type=float, default=10.0, help="seconds of the same load before measuring")
     ap.add_argument("--max-wait-ms", type=float, default=2.0, help="the server's --max-wait-ms")
+    ap.add_argument("--note", default="", help="a remark stored with the record (e.g. what else ran)")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
     env = environment(("fastapi", "uvicorn", "httpx", "pydantic"))  # load average before the run
@@ -318,6 +321,7 @@ def main() -> int:
         "direct": direct,
         "phases": phases,
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "note": args.note,
     }
     jp, mp = write_results(args.out, payload, markdown(payload))
     print(f"wrote {jp} and {mp}")
