@@ -23,9 +23,10 @@ FLOORS = {
     "diffusion": 4,
     "eval": 5,
     "train": 6,
-    "pipeline": 7,
-    "serve": 8,
-    "cli": 9,
+    "pipeline_presets": 7,
+    "pipeline": 8,
+    "serve": 9,
+    "cli": 10,
 }
 # deliberate exceptions, each with its reason
 ALLOWED_UP = {

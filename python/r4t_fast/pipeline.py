@@ -33,7 +33,6 @@ resumes where it stopped; ``pipeline.json`` records the preset, settings, comman
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -43,8 +42,23 @@ from typing import Any
 
 from r4t_fast._internal import atomic_write_text
 from r4t_fast.diffusion.samplers import SAMPLING_DEFAULTS
+from r4t_fast.pipeline_presets import (  # the presets' home; re-exported here
+    DPP_VAL_CHOICE,
+    MMR_VAL_CHOICE,
+    PIPELINE_PRESETS,
+    PRESETS,
+    _merge,
+)
 
-__all__ = ["DEFAULT_METHODS", "LLM_EVAL_METHODS", "PIPELINE_PRESETS", "PRESETS", "run_pipeline"]
+__all__ = [
+    "DEFAULT_METHODS",
+    "DPP_VAL_CHOICE",
+    "LLM_EVAL_METHODS",
+    "MMR_VAL_CHOICE",
+    "PIPELINE_PRESETS",
+    "PRESETS",
+    "run_pipeline",
+]
 
 DEFAULT_METHODS = (
     "dense", "mmr", "dpp", "llm-zeroshot", "llm-bon", "folm", "r4t-diffusion", "r4t-diffusion-rows"
@@ -55,178 +69,8 @@ LLM_EVAL_METHODS = frozenset({"llm-zeroshot", "folm", "llm-bon"})
 """Methods scored on the first ``eval.llm_limit`` test queries only (every other method also on those)."""
 _VALID_METHODS = frozenset(DEFAULT_METHODS) | LLM_EVAL_METHODS
 
-MMR_VAL_CHOICE: dict[str, Any] = {"lambda_": 0.9}
-DPP_VAL_CHOICE: dict[str, Any] = {"theta": 0.9}
-"""MMR / DPP settings chosen on the validation splits (benchmarks/results/eval/val-sweep/README.md)."""
-
-# Budgets per preset. cpu-small: the whole job in well under an hour on a 2-core CPU.
-PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
-    "cpu-small": {
-        "encoder": "minilm",
-        "policy": "smollm2",
-        # issue 19: rollouts batched across prompts (8 x 8 per step, one generate call) and capped by what
-        # k short subqueries need: 57 + 10 * (5 - 1) = 97 tokens with SmolLM2 (sampled constrained answers
-        # take 90 tokens, ~4.3 per subquery: benchmarks/results/fanout_format.json); one RL step of each
-        # setting, same run: benchmarks/bench_rl_step.py
-        "rl": {
-            "num_generations": 8,
-            "prompts_per_step": 8,
-            "max_completion_length": 112,
-            "tokens_per_subquery": 5,
-            "temperature": 0.7,
-            "num_iterations": 2,
-            "learning_rate": 3e-4,
-            "lora": True,
-            "max_steps": 30,
-            "save_steps": 10,
-            "time_budget_minutes": 12,
-        },
-        # constrained decoding, the RL stage's reward ('auto': WSCR where references exist) ranks the
-        # samples of each query and the best `keep` are kept
-        "synthesis": {
-            "samples": 4,
-            "keep": 2,
-            "max_queries": 256,
-            "max_new_tokens": 96,
-            "batch_size": 32,
-            "temperature": 0.9,
-            "queries_per_shard": 32,
-            "reward": "auto",
-        },
-        # teacher pairs + reference_samples k-row draws of every titled train-split set
-        "diffusion": {
-            "preset": "cpu-small",
-            "steps": 2000,
-            "batch_size": 128,
-            "lr": 5e-4,
-            "warmup": 100,
-            "ema": 0.995,
-            "targets": "both",
-            "reference_samples": 8,
-        },
-        # the one set of sampling defaults (chosen on validation; see SamplingDefaults)
-        "retriever": {k: v for k, v in SAMPLING_DEFAULTS.as_dict().items() if k != "seed"},
-        # the few-step stage (issue 12): DistillConfig fields (r4t_fast.train.distill), None = off; the
-        # distilled model is used only if its val quality meets the select rule against the teacher's
-        "distill": {"method": "ode", "steps": 1500, "pool_size": 2048, "sample_steps": 2},
-        "eval": {
-            "llm_limit": 48,
-            "limit": None,
-            "llm_batch_size": 8,
-            "llm_max_new_tokens": 128,
-            "latency_calls": 8,
-            # LLM methods: seconds per call, so fewer timed calls; batch 8 reuses the quality run's
-            # batches (5 timed calls after the first); the FOLM and zero-shot are also timed at 64 with
-            # a warm-up and 2 timed calls (issue 20: same protocol, tokens/s compared at 8 and 64)
-            "llm_latency": {
-                "folm": {"batches": [8, 64], "calls": {"8": 5, "64": 2}},
-                "llm-zeroshot": {"batches": [8, 64], "calls": {"8": 5, "64": 2}},
-                "llm-bon": {"batches": [8], "calls": 5},
-            },
-            # chosen on the validation splits (benchmarks/results/eval/val-sweep/)
-            "method_kwargs": {"mmr": MMR_VAL_CHOICE, "dpp": DPP_VAL_CHOICE},
-        },
-    },
-    # For tests and a first look: minutes, meaningless numbers.
-    "smoke": {
-        "encoder": "hashing:32",
-        "policy": "smollm2",
-        "rl": {
-            "num_generations": 2,
-            "max_completion_length": 80,
-            "max_steps": 1,
-            "save_steps": 1,
-            "lora": True,
-            "max_train_queries": 4,
-        },
-        "synthesis": {
-            "samples": 2,
-            "max_queries": 6,
-            "max_new_tokens": 80,
-            "batch_size": 8,
-            "min_subqueries": 1,
-            "queries_per_shard": 3,
-        },
-        "diffusion": {
-            "preset": "tiny",
-            "steps": 20,
-            "batch_size": 16,
-            "warmup": 5,
-            "log_every": 5,
-            "targets": "both",
-            "reference_samples": 1,
-            "retrieval_weight": 1.0,
-            "retrieval_unroll": 2,
-            "retrieval_batch": 8,
-            "select_every": 10,
-        },
-        "distill": None,
-        "retriever": {
-            "steps": 4,
-            "sampler": SAMPLING_DEFAULTS.sampler,
-            "guidance": SAMPLING_DEFAULTS.guidance,
-        },
-        "select": {
-            "limit": 3,
-            "anchors": [0.0, 0.3],
-            "guidances": [0.0],
-            "grid": [["heun", 4], ["euler", 1]],
-        },
-        "eval": {
-            "llm_limit": 3,
-            "limit": 3,
-            "llm_batch_size": 4,
-            "llm_max_new_tokens": 80,
-            "latency_calls": 1,
-            "latency_batches": [1, 8],
-            "llm_latency": {"folm": {"batches": [4], "calls": {"4": 1}}},
-        },
-    },
-}
-
 _EXTRA = ("train_config", "train_log", "n_pairs", "pairs_by_source")
 """The diffusion stage's notes kept in the retriever's config.json when the select stage re-saves it."""
-
-PRESETS = PIPELINE_PRESETS  # deprecated name (0.1); model presets are r4t_fast.diffusion.MODEL_PRESETS
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-# cpu-full: the committed headline run, <= 150 min on the 2-core CPU (512 training queries in synthesis,
-# >= 20,000 diffusion pairs with the reference draws, every test query for every method)
-PIPELINE_PRESETS["cpu-full"] = _merge(
-    PIPELINE_PRESETS["cpu-small"],
-    {
-        "rl": {"max_steps": 60, "save_steps": 20, "time_budget_minutes": 25},
-        # 0.63 constrained answers/s at batch 32 (cpu-small run, 2026-12-02): 2,048 answers ~ 55 min
-        "synthesis": {"samples": 4, "keep": 2, "max_queries": 512, "batch_size": 64},
-        # issue 18: the rows' retrieval loss on 4-step Euler samples (benchmarks/results/rows/), early
-        # stopping on the rows' val recall, the Euler-4 sampler it was trained for (4 NFE: no distillation)
-        "diffusion": {
-            "steps": 1500,
-            "reference_samples": 16,
-            "retrieval_weight": 1.0,
-            "retrieval_unroll": 4,
-            "select_every": 250,
-        },
-        "retriever": {"sampler": "euler", "steps": 4, "guidance": 0.0},
-        "distill": None,
-        # the query-anchored row's share and the pull traced on val; the guard-rail rule (issue 18)
-        "select": {
-            "rule": "rails",
-            "anchors": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
-            "guidances": [0.0],
-            "pulls": [0.0, 0.4],
-            "grid": [["euler", 4], ["euler", 2], ["euler", 1]],
-        },
-        "eval": {"llm_limit": 100_000},
-    },
-)
 
 
 def run_pipeline(
