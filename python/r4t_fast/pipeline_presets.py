@@ -169,12 +169,13 @@ PIPELINE_PRESETS["cpu-full"] = _merge(
         },
         "retriever": {"sampler": "euler", "steps": 4, "guidance": 0.0},
         "distill": None,
-        # the query-anchored row's share and the pull traced on val; the guard-rail rule (issue 18)
+        # the query-anchored row's share and the pull traced on val; the guard-rail rule (issue 18;
+        # benchmarks/results/rows/polyvore_frontier.md: it chose anchor 0.1, pull 0.3 there)
         "select": {
             "rule": "rails",
             "anchors": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
             "guidances": [0.0],
-            "pulls": [0.0, 0.4],
+            "pulls": [0.0, 0.1, 0.2, 0.3, 0.4],
             "grid": [["euler", 4], ["euler", 2], ["euler", 1]],
         },
         "eval": {"llm_limit": 100_000},
