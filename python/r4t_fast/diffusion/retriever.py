@@ -47,6 +47,7 @@ from r4t_fast._internal import (
     unit_rows,
     verify_dir,
 )
+from r4t_fast.data.backends import ground_sets as index_ground_sets
 from r4t_fast.data.catalog import Catalog
 from r4t_fast.data.results import RetrievalResult
 from r4t_fast.diffusion.model import EDM, SetDenoiser, load_model, save_model, shift_rows
@@ -420,7 +421,11 @@ class Retriever:
             m = max(1, round(o["anchor"] * k / (1 - o["anchor"]))) if n_candidates else 0
             kq = min(max(1, m * n_candidates), n_items)
         q_found = None
-        if self._use_fused(fused, cond):
+        # a catalog behind an approximate or remote index (usearch, Milvus) is searched through it: the
+        # rows are grounded by its batch search (distinct items kept: data.backends.ground_sets) and the
+        # fused kernel, which scans the in-memory matrix, is not used
+        via_index = self.catalog.index_kind != "exact"
+        if not via_index and self._use_fused(fused, cond):
             out = fused_sample_sets(
                 self.edm,
                 cond,
@@ -444,10 +449,15 @@ class Retriever:
                 x = shift_rows(x, cond, o["pull"])
             rows = x.reshape(B, R, cfg.dim).float().contiguous()
             self._check_rows(rows, o)
-            ids, scores = ops.ground_sets(rows, cat, check_finite=False, allowed=mask)
+            if via_index:
+                ids, scores = index_ground_sets(self.catalog.backend, self.catalog.embeddings, rows.cpu(),
+                                                allowed=None if mask is None else mask.cpu())  # fmt: skip
+                ids, scores = ids.to(rows.device), scores.to(rows.device)
+            else:
+                ids, scores = ops.ground_sets(rows, cat, check_finite=False, allowed=mask)
         valid = torch.where(ids >= 0, scores, torch.full_like(scores, -math.inf))
         if o["anchor"] > 0:
-            q_scores, q_ids = q_found or ops.knn(qd, cat, kq, check_finite=False, allowed=mask)
+            q_scores, q_ids = q_found or self._knn(qd, cat, kq, mask, via_index)
             # the query row takes its nearest item; a diffusion row grounded to that item is dropped
             valid = torch.where(ids == q_ids[:, :1], torch.full_like(valid, -math.inf), valid)
         n_rows = k - 1 if o["anchor"] > 0 else k
@@ -462,9 +472,7 @@ class Retriever:
             rows = torch.cat([qd[:, None, :].to(rows.dtype), rows], dim=1)
         cands = None
         if n_candidates:
-            _, cands = ops.knn(
-                rows.reshape(-1, cfg.dim).contiguous(), cat, n_candidates, check_finite=False, allowed=mask
-            )
+            _, cands = self._knn(rows.reshape(-1, cfg.dim).contiguous(), cat, n_candidates, mask, via_index)
             cands = cands.reshape(B, k, n_candidates)
             if m:
                 ranking = torch.full((B, m * n_candidates), -1, dtype=torch.int64, device=q_ids.device)
@@ -473,6 +481,16 @@ class Retriever:
             cands = cands.cpu()
         ids, scores, rows = ids.cpu(), scores.cpu(), rows.cpu()
         return self._results(q, ids, scores, rows, cands)
+
+    def _knn(
+        self, q: torch.Tensor, cat: torch.Tensor, k: int, mask: torch.Tensor | None, via_index: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (scores, ids) of ``q`` over the catalog: exact ``ops.knn`` on ``cat``, or the catalog's
+        own index (``via_index``)."""
+        if not via_index:
+            return ops.knn(q, cat, k, check_finite=False, allowed=mask)
+        s, r = self.catalog.search(q.cpu(), k, allowed=None if mask is None else mask.cpu())
+        return s.to(q.device), r.to(q.device)
 
     def _check_rows(self, rows: torch.Tensor, o: dict[str, Any]) -> None:
         if not bool(torch.isfinite(rows).all()):
