@@ -133,7 +133,8 @@ def main() -> int:
         default = max(grid, key=lambda s: val_r4t[s]["recall_at_fair"] + val_r4t[s]["vendi"] / 100)
 
     # -- test, once: the chosen settings and every baseline ----------------------------------------------
-    chosen = sorted({default, *(c["setting"] for c in choices.values())})
+    rows_alone = (0.0, 0.0)  # the set model's own rows (anchor 0, no pull), reported on test too
+    chosen = sorted({rows_alone, default, *(c["setting"] for c in choices.values())})
     test_r4t = {s: r4t("test", *s) for s in chosen}
     test_b = baselines("test")
     r.defaults.update(base_defaults)
@@ -186,7 +187,12 @@ def main() -> int:
             "default": "on val: recall_at_fair >= dense - 0.01, item_relevance >= dense - 0.08, vendi >= "
             "MMR(lambda 0.9) + 1.0; among those the highest recall_at_fair, else the highest R + V/100",
         },
-        "test": {"rows": rows, "default": default_row, "n_queries": test_b["dense"]["n_queries"]},
+        "test": {
+            "rows": rows,
+            "default": default_row,
+            "rows_alone": {"val": val_r4t.get(rows_alone), "test": m(test_r4t[rows_alone])},
+            "n_queries": test_b["dense"]["n_queries"],
+        },
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     base = RESULTS / args.results
@@ -248,6 +254,12 @@ def main() -> int:
             f"| {pct(b['recall_at_fair'])} | {ci_cell(row['d_recall'], 100, 1)} | {a['vendi']:.2f} "
             f"| {b['vendi']:.2f} | {ci_cell(row['d_vendi'], 1, 2)} | {'yes' if row['met'] else 'no'} |"
         )
+    ra = m(test_r4t[rows_alone])
+    md += [
+        "",
+        f"The rows alone (anchor 0, pull 0) on test: R@fair {pct(ra['recall_at_fair'])}, "
+        f"Vendi {ra['vendi']:.2f}, item rel. {pct(ra['item_relevance'])}, R@5000 {pct(ra['recall@5000'])}.",
+    ]
     dt = default_row["test"]
     md += [
         "",
