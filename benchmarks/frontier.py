@@ -266,8 +266,8 @@ def main() -> int:
         "## Test: the default setting chosen on val",
         "",
         f"Rule: {res['rules']['default']}. Chosen: anchor {default[0]:g}, pull {default[1]:g} (query's own "
-        f"ranking: {100 * default_row['query_share_of_budget']:.0f} % of the candidate rows; val rails met: "
-        f"{default_row['val_meets_rails']}). Test: R@fair {pct(dt['recall_at_fair'])}, Vendi "
+        f"ranking: {100 * default_row['query_share_of_budget']:.0f} % of the candidate budget; val rails "
+        f"met: {default_row['val_meets_rails']}). Test: R@fair {pct(dt['recall_at_fair'])}, Vendi "
         f"{dt['vendi']:.2f}, item rel. {pct(dt['item_relevance'])}, R@5000 {pct(dt['recall@5000'])}.",
         "",
         "| vs | ΔR@fair | ΔVendi | Δitem rel. | ΔR@5000 |",
