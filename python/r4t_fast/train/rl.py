@@ -75,6 +75,7 @@ from r4t_fast.train.rl_eval import (
 )
 from r4t_fast.train.rl_policy import load_policy, save_policy
 from r4t_fast.train.rl_setup import (
+    CPU_TRAINER_ARGS,
     _load_data,
     _reward_function,
     _versions,
@@ -250,10 +251,7 @@ def train(
     batch = cfg.num_generations * cfg.prompts_per_step
     args = GRPOConfig(
         output_dir=str(out),
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
+        **CPU_TRAINER_ARGS,
         use_vllm=False,
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=1,
@@ -280,8 +278,6 @@ def train(
         logging_steps=1,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        report_to=[],
-        disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
         log_completions=False,

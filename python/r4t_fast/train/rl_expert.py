@@ -53,22 +53,17 @@ def _sft_round(
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from r4t_fast.train.rl_setup import lora_config
+    from r4t_fast.train.rl_setup import CPU_TRAINER_ARGS, lora_config
 
     args = SFTConfig(
         output_dir=str(out),
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
+        **CPU_TRAINER_ARGS,
         per_device_train_batch_size=cfg.expert_batch_size,
         num_train_epochs=cfg.expert_epochs,
         learning_rate=cfg.expert_learning_rate,
         lr_scheduler_type="constant",
         save_strategy="no",
         logging_steps=1,
-        report_to=[],
-        disable_tqdm=True,
         seed=cfg.seed,
         data_seed=cfg.seed,
         completion_only_loss=True,

@@ -121,6 +121,18 @@ def completion_cap(cfg: RLConfig, tokenizer: Any) -> int:
     return need + cfg.k * (cfg.tokens_per_subquery - 1)
 
 
+CPU_TRAINER_ARGS: dict[str, Any] = {
+    "use_cpu": True,
+    "bf16": False,
+    "fp16": False,
+    "gradient_checkpointing": False,
+    "report_to": [],
+    "disable_tqdm": True,
+}
+"""The TRL trainer settings of every stage-1 trainer (GRPO, expert iteration's SFT) on this CPU:
+``shared/NOTES.md`` (bf16 7.5x slower here, checkpointing 25 % slower), no loggers, no progress bars."""
+
+
 def lora_config(cfg: RLConfig) -> Any:
     """The ``peft.LoraConfig`` of ``cfg`` (GRPO and expert iteration adapt the same modules)."""
     from peft import LoraConfig
