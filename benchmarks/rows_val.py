@@ -29,19 +29,13 @@ from _harness import ci_cell, environment, finish, paired_ci  # noqa: E402
 
 KEYS = ("recall_at_fair", "vendi", "item_relevance", "recall@5000")
 
-BASE = {
-    "preset": "cpu-small",
-    "steps": 2000,
-    "batch_size": 128,
-    "lr": 5e-4,
-    "warmup": 100,
-    "ema": 0.995,
-    "targets": "reference",
-    "reference_samples": 8,
-    "threads": 1,
-    "log_every": 100,
-}
-"""The cpu-small pipeline preset's diffusion settings, on reference targets."""
+
+def base_config() -> dict[str, Any]:
+    """The cpu-small pipeline preset's diffusion settings, on reference targets, one thread."""
+    from r4t_fast.pipeline_presets import PIPELINE_PRESETS
+
+    preset = PIPELINE_PRESETS["cpu-small"]["diffusion"]
+    return {**preset, "targets": "reference", "threads": 1, "log_every": 100}
 
 
 def _value(text: str) -> Any:
@@ -93,6 +87,7 @@ def main() -> int:
     from r4t_fast.train.diffusion import DiffusionTrainConfig, config_pairs, train_diffusion
 
     torch.set_num_threads(1)
+    BASE = base_config()
     out = Path(args.out)
     (out / "eval").mkdir(parents=True, exist_ok=True)
     data = load_eval_data(args.dataset, encoder=args.encoder, data_dir=args.data_dir, progress=False)
