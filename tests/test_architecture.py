@@ -14,6 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "python" / "r4t_fast"
 FLOORS = {
     "_internal": 0,
     "_threads": 0,
+    "_config": 0,
     "_C": 0,
     "_version": 0,
     "kernels": 1,

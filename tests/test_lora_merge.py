@@ -37,3 +37,38 @@ def test_adapter_dir_is_merged_for_inference(tmp_path: Path) -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     plain = FanOutLM(base)
     assert not plain.lora_merged
+
+
+def test_lora_layers_adapts_only_the_top_layers_and_backward_stops_there(tmp_path: Path) -> None:
+    """``RLConfig.lora_layers = n``: adapters on the top n decoder layers only, and the layers below carry
+    no autograd graph (issue 19's throughput lever)."""
+    from transformers import AutoModelForCausalLM
+
+    from r4t_fast.train.rl_config import RLConfig
+    from r4t_fast.train.rl_setup import lora_config
+
+    base = make_tiny_policy(tmp_path / "base", num_hidden_layers=4)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    wrapped = peft.get_peft_model(model, lora_config(RLConfig(lora_layers=1), model))
+    adapted = {
+        int(n.split(".layers.")[1].split(".")[0]) for n, _ in wrapped.named_parameters() if "lora_" in n
+    }
+    assert adapted == {3}
+    seen: list[bool] = []
+
+    def grad_of_output(module, inputs, out) -> None:
+        seen.append((out[0] if isinstance(out, tuple) else out).requires_grad)
+
+    hooks = [layer.register_forward_hook(grad_of_output) for layer in wrapped.base_model.model.model.layers]
+    wrapped(torch.tensor([[5, 6, 7, 8]])).logits.sum().backward()
+    for h in hooks:
+        h.remove()
+    assert seen == [False, False, False, True]  # no graph below the adapted layer
+    every = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora_config(RLConfig(), None))
+    assert {
+        int(n.split(".layers.")[1].split(".")[0]) for n, _ in every.named_parameters() if "lora_" in n
+    } == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="lora_layers: expected <= 4"):
+        lora_config(RLConfig(lora_layers=5), model)
+    with pytest.raises(ValueError, match="lora_layers"):
+        RLConfig(lora_layers=-1)

@@ -37,6 +37,7 @@ def test_train_rl_levers_reach_the_step_log(tmp_path: Path) -> None:
         "forbid_title": True,
         "num_generations": 2,
         "prompts_per_step": 3,
+        "micro_batch": 2,  # the step's 6 completions in 3 forward/backward passes
         "tokens_per_subquery": per_subquery,
         "num_iterations": 1,
         "lora_r": 4,
@@ -56,6 +57,7 @@ def test_train_rl_levers_reach_the_step_log(tmp_path: Path) -> None:
     record = json.loads((out / "rl_config.json").read_text())
     assert record["rollouts"]["max_completion_length"] == need + k * (per_subquery - 1)
     assert record["reward_task"] == "soft-mixed"
+    assert record["rollouts"]["micro_batch"] == 2
     steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "train_runtime" not in r]
     assert [r["step"] for r in steps] == [1, 2]

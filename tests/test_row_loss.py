@@ -74,6 +74,40 @@ def test_row_loss_checks_its_inputs() -> None:
         row_retrieval_loss(torch.randn(1, 3, 8), torch.zeros(1, 2, dtype=torch.int64), cat, tau=0.0)
 
 
+def test_the_deep_term_is_the_soft_rank_against_the_budget() -> None:
+    """Inside the budget the deep term is ~0; far outside it is ~log(rank / budget); optimised alone it
+    brings a positive from deep in the ranking to within the budget (the R@5000 term, issue 18)."""
+    cat = _catalog(400, 8)
+    pos = torch.tensor([[7]])
+    near = cat[7].reshape(1, 1, 8).clone()  # the positive is this row's top item
+    out = row_retrieval_loss(near, pos, cat, deep_budget=50)
+    assert out.deep is not None and float(out.deep) < 0.05
+    assert row_retrieval_loss(near, pos, cat).deep is None  # off by default
+    far = -cat[7].reshape(1, 1, 8).clone()  # the positive is ranked last of 400
+    out = row_retrieval_loss(far, pos, cat, deep_budget=50, deep_tau=0.001)
+    assert float(out.deep) == pytest.approx(np.log(1 + 400 / 50), abs=0.05)  # softplus(log(rank / budget))
+    rows = torch.nn.Parameter(far.clone())
+    opt = torch.optim.Adam([rows], lr=0.05)
+    for _ in range(100):
+        o = row_retrieval_loss(rows, pos, cat, deep_budget=50)
+        opt.zero_grad()
+        o.deep.backward()
+        opt.step()
+    rank = int(
+        (
+            (F.normalize(rows.detach()[0, 0], dim=-1) @ cat.T)
+            > (F.normalize(rows.detach()[0, 0], dim=-1) @ cat[7])
+        ).sum()
+    )
+    assert rank < 50
+    with pytest.raises(ValueError, match="deep_budget, deep_tau"):
+        row_retrieval_loss(near, pos, cat, deep_budget=-1)
+    with pytest.raises(ValueError, match="retrieval_deep_tau: expected a finite float > 0"):
+        DiffusionTrainConfig(retrieval_deep_tau=0.0)
+    with pytest.raises(ValueError, match="retrieval_deep_budget"):
+        DiffusionTrainConfig(retrieval_deep_budget=0)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from r4t_fast.data.prepare import load_eval_data
@@ -141,6 +175,11 @@ def test_the_row_loss_changes_what_the_model_learns(data) -> None:
     assert get_preset("tiny").dim == 16
     diff = sum(float((a - b).abs().sum()) for a, b in zip(m0.parameters(), m1.parameters(), strict=True))
     assert diff > 0
+    deep = DiffusionTrainConfig(
+        **base, retrieval_weight=1.0, retrieval_deep_weight=1.0, retrieval_deep_budget=2
+    )
+    m2, _ = train_diffusion(pairs.cond, pairs.targets, deep, **kw)
+    assert sum(float((a - b).abs().sum()) for a, b in zip(m1.parameters(), m2.parameters(), strict=True)) > 0
 
 
 def test_rows_recall_scorer_is_r4t_evals_recall_of_the_rows_alone(data) -> None:

@@ -31,7 +31,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,6 @@ from tqdm.auto import tqdm
 
 from r4t_fast import _threads
 from r4t_fast._internal import (
-    check_choice,
-    check_non_negative_int,
-    check_positive_int,
     check_save_target,
     check_seed,
     save_dir_atomically,
@@ -61,6 +58,7 @@ from r4t_fast.diffusion.model import (
 )
 from r4t_fast.diffusion.samplers import sampler_sigmas
 from r4t_fast.kernels.ops import check_device
+from r4t_fast.train.diffusion_config import DiffusionTrainConfig
 from r4t_fast.train.row_loss import row_retrieval_loss
 from r4t_fast.train.targets import TARGET_CHOICES, TrainingPairs, process_info, rank_items, training_pairs
 
@@ -76,104 +74,6 @@ __all__ = [
 
 FORMAT = "r4t_fast.diffusion"
 """``format`` of the manifest of a ``r4t train-diffusion`` output directory."""
-
-
-@dataclass
-class DiffusionTrainConfig:
-    """Settings of a diffusion training run."""
-
-    preset: str = field(default="cpu-small", metadata={"help": "model preset: paper | cpu-small | tiny"})
-    steps: int = field(default=3000, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=128, metadata={"help": "sets per batch"})
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (Adam)"})
-    warmup: int = field(default=200, metadata={"help": "linear warm-up steps"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    ema: float = field(default=0.999, metadata={"help": "EMA decay of the saved weights (paper: 0.9999)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 = off)"})
-    sigma_data: float | None = field(default=None, metadata={"help": "data std; None = measure"})
-    cond_offset: float | str = field(
-        default="auto",
-        metadata={
-            "help": "query-centred targets x0 - a * query: a float, 'fit' (least squares over the pairs) "
-            "or 'auto' (fit when query and rows share a dimension, else 0)"
-        },
-    )
-    min_reward: float | None = field(default=None, metadata={"help": "drop pairs with reward below this"})
-    seed: int = field(default=0, metadata={"help": "seed for init, batches and noise"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: r4t_fast._threads rule)"})
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
-    log_every: int = field(default=50, metadata={"help": "steps between log lines"})
-    overrides: dict[str, Any] = field(default_factory=dict, metadata={"help": "model config overrides"})
-    targets: str = field(
-        default="teacher",
-        metadata={
-            "help": "training targets: 'teacher' (synthesis shards), 'reference' (the dataset's train-split "
-            "sets; needs --dataset) or 'both' (concatenated)"
-        },
-    )
-    reference_samples: int = field(
-        default=4, metadata={"help": "targets 'reference'/'both': k-row draws per reference set"}
-    )
-    k: int | None = field(
-        default=None, metadata={"help": "rows of a reference target (None: the shards' set size, else 10)"}
-    )
-    retrieval_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "weight of the rows' retrieval loss beside the EDM loss (0 = off; needs reference "
-            "sets: targets reference/both; r4t_fast.train.row_loss)"
-        },
-    )
-    retrieval_tau: float = field(
-        default=0.05, metadata={"help": "retrieval loss: softmax temperature over cosine scores"}
-    )
-    retrieval_batch: int = field(
-        default=64, metadata={"help": "retrieval loss: sets of each batch that take it (the first ones)"}
-    )
-    retrieval_query_budget: int = field(
-        default=0,
-        metadata={
-            "help": "retrieval loss: reference items the query itself ranks within this many take no loss "
-            "(the query-anchored row as a competitor; 0 = off)"
-        },
-    )
-    retrieval_unroll: int = field(
-        default=0,
-        metadata={
-            "help": "retrieval loss on: 0 = the denoiser's clean-set prediction at the EDM training noise "
-            "level; n > 0 = the rows an n-step Euler sampler (the Retriever's sampler 'euler', n steps, "
-            "guidance 0) draws from pure noise, differentiated through every step (DRaFT-style)"
-        },
-    )
-    select_every: int = field(
-        default=0,
-        metadata={
-            "help": "steps between validation scores of the EMA model (0 = off); the best-scoring weights "
-            "are kept (early stopping; needs a select_fn, e.g. the rows' val recall)"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "reference_samples", "retrieval_batch"):
-            setattr(self, name, check_positive_int(getattr(self, name), name))
-        for name in ("retrieval_query_budget", "retrieval_unroll", "select_every"):
-            setattr(self, name, check_non_negative_int(getattr(self, name), name))
-        if not (math.isfinite(self.retrieval_weight) and self.retrieval_weight >= 0):
-            raise ValueError(f"retrieval_weight: expected a finite float >= 0, got {self.retrieval_weight}")
-        if not (math.isfinite(self.retrieval_tau) and self.retrieval_tau > 0):
-            raise ValueError(f"retrieval_tau: expected a finite float > 0, got {self.retrieval_tau}")
-        if self.k is not None:
-            self.k = check_positive_int(self.k, "k")
-        check_choice(self.targets, TARGET_CHOICES, "targets")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr: expected a finite float > 0, got {self.lr}")
-        if not 0 <= self.ema < 1:
-            raise ValueError(f"ema: expected a value in [0, 1), got {self.ema}")
-        if isinstance(self.cond_offset, str):
-            if self.cond_offset not in ("auto", "fit"):
-                raise ValueError(f"cond_offset: expected a float, 'fit' or 'auto', got {self.cond_offset!r}")
-        elif isinstance(self.cond_offset, bool) or not math.isfinite(float(self.cond_offset)):
-            raise ValueError(f"cond_offset: expected a finite float, 'fit' or 'auto', got {self.cond_offset}")
 
 
 def load_shards(path: str | os.PathLike, target: str = "items") -> dict[str, torch.Tensor]:
@@ -337,6 +237,9 @@ def train_diffusion(
     if use_rows:
         positives, catalog = positives.to(dev), catalog.float().to(dev)
         q_budget = cfg.retrieval_query_budget if cond.shape[1] == targets.shape[2] else 0
+        deep = cfg.retrieval_deep_budget if cfg.retrieval_deep_weight > 0 else 0
+        row_kw = {"tau": cfg.retrieval_tau, "query_budget": q_budget, "deep_budget": deep}
+        row_kw["deep_tau"] = cfg.retrieval_deep_tau
         if cfg.retrieval_unroll:
             unroll_sigmas = sampler_sigmas("euler", cfg.retrieval_unroll, mcfg)
     log: list[dict] = []
@@ -354,9 +257,7 @@ def train_diffusion(
             loss = edm.loss(x0, cond[idx], generator=g)
             sub = idx[: cfg.retrieval_batch]
             rows = unrolled_rows(edm, cond[sub], unroll_sigmas, generator=g)
-            rl = row_retrieval_loss(
-                rows, positives[sub], catalog, tau=cfg.retrieval_tau, query=cond[sub], query_budget=q_budget
-            )
+            rl = row_retrieval_loss(rows, positives[sub], catalog, query=cond[sub], **row_kw)
         elif use_rows:
             loss, rows, kept = edm.loss(x0, cond[idx], generator=g, return_denoised=True)
             sub = torch.nonzero(kept[: cfg.retrieval_batch], as_tuple=True)[0]
@@ -364,13 +265,14 @@ def train_diffusion(
                 rows[sub],
                 positives[idx[sub]],
                 catalog,
-                tau=cfg.retrieval_tau,
                 query=cond[idx[sub]],
-                query_budget=q_budget,
+                **row_kw,
             )
         if use_rows:
             running_rows += float(rl.loss.detach())
             loss = loss + cfg.retrieval_weight * rl.loss
+            if rl.deep is not None:
+                loss = loss + cfg.retrieval_deep_weight * rl.deep
         else:
             loss = edm.loss(x0, cond[idx], generator=g)
         opt.zero_grad(set_to_none=True)

@@ -82,6 +82,7 @@ from r4t_fast.train.rl_setup import (
     build_train_dataset,
     completion_cap,
     lora_config,
+    micro_batch,
     rollout_constraint,
 )
 from r4t_fast.train.rl_setup import _split_rows as _split_rows
@@ -235,7 +236,8 @@ def train(
         "reward_task": reward_fn.task,  # cfg.task with 'auto' resolved
         "expert_policy": str(expert) if expert else None,  # GRPO's start after expert iteration
         "rollouts": {"constrained": constraint is not None, "think": cfg.think,
-                     "max_completion_length": max_completion, "world_size": _world_size()},
+                     "max_completion_length": max_completion, "world_size": _world_size(),
+                     "micro_batch": micro_batch(cfg.num_generations * cfg.prompts_per_step, cfg.micro_batch)},
     }  # fmt: skip
     cfg_path = out / _CONFIG_FILE
     history = json.loads(cfg_path.read_text()).get("runs", []) if (resume and cfg_path.is_file()) else []
@@ -249,12 +251,13 @@ def train(
     if main:
         atomic_write_text(cfg_path, json.dumps(record, indent=2, default=str) + "\n")
     batch = cfg.num_generations * cfg.prompts_per_step
+    micro = record["rollouts"]["micro_batch"]
     args = GRPOConfig(
         output_dir=str(out),
         **CPU_TRAINER_ARGS,
         use_vllm=False,
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch // micro,  # TRL generates the whole batch at once
         num_generations=cfg.num_generations,
         max_completion_length=max_completion,
         temperature=cfg.temperature,
@@ -282,7 +285,7 @@ def train(
         remove_unused_columns=False,
         log_completions=False,
     )
-    peft_config = lora_config(cfg) if cfg.lora else None
+    peft_config = lora_config(cfg, model) if cfg.lora else None
     trainer_cls = trainer_class()
     resume_step = None
     if checkpoint is not None:

@@ -12,10 +12,11 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from r4t_fast._config import help_field
 from r4t_fast._internal import MAX_K, check_choice, check_non_negative_int, check_positive_int
 from r4t_fast.data.splits import SPLIT_NAMES
 from r4t_fast.fanout.rewards import TASK_CHOICES
@@ -32,11 +33,7 @@ _WEIGHTS_TEXT = " + ".join(f"{w:g} {t}" for w, t in zip(DEFAULT_WEIGHTS, "gda", 
 # ----------------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------------
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with help text (``metadata["help"]``)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+_f = help_field
 
 
 @dataclass
@@ -65,6 +62,11 @@ class RLConfig:
     lora: bool = _f(True, "train a LoRA adapter (merged into the saved policy); False = full fine-tuning")
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
+    lora_layers: int = _f(
+        0,
+        "LoRA on the top n decoder layers only (0 = all): the backward pass stops at the lowest adapted "
+        "layer (issue 19's throughput; benchmarks/bench_rl_step.py)",
+    )
     lora_dropout: float = _f(0.0, "LoRA dropout (0 keeps pi_old and pi_theta comparable across passes)")
     lora_target_modules: list[str] = _f(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -123,6 +125,11 @@ class RLConfig:
     # -- GRPO ------------------------------------------------------------------------------------------
     num_generations: int = _f(8, "completions per query (the GRPO group size G; paper: 8)")
     prompts_per_step: int = _f(1, "queries per optimizer step (batch = prompts_per_step * num_generations)")
+    micro_batch: int = _f(
+        8,
+        "completions per forward/backward pass; the step's batch is accumulated over batch / micro_batch "
+        "passes (an 8 x 8 step in one pass takes > 24 GB here)",
+    )
     max_completion_length: int = _f(112, "max generated tokens per completion during training")
     tokens_per_subquery: int | None = _f(
         None,
@@ -247,7 +254,7 @@ class RLConfig:
                 rule = f"{'>' if open_low else '>='} {low}" + ("" if high == math.inf else f" and <= {high}")
                 raise ValueError(f"{name}: expected a number {rule}, got {v!r}")
 
-        for name in ("lora_r", "lora_alpha", "k", "num_generations", "prompts_per_step"):
+        for name in ("lora_r", "lora_alpha", "k", "num_generations", "prompts_per_step", "micro_batch"):
             pos_int(name, upper=MAX_K if name == "k" else None)
         for name in ("max_completion_length", "num_iterations", "max_steps", "save_steps"):
             pos_int(name)
@@ -258,6 +265,7 @@ class RLConfig:
         for name in ("expert_samples", "expert_keep", "expert_epochs", "expert_batch_size"):
             pos_int(name)
         self.expert_rounds = check_non_negative_int(self.expert_rounds, "expert_rounds")
+        self.lora_layers = check_non_negative_int(self.lora_layers, "lora_layers")
         if self.expert_rounds > 3:
             raise ValueError(f"expert_rounds: expected 0..3, got {self.expert_rounds}")
         if self.expert_keep > self.expert_samples:

@@ -74,7 +74,7 @@ def _sft_round(
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=lora_config(cfg),
+        peft_config=lora_config(cfg, model),
     )
     result = trainer.train()
     return trainer.model.merge_and_unload(), float(getattr(result, "training_loss", float("nan")))

@@ -16,7 +16,7 @@ from typing import Any
 from r4t_fast._internal import default_cache_dir, package_versions
 from r4t_fast.train.rl_config import RLConfig
 
-__all__ = ["build_train_dataset", "completion_cap", "rollout_constraint"]
+__all__ = ["build_train_dataset", "completion_cap", "lora_config", "micro_batch", "rollout_constraint"]
 
 RECORDED_PACKAGES = ("r4t_fast", "torch", "transformers", "trl", "peft", "accelerate")
 """Distributions whose versions ``rl_config.json`` and ``before_after.json`` record."""
@@ -133,15 +133,37 @@ CPU_TRAINER_ARGS: dict[str, Any] = {
 ``shared/NOTES.md`` (bf16 7.5x slower here, checkpointing 25 % slower), no loggers, no progress bars."""
 
 
-def lora_config(cfg: RLConfig) -> Any:
-    """The ``peft.LoraConfig`` of ``cfg`` (GRPO and expert iteration adapt the same modules)."""
+def micro_batch(batch: int, limit: int) -> int:
+    """Completions per forward/backward pass: the largest divisor of the step's ``batch`` that is at most
+    ``limit`` (the step's gradient is accumulated over ``batch // micro_batch`` passes).
+
+    >>> micro_batch(64, 8), micro_batch(12, 8), micro_batch(4, 8)
+    (8, 6, 4)
+    """
+    return max(m for m in range(1, min(batch, limit) + 1) if batch % m == 0)
+
+
+def lora_config(cfg: RLConfig, model: Any = None) -> Any:
+    """The ``peft.LoraConfig`` of ``cfg`` (GRPO and expert iteration adapt the same modules).
+
+    ``cfg.lora_layers = n > 0`` adapts only ``model``'s top ``n`` decoder layers: nothing below them
+    needs a gradient, so autograd's graph (and the backward pass) starts at the lowest adapted layer."""
     from peft import LoraConfig
 
+    layers = None
+    if cfg.lora_layers:
+        total = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        if not isinstance(total, int):
+            raise ValueError("lora_layers: needs a model whose config has num_hidden_layers")
+        if cfg.lora_layers > total:
+            raise ValueError(f"lora_layers: expected <= {total} (the policy's layers), got {cfg.lora_layers}")
+        layers = list(range(total - cfg.lora_layers, total))
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.lora_target_modules),
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
 

@@ -172,16 +172,24 @@ def _make_trainer_class() -> type:
             self._capture_logps = False
             self._captured_logps: torch.Tensor | None = None
             self._r4t_times = {"generate": 0.0, "reward": 0.0, "score": 0.0, "completions": 0.0}
+            self._r4t_micro, self._r4t_total = 0, 0.0
             _time_generate(self.model, self._r4t_times)
 
         # -- the step's wall time split: generate / reward / other scoring / loss + backward ---------
         def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any) -> Any:
+            # summed over the micro-batches of one optimizer step (RLConfig.micro_batch), logged once
             times = self._r4t_times
-            for key in times:
-                times[key] = 0.0
+            if self._r4t_micro == 0:
+                for key in times:
+                    times[key] = 0.0
+                self._r4t_total = 0.0
             t0 = time.perf_counter()
             out = super().training_step(model, inputs, num_items_in_batch)
-            total = time.perf_counter() - t0
+            self._r4t_total += time.perf_counter() - t0
+            self._r4t_micro = (self._r4t_micro + 1) % max(1, int(self.current_gradient_accumulation_steps))
+            if self._r4t_micro:
+                return out
+            total = self._r4t_total
             metrics = self._metrics["train"]
             metrics["time/generate_s"].append(times["generate"])
             metrics["time/reward_s"].append(times["reward"])
