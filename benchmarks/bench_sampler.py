@@ -405,6 +405,12 @@ def e2e_markdown(env: dict, setup: dict, e2e: dict[str, Any]) -> str:
             + "; ".join(
                 f"B = {b}: {a['a']:.1f} vs {a['b']:.1f} tokens/s "
                 f"({'within' if a['within_10pct'] else 'NOT within'} 10 %)"
+                + (
+                    f", {a['positions_a']:.1f} vs {a['positions_b']:.1f} decoded positions/s, padding "
+                    f"included ({'within' if a['positions_within_10pct'] else 'NOT within'} 10 %)"
+                    if "positions_a" in a
+                    else ""
+                )
                 for b, a in agree.items()
                 if a
             )

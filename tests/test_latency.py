@@ -52,7 +52,7 @@ class FakeLLM(FakeMethod):
         self.gen_s = gen_s
         self.lm = object()
         self.batch_size = 1
-        self._st = {"generate_s": 0.0, "generated_tokens": 0}
+        self._st = {"generate_s": 0.0, "generated_tokens": 0, "decode_positions": 0}
 
     @property
     def stats(self):
@@ -62,6 +62,7 @@ class FakeLLM(FakeMethod):
         time.sleep(self.gen_s)
         self._st["generate_s"] += self.gen_s
         self._st["generated_tokens"] += 20 * len(texts)
+        self._st["decode_positions"] += 30 * len(texts)  # the batch's longest answer: 30 positions
         return super().retrieve(texts, k)
 
 
@@ -78,6 +79,7 @@ def test_parts_split_a_call() -> None:
     p = det["2"]["parts_ms"]
     assert p["generate"] == pytest.approx(10, rel=0.5)  # 20 ms per batch of 2
     assert p["tokens_per_s"] == pytest.approx(40 / 0.02)
+    assert p["positions_per_s"] == pytest.approx(60 / 0.02)
     assert det["2"]["calls"] == 2
 
 
@@ -104,6 +106,14 @@ def test_ratios_two_significant_figures_with_spread() -> None:
     bad = tokens_per_s_agreement({"parts_ms": {"tokens_per_s": 19.5}}, {"parts_ms": {"tokens_per_s": 54.5}})
     assert ok["within_10pct"] and not bad["within_10pct"]
     assert tokens_per_s_agreement({}, {"parts_ms": {"tokens_per_s": 1.0}}) is None
+    # answers of other lengths: tokens/s differ, the decoded positions/s (padding included) agree
+    a = {"parts_ms": {"tokens_per_s": 61.0, "positions_per_s": 80.0}}
+    b = {"parts_ms": {"tokens_per_s": 54.7, "positions_per_s": 78.0}}
+    both = tokens_per_s_agreement(a, b)
+    assert not both["within_10pct"] and both["positions_within_10pct"]
+    assert not tokens_per_s_agreement(a, {"parts_ms": {"tokens_per_s": 54.7, "positions_per_s": 50.0}})[
+        "positions_within_10pct"
+    ]
     row = {"median": 2.0, "p25": 1.5, "p75": 2.5, "calls": 3, "parts_ms": {"encode": 1.0, "rest": 1.0}}
     lines = latency_table(
         {"dense": {"1": row}, "r4t": {"1": dict(row, median=4.0, p25=3.0, p75=5.0)}}, [1], reference="dense"

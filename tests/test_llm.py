@@ -385,6 +385,12 @@ def test_generate_structure(tiny_lm: FanOutLM) -> None:
     assert timing.wall_s >= timing.generate_s > 0
     assert timing.generated_tokens == sum(r[0].n_tokens for r in outs)
     assert timing.per_query_s == pytest.approx(timing.wall_s / 3)
+    # decoded positions count padding: a batch runs until its longest answer (+ its end token) is done
+    assert timing.generated_tokens <= timing.decode_positions <= 3 * 7
+    assert timing.positions_per_s == pytest.approx(timing.decode_positions / timing.generate_s)
+    one = tiny_lm.generate(QUERIES, k=3, max_new_tokens=6, batch_size=1)
+    n = [r[0].n_tokens for r in one]
+    assert sum(n) <= tiny_lm.last_timing.decode_positions <= sum(n) + 3  # no padding: own tokens (+ end)
 
 
 def test_greedy_is_independent_of_batching(tiny_lm: FanOutLM) -> None:

@@ -123,12 +123,13 @@ def swapped_encoder(retriever: Any, proxy: Any) -> Iterator[Any]:
         retriever.encoder = old
 
 
-def _llm_counters(retriever: Any) -> tuple[float, float]:
-    """(seconds in the policy's generate, tokens generated) so far: an LLM baseline's ``stats``."""
+def _llm_counters(retriever: Any) -> tuple[float, float, float]:
+    """(seconds in the policy's generate, tokens generated, positions decoded) so far: an LLM baseline's
+    ``stats``."""
     st = getattr(retriever, "stats", None)
     if not isinstance(st, dict) or "generate_s" not in st:
-        return 0.0, 0.0
-    return float(st["generate_s"]), float(st.get("generated_tokens", 0))
+        return 0.0, 0.0, 0.0
+    return float(st["generate_s"]), float(st.get("generated_tokens", 0)), float(st.get("decode_positions", 0))
 
 
 class _Cycle:
@@ -176,7 +177,8 @@ def measure_latency(
         "p75", "min", "max", "parts_ms"}})`` (the spread in ms per query). ``parts_ms`` (fresh calls only):
         the median ms per query spent in the text encoder (``encode``: the queries, and an LLM method's
         subqueries; a retriever with an ``encoder``), in the policy's generate (``generate``, LLM methods,
-        with ``tokens_per_s``) and in the rest (``rest``: search / sampling, grounding, assembling).
+        with ``tokens_per_s`` and ``positions_per_s``: decoded positions, padding included) and in the
+        rest (``rest``: search / sampling, grounding, assembling).
     """
     cycle = _Cycle(queries)
     prior = {int(b): list(v) for b, v in (prior_times or {}).items()}
@@ -195,19 +197,19 @@ def measure_latency(
                 times = list(prior.get(b, []))
                 if len(times) < n_calls and not times:
                     retriever.retrieve(cycle.take(b), k)  # warm-up
-                parts: list[tuple[float, float, float, float]] = []
+                parts: list[tuple[float, float, float, float, float]] = []
                 while len(times) < n_calls:
                     batch = cycle.take(b)
                     e0 = timer.seconds if timer else 0.0
-                    g0, tok0 = _llm_counters(retriever)
+                    g0, tok0, pos0 = _llm_counters(retriever)
                     t0 = time.perf_counter()
                     retriever.retrieve(batch, k)
                     _sync(getattr(retriever, "device", "cpu"))
                     t = time.perf_counter() - t0
                     times.append(t)
-                    g1, tok1 = _llm_counters(retriever)
+                    g1, tok1, pos1 = _llm_counters(retriever)
                     enc = (timer.seconds - e0) if timer else 0.0
-                    parts.append((enc, g1 - g0, t - enc - (g1 - g0), tok1 - tok0))
+                    parts.append((enc, g1 - g0, t - enc - (g1 - g0), tok1 - tok0, pos1 - pos0))
                 per_query = [1000.0 * t / b for t in times]
                 sp = _spread(per_query)
                 ms[str(b)] = sp["median"]
@@ -224,6 +226,8 @@ def measure_latency(
                     if arr[:, 1].sum() > 0:
                         pm["generate"] = float(med[1])
                         pm["tokens_per_s"] = float(arr[:, 3].sum() / arr[:, 1].sum())
+                        if arr[:, 4].sum() > 0:
+                            pm["positions_per_s"] = float(arr[:, 4].sum() / arr[:, 1].sum())
                     detail[str(b)]["parts_ms"] = pm
                 if prior.get(b):
                     detail[str(b)]["reused_calls"] = len(prior[b])
@@ -245,7 +249,7 @@ def embedding_latency(
     (:class:`PrecomputedEncoder`), so what is timed is everything after the text encoding. For methods
     whose work starts from the query embedding (dense, MMR, DPP, the diffusion retriever); an LLM
     fan-out (which reads the query text) raises ValueError."""
-    if _llm_counters(retriever) != (0.0, 0.0) or getattr(retriever, "lm", None) is not None:
+    if any(_llm_counters(retriever)) or getattr(retriever, "lm", None) is not None:
         raise ValueError("retriever: an LLM fan-out starts from the query text; it has no embedding latency")
     if getattr(retriever, "encoder", None) is None:
         raise ValueError("retriever: needs a text encoder (its embeddings are precomputed)")
@@ -427,11 +431,15 @@ def tokens_per_s_agreement(a: dict[str, Any], b: dict[str, Any]) -> dict[str, An
     """Tokens/s of two LLM methods' latency details at one batch size (``parts_ms.tokens_per_s``): their
     ratio and whether it is within 10 % (same base model and settings should generate at the same rate;
     a LoRA adapter left unmerged, for one, would not). None where either has no token rate."""
-    ta = (a.get("parts_ms") or {}).get("tokens_per_s")
-    tb = (b.get("parts_ms") or {}).get("tokens_per_s")
+    pa, pb = a.get("parts_ms") or {}, b.get("parts_ms") or {}
+    ta, tb = pa.get("tokens_per_s"), pb.get("tokens_per_s")
     if not ta or not tb:
         return None
-    return {"a": ta, "b": tb, "ratio": ta / tb, "within_10pct": abs(ta / tb - 1.0) <= 0.10}
+    out = {"a": ta, "b": tb, "ratio": ta / tb, "within_10pct": abs(ta / tb - 1.0) <= 0.10}
+    qa, qb = pa.get("positions_per_s"), pb.get("positions_per_s")
+    if qa and qb:  # decoded positions (padding included): the compute rate, whatever the answers' lengths
+        out.update(positions_a=qa, positions_b=qb, positions_within_10pct=abs(qa / qb - 1.0) <= 0.10)
+    return out
 
 
 def latency_table(

@@ -99,6 +99,8 @@ class FanOutStats:
         n_copies: usable subqueries that copy the query (:mod:`r4t_fast.fanout.copies`: contain it or
             have cosine >= 0.95 with it), counted by ``retrieve``.
         generated_tokens: tokens generated over all completions.
+        decode_positions: positions the policy's ``generate`` decoded, padding included
+            (:attr:`r4t_fast.fanout.generation.GenerationTiming.decode_positions`).
         generate_s: seconds spent in the policy's ``generate`` (tokenisation and parsing included).
     """
 
@@ -112,6 +114,7 @@ class FanOutStats:
     n_truncated: int = 0
     n_copies: int = 0
     generated_tokens: int = 0
+    decode_positions: int = 0
     generate_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
@@ -310,6 +313,7 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
             timing = getattr(self.lm, "last_timing", None)
             if timing is not None:
                 self._stats.generate_s += float(timing.wall_s)
+                self._stats.decode_positions += int(getattr(timing, "decode_positions", 0))
             for query, samples in zip(batch, generated, strict=True):
                 outs.append([self._rows(query, g, k) for g in samples])
         self._stats.n_queries += len(queries)

@@ -71,6 +71,10 @@ class GenerationTiming:
         n_batches: batches run.
         wall_s: total seconds; ``generate_s``: seconds inside ``model.generate``.
         generated_tokens: sum of :attr:`GenerationOutput.n_tokens` over the sequences.
+        decode_positions: positions ``model.generate`` decoded, padding included: the sum over batches of
+            rows x new positions (a batch runs until its longest answer ends). Same model, same settings:
+            the same positions per second whatever the answers, where tokens per second follows their
+            lengths.
     """
 
     n_queries: int
@@ -80,6 +84,7 @@ class GenerationTiming:
     wall_s: float
     generate_s: float
     generated_tokens: int
+    decode_positions: int = 0
 
     @property
     def per_query_s(self) -> float:
@@ -90,6 +95,11 @@ class GenerationTiming:
     def tokens_per_s(self) -> float:
         """Generated tokens per second of ``model.generate`` time, over all sequences."""
         return self.generated_tokens / self.generate_s if self.generate_s > 0 else float("nan")
+
+    @property
+    def positions_per_s(self) -> float:
+        """Decoded positions (padding included) per second of ``model.generate`` time."""
+        return self.decode_positions / self.generate_s if self.generate_s > 0 else float("nan")
 
 
 def _check_queries(queries: Any) -> list[str]:
@@ -373,7 +383,7 @@ class FanOutLM:
         config = self._generation_config(float(temperature), float(top_p), max_new_tokens)
         results: list[GenerationOutput | None] = [None] * len(jobs)
         generate_s = 0.0
-        n_batches = 0
+        n_batches = positions = 0
         rng_devices: list[int] = []
         if self.device.type == "cuda":
             rng_devices = [
@@ -398,6 +408,7 @@ class FanOutLM:
                 )
                 generate_s += time.perf_counter() - t1
                 n_batches += 1
+                positions += out.shape[0] * (out.shape[1] - input_ids.shape[1])
                 new_tokens = out[:, input_ids.shape[1] :].tolist()
                 for j, row in zip(batch, new_tokens, strict=True):
                     results[j] = self._finish(row, k)
@@ -416,6 +427,7 @@ class FanOutLM:
             wall_s=time.perf_counter() - t0,
             generate_s=generate_s,
             generated_tokens=sum(r.n_tokens for r in results if r is not None),
+            decode_positions=positions,
         )
         return outputs
 
