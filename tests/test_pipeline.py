@@ -139,3 +139,17 @@ def test_pipeline_bad_arguments(tmp_path: Path) -> None:
     assert set(PIPELINE_PRESETS) == {"cpu-full", "cpu-small", "smoke"}
     assert DEFAULT_METHODS[:7] == ("dense", "mmr", "dpp", "llm-zeroshot", "llm-bon", "folm", "r4t-diffusion")
     assert DEFAULT_METHODS[7:] == ("r4t-diffusion-rows",)  # issue 18: the rows alone, anchor 0
+
+
+def test_every_presets_stage_settings_build_valid_configs() -> None:
+    """A preset's rl / diffusion settings are fields of RLConfig / DiffusionTrainConfig with valid values
+    (a renamed or mistyped field fails here, not after an hour of the pipeline)."""
+    from r4t_fast.train.diffusion import DiffusionTrainConfig
+    from r4t_fast.train.rl_config import RLConfig
+
+    for name, preset in PIPELINE_PRESETS.items():
+        rl = RLConfig(**preset["rl"])
+        DiffusionTrainConfig(**preset["diffusion"])
+        if name != "smoke":  # issue 19's throughput setting (benchmarks/results/rl_step/)
+            assert (rl.num_generations, rl.prompts_per_step, rl.micro_batch) == (8, 8, 8)
+            assert (rl.num_iterations, rl.lora_layers, rl.log_kl) == (1, 8, False)
