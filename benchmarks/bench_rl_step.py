@@ -40,16 +40,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "num_iterations": 1,
         "log_kl": False,
     },
-    "new-mu1-top8": {
-        "num_generations": 8,
-        "prompts_per_step": 8,
-        "tokens_per_subquery": 5,
-        "num_iterations": 1,
-        "log_kl": False,
-        "lora_layers": 8,
-    },
 }
 """RLConfig overrides of each benchmarked setting (on top of the common ones in :func:`run_config`)."""
+CONFIGS["new-mu1-top8"] = {**CONFIGS["new-mu1"], "lora_layers": 8}  # LoRA on the top 8 layers only
 
 
 def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:

@@ -237,9 +237,12 @@ def train_diffusion(
     if use_rows:
         positives, catalog = positives.to(dev), catalog.float().to(dev)
         q_budget = cfg.retrieval_query_budget if cond.shape[1] == targets.shape[2] else 0
-        deep = cfg.retrieval_deep_budget if cfg.retrieval_deep_weight > 0 else 0
-        row_kw = {"tau": cfg.retrieval_tau, "query_budget": q_budget, "deep_budget": deep}
-        row_kw["deep_tau"] = cfg.retrieval_deep_tau
+        row_kw = {
+            "tau": cfg.retrieval_tau,
+            "query_budget": q_budget,
+            "deep_budget": cfg.retrieval_deep_budget if cfg.retrieval_deep_weight > 0 else 0,
+            "deep_tau": cfg.retrieval_deep_tau,
+        }
         if cfg.retrieval_unroll:
             unroll_sigmas = sampler_sigmas("euler", cfg.retrieval_unroll, mcfg)
     log: list[dict] = []

@@ -223,6 +223,8 @@ def train(
     )
     setup_s = time.time() - t_setup
 
+    batch = cfg.num_generations * cfg.prompts_per_step
+    micro = micro_batch(batch, cfg.micro_batch)  # completions per forward/backward pass
     record = {
         "config": cfg.to_dict(),
         "command": command,
@@ -237,7 +239,7 @@ def train(
         "expert_policy": str(expert) if expert else None,  # GRPO's start after expert iteration
         "rollouts": {"constrained": constraint is not None, "think": cfg.think,
                      "max_completion_length": max_completion, "world_size": _world_size(),
-                     "micro_batch": micro_batch(cfg.num_generations * cfg.prompts_per_step, cfg.micro_batch)},
+                     "micro_batch": micro},
     }  # fmt: skip
     cfg_path = out / _CONFIG_FILE
     history = json.loads(cfg_path.read_text()).get("runs", []) if (resume and cfg_path.is_file()) else []
@@ -250,8 +252,6 @@ def train(
                                  "resumed_from": record["resumed_from"]}]  # fmt: skip
     if main:
         atomic_write_text(cfg_path, json.dumps(record, indent=2, default=str) + "\n")
-    batch = cfg.num_generations * cfg.prompts_per_step
-    micro = record["rollouts"]["micro_batch"]
     args = GRPOConfig(
         output_dir=str(out),
         **CPU_TRAINER_ARGS,
