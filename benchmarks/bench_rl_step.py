@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -46,7 +48,9 @@ CONFIGS["new-mu1-top8"] = {**CONFIGS["new-mu1"], "lora_layers": 8}  # LoRA on th
 
 
 def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """Train one RL step (``num_iterations`` updates of one generation batch) of ``name``; its record."""
+    """Train ``1 + args.batches`` generation batches of ``name`` (``num_iterations`` updates each); the
+    first is an untimed warm-up, the others are timed; its record (sums over the timed batches, and each
+    timed batch's completions/s with their median)."""
     from r4t_fast.train.rl import RLConfig, train
     from r4t_fast.train.rl_trainer import _read_steps
 
@@ -59,7 +63,7 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
         temperature=0.7,
         learning_rate=3e-4,
         max_train_queries=args.max_train_queries,
-        max_steps=over.get("num_iterations", 2),
+        max_steps=over.get("num_iterations", 2) * (1 + args.batches),
         save_steps=1000,
         num_threads=args.threads,
         seed=0,
@@ -68,7 +72,13 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
     cpu0, t0 = time.process_time(), time.perf_counter()
     summary = train(cfg, root / name, save=False)
     run_cpu, run_wall = time.process_time() - cpu0, time.perf_counter() - t0
-    steps = _read_steps(root / name / "steps.jsonl")
+    mu = over.get("num_iterations", 2)
+    steps = _read_steps(root / name / "steps.jsonl")[mu:]  # the first generation batch is the warm-up
+    per_batch = [steps[i : i + mu] for i in range(0, len(steps), mu)]
+    rates = [
+        sum(float(r.get("completions") or 0.0) for r in b) / sum(float(r.get("step_time") or 0.0) for r in b)
+        for b in per_batch
+    ]
     step_s = sum(float(r.get("step_time") or 0.0) for r in steps)
     comps = sum(float(r.get("completions") or 0.0) for r in steps)
     split = {k: round(sum(float(r.get(k) or 0.0) for r in steps), 2)
@@ -84,6 +94,8 @@ def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any
         "split_s": split,
         "mean_completion_tokens": round(sum(lengths) / len(lengths), 1) if lengths else None,
         "completions_per_s": round(comps / step_s, 4) if step_s else None,
+        "batch_completions_per_s": [round(x, 4) for x in rates],
+        "median_completions_per_s": round(float(np.median(rates)), 4) if rates else None,
         "completions_per_cpu_s": round(comps / step_s / args.threads, 4) if step_s else None,
         "reward": [r.get("reward") for r in steps if r.get("reward") is not None],
         "copy_rate": [r.get("copy_rate") for r in steps if r.get("copy_rate") is not None],
@@ -103,21 +115,30 @@ def markdown(rec: dict[str, Any]) -> str:
         f"{rec['load_average_after']}; dataset {rec['dataset']}, policy {rec['policy']}; "
         f"versions {env['versions']}. Command: `{env['command']}`.",
         "",
-        "| setting | prompts x completions | cap | updates | completions | mean tokens | step s | generate "
-        "| reward | other scoring | backward | completions/s | per CPU-s | vs old |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | prompts x completions | cap | updates | completions | mean tokens | step s "
+        "| generate | reward | other scoring | backward | completions/s (per timed batch) | median "
+        "| per CPU-s | vs old |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base = rec["results"].get("old", {}).get("completions_per_s")
+    base = rec["results"].get("old", {}).get("median_completions_per_s")
     for name, r in rec["results"].items():
         c, s = r["config"], r["split_s"]
-        ratio = f"{r['completions_per_s'] / base:.2f}x" if base and r["completions_per_s"] else "-"
+        med = r["median_completions_per_s"]
+        ratio = f"{med / base:.2f}x" if base and med else "-"
+        each = ", ".join(f"{x:.3f}" for x in r["batch_completions_per_s"])
         lines.append(
             f"| {name} | {c['prompts_per_step']} x {c['num_generations']} | {r['max_completion_length']} | "
             f"{r['updates']} | {r['completions']:.0f} | {r['mean_completion_tokens']} | {r['step_s']} | "
             f"{s['generate_s']} | {s['reward_s']} | {s['score_other_s']} | {s['backward_s']} | "
-            f"{r['completions_per_s']} | {r['completions_per_cpu_s']} | {ratio} |"
+            f"{each} | {med} | {round(med / rec['threads'], 4)} | {ratio} |"
         )
-    lines += ["", "Seconds are sums over the updates of one generation batch (the step log's split).", ""]
+    lines += [
+        "",
+        f"Each setting: one untimed warm-up generation batch, then {rec['batches']} timed ones. Seconds are "
+        "sums over the timed batches' updates (the step log's split); completions/s per timed batch, their "
+        "median, and the median's ratio to the old setting's.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -129,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="old,new", help=f"comma-separated, among {', '.join(CONFIGS)}")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every config")
     p.add_argument("--max-train-queries", type=int, default=64)
+    p.add_argument("--batches", type=int, default=3, help="timed generation batches after one warm-up")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -139,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             f"bench_rl_step: error: --configs: expected names among {valid}, got {bad or names}",
             file=sys.stderr,
         )
+        return 2
+    if args.batches < 1:
+        print(f"bench_rl_step: error: --batches: expected an int >= 1, got {args.batches}", file=sys.stderr)
         return 2
     if args.threads < 1:
         print(f"bench_rl_step: error: --threads: expected an int >= 1, got {args.threads}", file=sys.stderr)
@@ -156,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {}
     rec = {"environment": env, "dataset": args.dataset, "policy": args.policy, "threads": args.threads,
-           "load_average_after": None, "results": results}  # fmt: skip
+           "batches": args.batches, "load_average_after": None, "results": results}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench_rl_step-") as tmp:
         for name in names:  # the record is rewritten after each config: a cut run keeps what finished
             results[name] = run_config(name, args, Path(tmp))

@@ -25,7 +25,8 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
         # SmolLM2 (sampled constrained answers take 90 tokens, ~4.3 per subquery:
         # benchmarks/results/fanout_format.json); one update per generation batch (on that first pass the
         # soft-PPO terms' gradients cancel: train/rl.py), LoRA on the top 8 of 30 layers, no KL metric
-        # pass: 6.75x the old step's completions per second, same run (benchmarks/results/rl_step/)
+        # pass: 3.9x the old step's completions per second, medians of 3 timed batches after a warm-up,
+        # same run (benchmarks/results/rl_step/polyvore_repeated.md)
         "rl": {
             "num_generations": 8,
             "prompts_per_step": 8,
