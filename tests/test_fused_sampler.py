@@ -248,6 +248,28 @@ def test_pack_is_cached_and_refreshed() -> None:
     assert pack_denoiser(m, cache=False) is not pack_denoiser(m)
 
 
+def test_fused_packing_checks_once_and_sees_dtype_changes() -> None:
+    """fused_packing returns the cached packing while it is current (the per-call check reads the packed
+    tensors, not the module), and refuses a model whose parameters left float32 after it was packed."""
+    from r4t_fast.diffusion.samplers import fused_packing, fused_sample_sets, fused_unavailable
+
+    m = _model(seed=9)
+    edm = EDM(m)
+    cond, _, sig, _ = _inputs(m, "euler", 3, 2)
+    pk, why = fused_packing(edm, cond)
+    assert why is None and pk is pack_denoiser(m) and fused_packing(edm, cond)[0] is pk
+    with torch.no_grad():
+        m.blocks[0].qkv.weight.add_(0.1)  # in place: a fresh packing, the same as packing from scratch
+    pk2, _ = fused_packing(edm, cond)
+    assert pk2 is not pk and torch.equal(pk2.buffer, pack_denoiser(m, cache=False).buffer)
+    assert fused_unavailable(edm, cond.double()) == "cond is torch.float64, not float32"
+    m.double()  # .to(): new storage under the same Parameter objects
+    assert fused_packing(edm, cond)[0] is None
+    assert "torch.float64" in fused_unavailable(edm, cond)
+    with pytest.raises(ValueError, match="fused"):
+        fused_sample_sets(edm, cond, sig, sampler="euler", guidance=0.0, seed=0)
+
+
 def test_inputs_numpy_and_non_contiguous() -> None:
     m = _model(seed=10)
     pk = pack_denoiser(m)
