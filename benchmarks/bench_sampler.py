@@ -283,10 +283,12 @@ def run_latency(args, teacher: Retriever, student: Retriever | None, pool: torch
     return rows
 
 
-E2E_CALLS = {1: 9, 8: 5, 64: 3}
-"""Timed calls per batch size (after a warm-up call) of the non-LLM methods in the end-to-end tables."""
-LLM_CALLS = {8: 3, 64: 2}
-"""The LLM methods' (seconds per call): >= 3 at batch 8, >= 2 at batch 64 (issue 20)."""
+E2E_CALLS = {1: 25, 8: 5, 64: 3}
+"""Timed calls per batch size (after a warm-up call) of the non-LLM methods in the end-to-end tables (25 at
+batch 1, where a call takes milliseconds and the shared machine's noise moves a median of 9 by 20 %)."""
+LLM_CALLS = {8: 3, 64: 3}
+"""The LLM methods' (seconds per call): >= 3 at both batch sizes, so every quoted ratio rests on >= 3 timed
+calls per side (issue 20 asked >= 2 at batch 64; the review rule is >= 3)."""
 LLM_METHODS = ("llm-zeroshot", "llm-bon", "folm")
 
 

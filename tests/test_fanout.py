@@ -236,6 +236,39 @@ def test_tiny_llama_policy_end_to_end(world, tiny_policy: Path) -> None:
     assert folm.name == "folm" and folm.config()["policy"] == str(tiny_policy.resolve())
 
 
+def test_a_tuned_policy_is_prompted_as_it_was_tuned(world, tiny_policy: Path, tmp_path: Path) -> None:
+    """A policy whose r4t_policy.json says it was tuned without the worked example is prompted without
+    it by FanOutLM and the FOLM baseline unless asked otherwise; other models keep the example; a bad
+    r4t_policy.json is refused naming model_dir."""
+    import shutil
+
+    from r4t_fast.fanout.generation import FanOutLM
+
+    cat, enc = world
+    pol = tmp_path / "short"
+    shutil.copytree(tiny_policy, pol)
+    (pol / "r4t_policy.json").write_text(json.dumps({"steps": 2, "config": {"one_shot": False}}))
+    lm = FanOutLM(pol)
+    assert lm.one_shot is False and FanOutLM(tiny_policy).one_shot is True
+    short, full = lm.prompt_text("city walk", 4), lm.prompt_text("city walk", 4, one_shot=True)
+    assert len(short) < len(full) and full == FanOutLM(tiny_policy).prompt_text("city walk", 4)
+    folm = LLMFanOutBaseline(cat, enc, policy=str(pol), name="folm")
+    assert folm.one_shot is False and folm.config()["one_shot"] is False
+    assert LLMFanOutBaseline(cat, enc, policy=str(pol), one_shot=True).config()["one_shot"] is True
+    scripted = ScriptedLM(lambda q, s: _answer(["red dress", "blue jeans"], 2))
+    scripted.one_shot = False
+    LLMFanOutBaseline(cat, enc, policy=scripted, k=2).retrieve(["a"], 2)
+    assert scripted.calls[0]["one_shot"] is False
+    (pol / "r4t_policy.json").write_text("{not json")
+    with pytest.raises(ValueError, match="model_dir"):
+        FanOutLM(pol)
+    (pol / "r4t_policy.json").write_text(json.dumps({"config": {"one_shot": "no"}}))
+    with pytest.raises(ValueError, match="one_shot"):
+        FanOutLM(pol)
+    with pytest.raises(ValueError, match="one_shot"):
+        LLMFanOutBaseline(cat, enc, policy=scripted, one_shot="yes")
+
+
 def test_tiny_llama_constrained_by_default(world, tiny_policy: Path) -> None:
     """The LLM baselines decode constrained (think off) by default: even a random model writes k usable
     subqueries; a cap below the constraint's minimum is raised to it with a warning."""

@@ -152,7 +152,8 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
             sequences runs as several forward batches).
         seed: sampling seed passed to every ``generate`` call.
         device: torch device of the policy when it is loaded here.
-        one_shot: include the worked example in the prompt.
+        one_shot: include the worked example in the prompt; None (default): the prompt the policy was
+            tuned on (its ``r4t_policy.json``), the worked example for any other model.
         constrained: constrained decoding (default; see the module docstring); False = free-running.
         think: ask for (and, constrained, force) a ``<think>`` block; ``None`` = off when constrained,
             on otherwise (the paper's prompt).
@@ -178,7 +179,7 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
         max_sequences: int = 64,
         seed: int = 0,
         device: str = "cpu",
-        one_shot: bool = True,
+        one_shot: bool | None = None,
         constrained: bool = True,
         think: bool | None = None,
         name: str | None = None,
@@ -192,7 +193,8 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.max_sequences = check_positive_int(max_sequences, "max_sequences")
         self.seed = check_seed(seed)
-        self.one_shot = bool(one_shot)
+        if one_shot is not None and not isinstance(one_shot, bool):
+            raise ValueError(f"one_shot: expected a bool or None, got {one_shot!r}")
         if not isinstance(constrained, bool):
             raise ValueError(f"constrained: expected a bool, got {constrained!r}")
         if think is not None and not isinstance(think, bool):
@@ -216,6 +218,8 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
                 "policy: expected 'smollm2', a local model directory or an object with .generate(), "
                 f"got {type(policy).__name__}"
             )
+        # None: the prompt the policy was tuned on (FanOutLM.one_shot), else the worked example
+        self.one_shot = bool(getattr(self.lm, "one_shot", True)) if one_shot is None else one_shot
         self._stats = FanOutStats()
 
     def _cap(self, k: int) -> int:

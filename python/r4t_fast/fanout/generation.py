@@ -150,6 +150,29 @@ def _adapter_dir(spec: Any) -> tuple[Path, str] | None:
     return d, str(base)
 
 
+POLICY_META = "r4t_policy.json"
+"""What a tuned policy directory records of its training (``train.rl_policy.save_policy``)."""
+
+
+def trained_one_shot(model_dir: str | os.PathLike[str] | None) -> bool:
+    """Whether the policy in ``model_dir`` was tuned with the worked example in its prompt: its
+    ``r4t_policy.json``'s ``config.one_shot``; True for any other model (the default prompt)."""
+    f = None if model_dir is None else Path(model_dir) / POLICY_META
+    if f is None or not f.is_file():
+        return True
+    import json
+
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model_dir: {f} is not readable JSON ({exc})") from exc
+    cfg = meta.get("config") if isinstance(meta, dict) else None
+    value = cfg.get("one_shot", True) if isinstance(cfg, dict) else True
+    if not isinstance(value, bool):
+        raise ValueError(f"model_dir: {f}: config.one_shot must be a bool, got {value!r}")
+    return value
+
+
 def _has_tokenizer(d: Path) -> bool:
     return any((d / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
 
@@ -198,6 +221,8 @@ class FanOutLM:
             self.lora_merged = True
         self._setup(model, tokenizer, device)
         self.model_dir: Path | None = adapter[0] if adapter else path
+        # the prompt the policy was tuned on (with or without the worked example): generate's default
+        self.one_shot: bool = trained_one_shot(self.model_dir)
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, device: str | torch.device | None = None) -> FanOutLM:
@@ -208,6 +233,7 @@ class FanOutLM:
         self._setup(model, tokenizer, device)
         self.model_dir = None
         self.lora_merged = False  # a PEFT model stays wrapped (training evaluates the live adapter)
+        self.one_shot = True
         return self
 
     def _setup(self, model: Any, tokenizer: Any, device: Any) -> None:
@@ -237,8 +263,12 @@ class FanOutLM:
         name = self.model_dir if self.model_dir is not None else type(self.model).__name__
         return f"FanOutLM({str(name)!r}, device={str(self.device)!r}, dtype={self.model.dtype})"
 
-    def prompt_text(self, query: str, k: int = 10, *, one_shot: bool = True, think: bool = True) -> str:
-        """The chat-templated prompt string for one query (generation prompt included)."""
+    def prompt_text(
+        self, query: str, k: int = 10, *, one_shot: bool | None = None, think: bool = True
+    ) -> str:
+        """The chat-templated prompt string for one query (generation prompt included); ``one_shot``
+        None: :attr:`one_shot` (the policy's own prompt)."""
+        one_shot = self.one_shot if one_shot is None else bool(one_shot)
         return self.tokenizer.apply_chat_template(
             build_messages(query, k, one_shot=one_shot, think=think),
             tokenize=False,
@@ -329,7 +359,7 @@ class FanOutLM:
         max_new_tokens: int = 192,
         batch_size: int = 8,
         seed: int | None = None,
-        one_shot: bool = True,
+        one_shot: bool | None = None,
         constrained: bool | FanOutConstraint = False,
         think: bool | None = None,
     ) -> list[list[GenerationOutput]]:
@@ -348,7 +378,8 @@ class FanOutLM:
             batch_size: sequences per forward batch (prompts are sorted by length to limit padding).
             seed: seeds the sampler (the global torch RNG is left untouched); sampled outputs depend on the
                 seed *and* on how sequences are batched.
-            one_shot: include the worked example in the prompt (see :func:`build_messages`).
+            one_shot: include the worked example in the prompt (see :func:`build_messages`); None: the
+                policy's own setting (:attr:`one_shot`: as it was tuned, else True).
             constrained: ``True`` (a default :class:`~r4t_fast.fanout.constrained.FanOutConstraint` for
                 this ``k``) or a constraint: every completion is then exactly ``k`` distinct short
                 subqueries in the strict format, ended within ``max_new_tokens`` (which must be at least

@@ -485,7 +485,7 @@ def _schedule(sigmas: Any) -> torch.Tensor:
     if isinstance(sigmas, list) and len(sigmas) >= 2 and all(type(v) is float for v in sigmas):
         # the samplers' own schedules (Python floats): checked without tensor ops (~80 us at batch 1)
         ok = all(math.isfinite(v) for v in sigmas) and all(v > 0 for v in sigmas[:-1]) and sigmas[-1] >= 0
-        if ok and all(b < a for a, b in zip(sigmas, sigmas[1:])):
+        if ok and all(b < a for a, b in zip(sigmas, sigmas[1:], strict=False)):
             return torch.tensor(sigmas, dtype=torch.float64)
     dt = getattr(sigmas, "dtype", None)
     if dt is not None and dt not in (torch.float64, np.float64):

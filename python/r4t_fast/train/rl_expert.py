@@ -104,6 +104,7 @@ def expert_iteration(cfg: RLConfig, data: Any, train_rows: list[dict[str, Any]],
             cfg, tokenizer, cfg.max_completion_length, "max_completion_length"
         )
         lm = FanOutLM.from_model(model, tokenizer, device="cpu")
+        lm.one_shot = cfg.one_shot  # sample with the prompt the SFT rows and GRPO use
         sel = sample_and_select(
             queries, lm, reward_fn, k=cfg.k, samples=cfg.expert_samples, keep=cfg.expert_keep,
             temperature=cfg.temperature, max_new_tokens=max_new, batch_size=cfg.expert_batch_size * 4,
