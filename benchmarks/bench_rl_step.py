@@ -46,6 +46,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 """RLConfig overrides of each benchmarked setting (on top of the common ones in :func:`run_config`)."""
 CONFIGS["new-mu1-top8"] = {**CONFIGS["new-mu1"], "lora_layers": 8}  # LoRA on the top 8 layers only
 CONFIGS["new-mu1-top8-short"] = {**CONFIGS["new-mu1-top8"], "one_shot": False}  # no worked example
+CONFIGS["new-mu1-top4"] = {**CONFIGS["new-mu1"], "lora_layers": 4}  # LoRA on the top 4 layers only
 
 
 def run_config(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
