@@ -114,6 +114,7 @@ py::dict plan_dict(const KnnPlan& pl) {
   d["isa"] = std::string(pl.isa);
   d["threads"] = pl.threads;
   d["path"] = std::string(pl.small ? "small" : pl.direct ? "direct" : "gemm");
+  d["prefetch"] = pl.prefetch;
   d["n_allowed"] = pl.n_allowed;
   d["keff"] = pl.keff;
   d["query_chunk"] = pl.query_chunk;

@@ -57,6 +57,7 @@ struct KnnPlan {
   int threads = 1;
   bool direct = false;   // direct (B < vector width) or GEMM path
   bool small = false;    // direct path with 2 <= B: the small-B kernel (R4T_KNN_SMALL=0 turns it off)
+  bool prefetch = false;  // direct / small-B path: software prefetch of the rows ahead (R4T_KNN_PREFETCH)
   int64_t n_allowed = 0;  // rows that pass the filter (N without one)
   int64_t keff = 0;       // min(k, n_allowed): the heap size
   int64_t query_chunk = 0, tile_rows = 0, kc = 0;  // kc < d: K-blocking

@@ -388,3 +388,32 @@ def test_knn_small_path_equals_the_direct_path(rng, tmp_path):
         assert (outs["1"]["path"], outs["0"]["path"]) == ("small", "direct")
     assert torch.equal(outs["1"]["i"], outs["0"]["i"])
     torch.testing.assert_close(outs["1"]["s"], outs["0"]["s"], rtol=1e-5, atol=1e-5)
+
+
+def test_knn_prefetch_switch_changes_the_plan_not_the_results(rng, tmp_path):
+    """The direct / small-B paths prefetch fp32 catalogs over 16 MiB (knn_plan says so); R4T_KNN_PREFETCH
+    (read once per process) forces it off or on, with the same ids and scores."""
+    import subprocess
+    import sys
+
+    assert ops.knn_plan(2, 20_000, 384, 10)["prefetch"] is True  # 30.7 MB: over 16 MiB
+    assert ops.knn_plan(1, 20_000, 384, 10)["prefetch"] is True
+    assert ops.knn_plan(1, 10_000, 384, 10)["prefetch"] is False  # 15.4 MB
+    assert ops.knn_plan(2, 2_000, 384, 10)["prefetch"] is False
+    assert ops.knn_plan(64, 20_000, 384, 10)["prefetch"] is False  # the GEMM path (B >= W) tiles instead
+    q, c = _randn(11, 64, g=rng), _randn(3000, 64, g=rng)
+    torch.save({"q": q, "c": c}, tmp_path / "in.pt")
+    code = (
+        "import sys, torch; from r4t_fast import ops; t = torch.load(sys.argv[1]); "
+        "r = [ops.knn(t['q'][:b], t['c'], 7, num_threads=2) for b in (1, 11)]; "
+        "torch.save({'r': r, 'pf': ops.knn_plan(2, 3000, 64, 7)['prefetch']}, sys.argv[2])"
+    )
+    outs = {}
+    for flag in ("0", "1"):
+        env = {**__import__("os").environ, "R4T_KNN_PREFETCH": flag}
+        out = tmp_path / f"out{flag}.pt"
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(out)], env=env, check=True)
+        outs[flag] = torch.load(out)
+    assert (outs["0"]["pf"], outs["1"]["pf"]) == (False, True)
+    for (s0, i0), (s1, i1) in zip(outs["0"]["r"], outs["1"]["r"], strict=True):
+        assert torch.equal(i0, i1) and torch.equal(s0, s1)

@@ -116,8 +116,11 @@ constexpr int64_t kHeapBudgetBytes = int64_t(1) << 28;  // per query chunk, all 
 constexpr int64_t kTileBytes = 1 << 20;                 // GEMM path: catalog tile per thread (L2)
 constexpr int64_t kQueryBlockL1Bytes = 32 * 1024;       // K-blocking: a query block's feature slice
 constexpr int64_t kWorkPerThread = int64_t(1) << 22;    // multiply-adds per extra thread
-// Direct and small-B paths prefetch catalogs larger than this (half a 32 MiB L3: 18,800 x 384 fp32, 29 MB,
-// ran 10-25 % faster with it at B = 1 / 11 interleaved on the 2-core EPYC; 6,000 x 384 5-20 % slower).
+// The direct and small-B paths prefetch the rows ahead for catalogs larger than this (half a 32 MiB L3).
+// benchmarks/results/knn_prefetch_cpu_18800.md (2-core EPYC, alternating processes, 11 rounds): 18,800 x 384
+// fp32 (29 MB) at B = 11 1.26 vs 2.37 ms with / without, at B = 1 0.43 vs 0.51 ms; knn_prefetch_cpu.md
+// (5 rounds): B = 1 0.38 vs 0.56, B = 11 1.64 vs 1.68, 6,000 x 384 (9 MB) at B = 1 0.10 vs 0.08, slower
+// with it. Noisy: an earlier 5-round run (not kept) had 18,800 at B = 1 the other way, 0.31 vs 0.26.
 constexpr int64_t kPrefetchBytes = int64_t(16) << 20;
 
 // Compiled ISAs, best first, and whether this CPU runs them.
@@ -173,6 +176,18 @@ bool small_enabled() {
     return env == nullptr || std::string(env) != "0";
   }();
   return on;
+}
+
+// Software prefetch in the direct / small-B paths (kPrefetchBytes); R4T_KNN_PREFETCH=0 / 1 in the
+// environment forces it off / on (for comparisons; read once).
+int prefetch_override() {
+  static const int v = []() {
+    const char* env = std::getenv("R4T_KNN_PREFETCH");
+    if (env == nullptr) return -1;
+    const std::string s(env);
+    return s == "0" ? 0 : s == "1" ? 1 : -1;
+  }();
+  return v;
 }
 
 const IsaEntry& active() {
@@ -237,6 +252,9 @@ KnnPlan knn_cpu_plan(const KnnParams& p) {
       1, std::min<int64_t>({max_threads(p.num_threads), plan.n_allowed / 256, work / kWorkPerThread})));
   plan.direct = p.B < I.W;
   plan.small = plan.direct && p.B >= 2 && small_enabled();
+  const int64_t cat_bytes = p.N * p.d * (p.catalog_dtype == DType::F16 ? 2 : 4);
+  const int force = prefetch_override();
+  plan.prefetch = plan.direct && (force >= 0 ? force == 1 : cat_bytes > kPrefetchBytes);
   const int64_t lanes = int64_t(I.NVMAX) * I.W;
   int64_t chunk = kQueryChunk;
   if (plan.keff > 0) {
@@ -308,7 +326,7 @@ void knn_cpu(const KnnParams& p) {
   J.dpad = dpad;
   J.keff = keff;
   J.direct = plan.direct;
-  J.prefetch = N * d * (J.f16 ? 2 : 4) > kPrefetchBytes;
+  J.prefetch = plan.prefetch;
   J.tile_rows = tile_rows;
   J.kc = plan.kc;
 

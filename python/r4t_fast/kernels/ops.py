@@ -182,7 +182,9 @@ def knn_plan(
 ) -> dict[str, Any]:
     """How the CPU :func:`knn` kernel will run a search of ``batch`` queries over ``n`` rows of ``dim``
     features: ``{"isa", "threads", "path" ("direct", "small" or "gemm"), "n_allowed", "keff" (the heap size,
-    min(k, allowed rows)), "query_chunk", "tile_rows", "k_block"}`` (k_block < dim: K-blocking)."""
+    min(k, allowed rows)), "query_chunk", "tile_rows", "k_block", "prefetch"}`` (k_block < dim:
+    K-blocking; prefetch: the direct / small-B paths prefetch rows ahead, for fp32 catalogs over 16 MiB;
+    ``R4T_KNN_PREFETCH=0|1`` in the environment forces it)."""
     B = check_positive_int(batch, "batch")
     N = check_positive_int(n, "n")
     d = check_positive_int(dim, "dim")
