@@ -365,25 +365,34 @@ def test_knn_small_batch_path_matches_reference(simd, metric, rng):
     assert ops.knn_plan(1, N, d, 5)["path"] == "direct"  # a single query keeps the direct path
 
 
-def test_knn_small_path_equals_the_direct_path(rng, tmp_path):
-    """R4T_KNN_SMALL=0 (read once per process) falls back to the direct path: same ids, scores within
-    rounding, on the same inputs."""
+def _knn_under_env(var: str, flags: tuple[str, ...], inputs: dict, body: str, tmp_path) -> dict:
+    """Run ``body`` (Python; ``t`` = the saved ``inputs``, result saved from ``out``) in a fresh process per
+    value of the environment variable ``var`` (the kernel reads such switches once per process)."""
+    import os
     import subprocess
     import sys
 
-    q, c = _randn(11, 384, g=rng), _randn(2000, 384, g=rng)
-    torch.save({"q": q, "c": c}, tmp_path / "in.pt")
-    code = (
-        "import sys, torch; from r4t_fast import ops; t = torch.load(sys.argv[1]); "
-        "s, i = ops.knn(t['q'], t['c'], 10, num_threads=1); "
-        "torch.save({'s': s, 'i': i, 'path': ops.knn_plan(11, 2000, 384, 10)['path']}, sys.argv[2])"
-    )
+    torch.save(inputs, tmp_path / "in.pt")
+    code = f"import sys, torch; from r4t_fast import ops; t = torch.load(sys.argv[1]); {body}; "
+    code += "torch.save(out, sys.argv[2])"
     outs = {}
-    for flag in ("1", "0"):
-        env = {**__import__("os").environ, "R4T_KNN_SMALL": flag}
+    for flag in flags:
         out = tmp_path / f"out{flag}.pt"
+        env = {**os.environ, var: flag}
         subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(out)], env=env, check=True)
         outs[flag] = torch.load(out)
+    return outs
+
+
+def test_knn_small_path_equals_the_direct_path(rng, tmp_path):
+    """R4T_KNN_SMALL=0 (read once per process) falls back to the direct path: same ids, scores within
+    rounding, on the same inputs."""
+    inputs = {"q": _randn(11, 384, g=rng), "c": _randn(2000, 384, g=rng)}
+    body = (
+        "s, i = ops.knn(t['q'], t['c'], 10, num_threads=1); "
+        "out = {'s': s, 'i': i, 'path': ops.knn_plan(11, 2000, 384, 10)['path']}"
+    )
+    outs = _knn_under_env("R4T_KNN_SMALL", ("1", "0"), inputs, body, tmp_path)
     if r4t_fast.build_info()["simd"].startswith("x86-64-v4"):  # B = 11 < 16: small unless turned off
         assert (outs["1"]["path"], outs["0"]["path"]) == ("small", "direct")
     assert torch.equal(outs["1"]["i"], outs["0"]["i"])
@@ -393,27 +402,17 @@ def test_knn_small_path_equals_the_direct_path(rng, tmp_path):
 def test_knn_prefetch_switch_changes_the_plan_not_the_results(rng, tmp_path):
     """The direct / small-B paths prefetch fp32 catalogs over 16 MiB (knn_plan says so); R4T_KNN_PREFETCH
     (read once per process) forces it off or on, with the same ids and scores."""
-    import subprocess
-    import sys
-
     assert ops.knn_plan(2, 20_000, 384, 10)["prefetch"] is True  # 30.7 MB: over 16 MiB
     assert ops.knn_plan(1, 20_000, 384, 10)["prefetch"] is True
     assert ops.knn_plan(1, 10_000, 384, 10)["prefetch"] is False  # 15.4 MB
     assert ops.knn_plan(2, 2_000, 384, 10)["prefetch"] is False
     assert ops.knn_plan(64, 20_000, 384, 10)["prefetch"] is False  # the GEMM path (B >= W) tiles instead
-    q, c = _randn(11, 64, g=rng), _randn(3000, 64, g=rng)
-    torch.save({"q": q, "c": c}, tmp_path / "in.pt")
-    code = (
-        "import sys, torch; from r4t_fast import ops; t = torch.load(sys.argv[1]); "
+    inputs = {"q": _randn(11, 64, g=rng), "c": _randn(3000, 64, g=rng)}
+    body = (
         "r = [ops.knn(t['q'][:b], t['c'], 7, num_threads=2) for b in (1, 11)]; "
-        "torch.save({'r': r, 'pf': ops.knn_plan(2, 3000, 64, 7)['prefetch']}, sys.argv[2])"
+        "out = {'r': r, 'pf': ops.knn_plan(2, 3000, 64, 7)['prefetch']}"
     )
-    outs = {}
-    for flag in ("0", "1"):
-        env = {**__import__("os").environ, "R4T_KNN_PREFETCH": flag}
-        out = tmp_path / f"out{flag}.pt"
-        subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(out)], env=env, check=True)
-        outs[flag] = torch.load(out)
+    outs = _knn_under_env("R4T_KNN_PREFETCH", ("0", "1"), inputs, body, tmp_path)
     assert (outs["0"]["pf"], outs["1"]["pf"]) == (False, True)
     for (s0, i0), (s1, i1) in zip(outs["0"]["r"], outs["1"]["r"], strict=True):
         assert torch.equal(i0, i1) and torch.equal(s0, s1)
