@@ -398,8 +398,10 @@ def test_diffusion_retriever_records_its_latency_breakdown(sets_file: Path, cach
     assert set(brk) == {"1", "4"}
     for b, parts in brk.items():
         assert set(parts) == {"encode", "sample", "ground"} and all(v > 0 for v in parts.values())
-        # the parts are timed apart from retrieve(); together they are about its wall time
-        assert sum(parts.values()) < 10 * rec["latency_ms_per_query"][b] + 5.0
+        # the parts are timed apart from retrieve(), in ms per query like it: a unit slip to microseconds
+        # is off by 1000x; the bound leaves room for a busy machine (one 20 ms sampling call was seen
+        # beside a 2-thread training job, against 0.9 ms per query for retrieve())
+        assert sum(parts.values()) < 200 * rec["latency_ms_per_query"][b] + 50.0
     assert "generate_sets" in rec["config"]["latency"]["breakdown"]
 
 
