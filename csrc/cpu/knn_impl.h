@@ -310,9 +310,9 @@ void direct(const Job& J, const Slice& S) {
   const int64_t dd = J.f16 ? J.dpad : J.d;  // converted rows are zero-padded: whole vectors only
   const int64_t row_bytes = J.d * (J.f16 ? 2 : 4);
   // Rows prefetched ahead (~32 KiB, into L2): a group reads DR rows side by side (512 B apart for
-  // d = 128), a pattern the hardware prefetchers follow poorly across pages. Only for catalogs that do not
-  // sit in the L3 (J.prefetch, knn.cpp's kPrefetchBytes): measured, 1M x 128 went from 31.5 to 23 ms at
-  // B = 1, while catalogs that fit the L3 ran 5-12 % slower with it. 16-32 KiB ahead beat 8 and 64 KiB; streaming each row start to end
+  // d = 128), a pattern the hardware prefetchers follow poorly across pages. Only for catalogs over
+  // knn.cpp's kPrefetchBytes (J.prefetch): measured, 1M x 128 went from 31.5 to 23 ms at B = 1, while
+  // small catalogs ran 5-12 % slower with it. 16-32 KiB ahead beat 8 and 64 KiB; streaming each row start to end
   // instead of DR rows side by side was slower.
   const int64_t kAhead = std::max<int64_t>(DR, (32768 / row_bytes) / DR * DR);
   const char* cat = static_cast<const char*>(J.cat);
@@ -354,51 +354,36 @@ void direct(const Job& J, const Slice& S) {
 // ----------------------------------------------------------------------------------- small-B path
 // 2 <= B < W queries (a set's rows and its anchor, at batch 1). Vectors along the feature axis as in the
 // direct path, but the roles swap: each catalog row (read from memory once) meets every query in the same
-// pass, one accumulator per query and row, RP rows side by side (rows_per_pass; the queries, Q * d
-// floats, are re-read from L1 once per RP rows); after the last feature each row's Q accumulators are reduced by the shuffle tree into ONE vector
+// pass, one accumulator per query (Q + 2 vector registers; the queries, Q * d floats, are re-read from
+// L1); after the last feature the row's Q accumulators are reduced by the shuffle tree into ONE vector
 // whose lane q is the row's score for query q, admitted against the thresholds of all queries at once
 // (lanes >= Q hold +inf). Per row: Q * d / W multiply-adds, Q - 1 + log2(W / Q') shuffle steps, one
 // compare, and a heap visit only for the queries the row enters.
 constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
 
-// RP catalog rows at a time: each query vector loaded from L1 feeds RP multiply-adds (one per row), so a
-// step is Q + RP loads for Q * RP FMAs instead of Q + 1 for Q (load-bound at RP = 1). RP * Q accumulators
-// + RP row vectors + 1 query vector must fit the register file (32 vectors on AVX-512, else 16).
-constexpr int kVecRegs = R4T_ISA_LEVEL == 4 ? 32 : 16;
-constexpr int rows_per_pass(int q) { return std::max(1, std::min(4, (kVecRegs - 1) / (q + 1))); }
-
-template <int Q, int RP, bool L2>
-R4T_INLINE void small_dots(const float* q, int64_t qs, const float* const* rows, int64_t d, vf (&out)[RP]) {
+template <int Q, bool L2>
+R4T_INLINE vf small_dots(const float* q, int64_t qs, const float* row, int64_t d) {
   constexpr int QP = pow2_at_least(Q);
-  vf acc[RP][QP];
-#pragma GCC unroll 4
-  for (int r = 0; r < RP; ++r) {
+  vf acc[QP];
 #pragma GCC unroll 16
-    for (int i = 0; i < QP; ++i) acc[r][i] = vf{};
-  }
+  for (int i = 0; i < QP; ++i) acc[i] = vf{};
   const int64_t full = d / W * W;
   auto step = [&](int64_t f, bool partial) __attribute__((always_inline)) {
-    vf c[RP];
-#pragma GCC unroll 4
-    for (int r = 0; r < RP; ++r) c[r] = partial ? vload_partial(rows[r] + f, d - f) : vload(rows[r] + f);
+    const vf c = partial ? vload_partial(row + f, d - f) : vload(row + f);
 #pragma GCC unroll 16
     for (int i = 0; i < Q; ++i) {
       const vf qv = vload(q + i * qs + f);  // zero-padded query rows: whole vectors only
-#pragma GCC unroll 4
-      for (int r = 0; r < RP; ++r) {
-        if (L2) {
-          const vf t = qv - c[r];
-          acc[r][i] += t * t;
-        } else {
-          acc[r][i] += qv * c[r];
-        }
+      if (L2) {
+        const vf t = qv - c;
+        acc[i] += t * t;
+      } else {
+        acc[i] += qv * c;
       }
     }
   };
   for (int64_t f = 0; f < full; f += W) step(f, false);
   if (full < d) step(full, true);
-#pragma GCC unroll 4
-  for (int r = 0; r < RP; ++r) out[r] = tree_reduce<0, QP>(acc[r]);
+  return tree_reduce<0, QP>(acc);
 }
 
 template <bool L2>
@@ -415,10 +400,8 @@ R4T_INLINE void small_filter(const Job& J, const Slice& S, vf s, int64_t id) {
 
 template <int Q, bool L2>
 void small(const Job& J, const Slice& S) {
-  constexpr int RP = rows_per_pass(Q);
   int64_t cur = S.n0, pf_cur = S.n0;
   int64_t ids[DR], pf_ids[DR];
-  const float* rows[DR + RP];
   const int64_t dd = J.f16 ? J.dpad : J.d;
   const int64_t row_bytes = J.d * (J.f16 ? 2 : 4);
   const int64_t kAhead = std::max<int64_t>(DR, (32768 / row_bytes) / DR * DR);  // as the direct path
@@ -432,24 +415,16 @@ void small(const Job& J, const Slice& S) {
     if (J.prefetch) {
       for (int64_t j = 0; j < npf; ++j) prefetch_row(cat + pf_ids[j] * stride_bytes, row_bytes);
     }
-    for (int j = 0; j < DR + RP; ++j) {  // rows past cnt: the zero row (scored, never admitted)
-      if (j >= cnt) {
-        rows[j] = S.zero;
-      } else if (J.f16) {
-        float* dst = S.tile + j * J.dpad;
+    for (int j = 0; j < cnt; ++j) {
+      const float* row;
+      if (J.f16) {
+        float* dst = S.tile;
         convert_row(static_cast<const uint16_t*>(J.cat) + ids[j] * J.cs, J.d, dst, J.dpad);
-        rows[j] = dst;
+        row = dst;
       } else {
-        rows[j] = static_cast<const float*>(J.cat) + ids[j] * J.cs;
+        row = static_cast<const float*>(J.cat) + ids[j] * J.cs;
       }
-    }
-    for (int j = 0; j < cnt; j += RP) {
-      vf s[RP];
-      small_dots<Q, RP, L2>(J.qrow, J.dpad, rows + j, dd, s);
-#pragma GCC unroll 4
-      for (int r = 0; r < RP; ++r) {
-        if (j + r < cnt) small_filter<L2>(J, S, s[r], ids[j + r]);
-      }
+      small_filter<L2>(J, S, small_dots<Q, L2>(J.qrow, J.dpad, row, dd), ids[j]);
     }
   }
 }

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 from r4t_fast._internal import check_k, check_positive_int
 from r4t_fast.fanout.constrained import FanOutConstraint
 from r4t_fast.fanout.parser import ParseResult, parse_subqueries
-from r4t_fast.fanout.policy import resolve_policy
+from r4t_fast.fanout.policy import POLICY_META, resolve_policy
 from r4t_fast.fanout.prompt import CHATML_END, build_messages
 
 __all__ = [
@@ -148,10 +148,6 @@ def _adapter_dir(spec: Any) -> tuple[Path, str] | None:
     if not base:
         raise ValueError(f"model_dir: {cfg} names no base_model_name_or_path; cannot merge the adapter")
     return d, str(base)
-
-
-POLICY_META = "r4t_policy.json"
-"""What a tuned policy directory records of its training (``train.rl_policy.save_policy``)."""
 
 
 def trained_one_shot(model_dir: str | os.PathLike[str] | None) -> bool:

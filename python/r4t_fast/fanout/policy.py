@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_POLICY",
     "POLICY_CHOICES",
     "POLICY_FORMAT",
+    "POLICY_META",
     "check_policy_spec",
     "default_cache_dir",
     "find_smollm2_gguf",
@@ -31,6 +32,9 @@ __all__ = [
 POLICY_FORMAT = "r4t-policy"
 """``format`` of a tuned policy saved by ``r4t train-rl`` (:func:`r4t_fast._internal.save_dir_atomically`:
 a symlink to a version with a sha256 manifest); :func:`resolve_policy` verifies such a directory."""
+
+POLICY_META = "r4t_policy.json"
+"""What a tuned policy directory records of its training (base policy, steps, the RL config)."""
 
 # --------------------------------------------------------------------------------------------------
 # Model resolution

@@ -71,7 +71,7 @@ def save_policy(
     from peft import PeftModel
 
     from r4t_fast._internal import save_dir_atomically
-    from r4t_fast.fanout.policy import POLICY_FORMAT
+    from r4t_fast.fanout.policy import POLICY_FORMAT, POLICY_META
 
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
@@ -82,7 +82,7 @@ def save_policy(
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "r4t_policy.json").write_text(json.dumps(meta or {}, indent=2, default=str) + "\n")
+        (tmp / POLICY_META).write_text(json.dumps(meta or {}, indent=2, default=str) + "\n")
 
     return save_dir_atomically(
         out_dir, write, format=POLICY_FORMAT, meta={"steps": (meta or {}).get("steps")}
