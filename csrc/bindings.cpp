@@ -113,7 +113,7 @@ py::dict plan_dict(const KnnPlan& pl) {
   py::dict d;
   d["isa"] = std::string(pl.isa);
   d["threads"] = pl.threads;
-  d["path"] = std::string(pl.small ? "small" : pl.direct ? "direct" : "gemm");
+  d["path"] = std::string(pl.coarse ? "coarse" : pl.small ? "small" : pl.direct ? "direct" : "gemm");
   d["prefetch"] = pl.prefetch;
   d["n_allowed"] = pl.n_allowed;
   d["keff"] = pl.keff;
@@ -149,6 +149,7 @@ PYBIND11_MODULE(_C, m) {
     d["openmp_threads"] = 1;
 #endif
     d["simd"] = std::string(cpu_simd_level());
+    d["knn_int8"] = cpu_has_vnni();
     py::list clones;
     for (const auto& c : cpu_simd_clones()) clones.append(c);
     d["simd_clones"] = clones;
@@ -156,13 +157,25 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
 
-  m.def("knn_cpu", [](uintptr_t q, int64_t qs, uintptr_t c, int64_t cs, int dtype, int metric, int64_t B,
-                      int64_t N, int64_t d, int64_t k, uintptr_t allowed, uintptr_t os, uintptr_t oi, int threads) {
-    auto p = make_knn(q, qs, c, cs, dtype, metric, B, N, d, k, allowed, os, oi, threads, 0);
-    R4T_NOGIL(knn_cpu(p));
-  });
-  m.def("knn_cpu_plan", [](int64_t B, int64_t N, int64_t d, int64_t k, uintptr_t allowed, int threads) {
+  m.def(
+      "knn_cpu",
+      [](uintptr_t q, int64_t qs, uintptr_t c, int64_t cs, int dtype, int metric, int64_t B, int64_t N, int64_t d,
+         int64_t k, uintptr_t allowed, uintptr_t os, uintptr_t oi, int threads, uintptr_t coarse,
+         int64_t coarse_stride, float coarse_scale) {
+        auto p = make_knn(q, qs, c, cs, dtype, metric, B, N, d, k, allowed, os, oi, threads, 0);
+        p.coarse = ptr<const uint8_t>(coarse);
+        p.coarse_stride = coarse_stride;
+        p.coarse_scale = coarse_scale;
+        R4T_NOGIL(knn_cpu(p));
+      },
+      py::arg("q"), py::arg("qs"), py::arg("c"), py::arg("cs"), py::arg("dtype"), py::arg("metric"), py::arg("B"),
+      py::arg("N"), py::arg("d"), py::arg("k"), py::arg("allowed"), py::arg("os"), py::arg("oi"), py::arg("threads"),
+      py::arg("coarse") = 0, py::arg("coarse_stride") = 0, py::arg("coarse_scale") = 0.f);
+  m.def("knn_cpu_plan", [](int64_t B, int64_t N, int64_t d, int64_t k, uintptr_t allowed, int threads,
+                           bool coarse) {
     auto p = make_knn(0, d, 0, d, 0, 0, B, N, d, k, allowed, 0, 0, threads, 0);
+    // any non-null pointer: the plan only asks whether a copy is given
+    if (coarse) p.coarse = reinterpret_cast<const uint8_t*>(&p);
     KnnPlan pl;
     R4T_NOGIL(pl = knn_cpu_plan(p));
     return plan_dict(pl);
@@ -222,7 +235,9 @@ PYBIND11_MODULE(_C, m) {
                                        uintptr_t catalog, int64_t c_stride, int catalog_dtype, int64_t N, int metric,
                                        uintptr_t allowed, int64_t group, int64_t candidates, uintptr_t out_ids,
                                        uintptr_t out_scores, int threads, int mode, uintptr_t anchor,
-                                       int64_t anchor_k, uintptr_t anchor_ids, uintptr_t anchor_scores) {
+                                       int64_t anchor_k, uintptr_t anchor_ids, uintptr_t anchor_scores,
+                                       uintptr_t coarse, int64_t coarse_stride, float coarse_scale,
+                                       int64_t cache_id) {
       SampleSetsParams p;
       p.dims = dims_of(dims);
       p.packed = ptr<const float>(packed);
@@ -255,6 +270,10 @@ PYBIND11_MODULE(_C, m) {
       p.anchor_k = anchor_k;
       p.anchor_ids = ptr<int64_t>(anchor_ids);
       p.anchor_scores = ptr<float>(anchor_scores);
+      p.coarse = ptr<const uint8_t>(coarse);
+      p.coarse_stride = coarse_stride;
+      p.coarse_scale = coarse_scale;
+      p.cache_id = cache_id;
       const char* isa = nullptr;
       R4T_NOGIL(isa = sample_sets_cpu(p));
       return std::string(isa);

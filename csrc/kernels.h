@@ -15,6 +15,10 @@ void ground_cpu(const GroundParams& p);
 void set_stats_cpu(const SetStatsParams& p);
 void edm_step_cpu(const EdmStepParams& p);
 KnnPlan knn_cpu_plan(const KnnParams& p);
+bool cpu_has_vnni();  // AVX-512 VNNI (the knn coarse path's instructions) on this CPU, in this build
+// knn's coarse path (cpu/knn_coarse.cpp), called by knn_cpu: whether it applies, and the search itself.
+bool knn_coarse_applies(const KnnParams& p);
+void knn_cpu_coarse(const KnnParams& p, const KnnPlan& plan);
 const char* cpu_simd_level();                 // the SIMD clone the knn kernel dispatches to on this CPU
 std::vector<std::string> cpu_simd_clones();   // every clone compiled in (best first)
 void set_cpu_simd(const std::string& name);   // "auto" or a clone name (tests, benchmarks)

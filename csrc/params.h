@@ -49,6 +49,13 @@ struct KnnParams {
   int device = -1;            // CUDA: device index of the tensors (-1 = current device)
   void* workspace = nullptr;  // CUDA: caller-allocated device scratch
   size_t workspace_bytes = 0;
+  // CPU, optional: an int8 copy of the catalog, codes u8 = round(c / coarse_scale) + 128, (N, coarse_stride
+  // bytes), features padded to a multiple of 4 with 128. When given, IP searches of 2 <= B <= 16 queries on
+  // a CPU with AVX-512 VNNI take the coarse path (cpu/knn_coarse.cpp): an int8 pass keeps 2k + 32 rows per
+  // query, re-scored exactly against `catalog`. Ignored elsewhere (and by CUDA).
+  const uint8_t* coarse = nullptr;
+  int64_t coarse_stride = 0;
+  float coarse_scale = 0.f;
 };
 
 // What knn_cpu will do for given params (exposed for tests and benchmarks).
@@ -58,6 +65,7 @@ struct KnnPlan {
   bool direct = false;   // direct (B < vector width) or GEMM path
   bool small = false;    // direct path with 2 <= B: the small-B kernel (R4T_KNN_SMALL=0 turns it off)
   bool prefetch = false;  // direct / small-B path: software prefetch of the rows ahead (R4T_KNN_PREFETCH)
+  bool coarse = false;    // the int8 pass + exact re-score (KnnParams::coarse; R4T_KNN_COARSE=0 turns it off)
   int64_t n_allowed = 0;  // rows that pass the filter (N without one)
   int64_t keff = 0;       // min(k, n_allowed): the heap size
   int64_t query_chunk = 0, tile_rows = 0, kc = 0;  // kc < d: K-blocking

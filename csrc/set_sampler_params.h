@@ -95,6 +95,14 @@ struct SampleSetsParams {
   int64_t anchor_k = 0;
   int64_t* anchor_ids = nullptr;
   float* anchor_scores = nullptr;
+  // Optional int8 copy of the catalog for the grounding knn call (KnnParams::coarse: an int8 pass with an
+  // exact re-score, when that call qualifies).
+  const uint8_t* coarse = nullptr;
+  int64_t coarse_stride = 0;
+  float coarse_scale = 0.f;
+  // Non-zero: names the packed buffer's contents (the Python packing's id; the caller promises they never
+  // change under this id), so the per-schedule constants are computed once (cpu/set_sampler_prep.h).
+  int64_t cache_id = 0;
   int num_threads = 0;
   int mode = 0;
 };

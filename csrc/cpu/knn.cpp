@@ -252,6 +252,7 @@ KnnPlan knn_cpu_plan(const KnnParams& p) {
       1, std::min<int64_t>({max_threads(p.num_threads), plan.n_allowed / 256, work / kWorkPerThread})));
   plan.direct = p.B < I.W;
   plan.small = plan.direct && p.B >= 2 && small_enabled();
+  plan.coarse = knn_coarse_applies(p);
   const int64_t cat_bytes = p.N * p.d * (p.catalog_dtype == DType::F16 ? 2 : 4);
   const int force = prefetch_override();
   plan.prefetch = plan.direct && (force >= 0 ? force == 1 : cat_bytes > kPrefetchBytes);
@@ -288,6 +289,10 @@ void knn_cpu(const KnnParams& p) {
       p.out_ids[i] = -1;
       p.out_scores[i] = sentinel_score;
     }
+    return;
+  }
+  if (plan.coarse) {
+    knn_cpu_coarse(p, plan);
     return;
   }
   const IsaInfo& I = active().info;

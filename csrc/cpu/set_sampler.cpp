@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <thread>
 #include <utility>
@@ -34,6 +35,7 @@
 
 #include "common.h"
 #include "cpu/set_sampler_layout.h"
+#include "cpu/set_sampler_prep.h"
 #include "kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -233,71 +235,23 @@ ss::Model bind_model(const SetDenoiserDims& D, const Layout& y, const float* pk)
 
 inline float silu(float x) { return static_cast<float>(static_cast<double>(x) / (1.0 + std::exp(-static_cast<double>(x)))); }
 
-// Runnable threads of this process other than the caller (/proc/self/task/*/stat, state R), or -1.
-long own_running_others() {
-  DIR* dir = opendir("/proc/self/task");
-  if (dir == nullptr) return -1;
-  const long self = static_cast<long>(syscall(SYS_gettid));
-  long n = 0;
-  char path[64], buf[256];
-  while (const dirent* e = readdir(dir)) {
-    if (e->d_name[0] < '0' || e->d_name[0] > '9' || std::atol(e->d_name) == self) continue;
-    std::snprintf(path, sizeof path, "/proc/self/task/%s/stat", e->d_name);
-    FILE* f = std::fopen(path, "r");
-    if (f == nullptr) continue;
-    const size_t got = std::fread(buf, 1, sizeof buf - 1, f);
-    std::fclose(f);
-    buf[got] = '\0';
-    const char* close = std::strrchr(buf, ')');  // "tid (comm) S ...": the state follows the last ')'
-    if (close != nullptr && close[1] == ' ' && close[2] == 'R') ++n;
-  }
-  closedir(dir);
-  return n;
-}
-
-// Whether `threads` threads would each find a core: the runnable tasks of /proc/loadavg (field 4, which
-// counts the calling thread) plus the threads must fit in the online CPUs. Mode 2 synchronises ~6 times
-// per block, and on a busy machine every barrier can cost a time slice (measured on the shared 2-core
-// machine with ~8 runnable tasks: 2.7x slower than one thread at B = 1). This process's own runnable
-// threads (an OpenMP worker still finishing the previous region, a Python thread) are not load: they are
-// subtracted when the quick count says busy (else, on an idle machine, an OpenMP worker that had not yet
-// gone to sleep sent batch 1 to one thread in most calls). Without /proc: assume idle.
-bool cores_idle(int threads) {
-  const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-  FILE* f = std::fopen("/proc/loadavg", "r");
-  if (f == nullptr || cpus <= 0) {
-    if (f != nullptr) std::fclose(f);
-    return true;
-  }
-  double l1 = 0, l5 = 0, l15 = 0;
-  long running = 0, total = 0;
-  const int got = std::fscanf(f, "%lf %lf %lf %ld/%ld", &l1, &l5, &l15, &running, &total);
-  std::fclose(f);
-  if (got != 5 || running < 1) return true;
-  if ((running - 1) + threads <= cpus) return true;
-  // The slow count (~0.2 ms: a /proc read per thread of the process) is reused for 100 ms.
-  static std::atomic<int64_t> stamp{-1};
-  static std::atomic<long> own_cached{0};
-  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
-                          std::chrono::steady_clock::now().time_since_epoch())
-                          .count();
-  const int64_t last = stamp.load(std::memory_order_relaxed);
-  long own;
-  if (last >= 0 && now - last < 100) {
-    own = own_cached.load(std::memory_order_relaxed);
-  } else {
-    own = own_running_others();
-    own_cached.store(own, std::memory_order_relaxed);
-    stamp.store(now, std::memory_order_relaxed);
-  }
-  return own > 0 && (running - 1 - own) + threads <= cpus;
-}
+#include "cpu/set_sampler_cores.h"
 
 // Bump allocator over one vector (64-byte aligned sub-arrays).
 struct Arena {
   std::vector<float> buf;
   int64_t used = 0;
-  void reserve(int64_t n) { buf.assign(static_cast<size_t>(n + 16), 0.f); }
+  // Zeroed room for n floats; the storage is kept between calls (reserve reuses it when large enough:
+  // a fresh 100 KB+ allocation per call costs page faults, ~60 us at batch 1).
+  void reserve(int64_t n) {
+    const size_t want = static_cast<size_t>(n + 16);
+    if (buf.size() < want) {
+      buf.assign(want, 0.f);
+    } else {
+      std::fill(buf.begin(), buf.begin() + static_cast<std::ptrdiff_t>(want), 0.f);
+    }
+    used = 0;
+  }
   float* take(int64_t n) {
     float* base = buf.data();
     const uintptr_t a = reinterpret_cast<uintptr_t>(base + used);
@@ -442,48 +396,55 @@ const char* sample_sets_cpu(const SampleSetsParams& p) {
   R.G = p.guidance != 0.0 ? 2 : 1;
   R.w = static_cast<float>(p.guidance);
 
-  // Per-level EDM coefficients (EDM.coefficients, in double, then float as the Python kernels take them)
-  // and modulation vectors.
-  R.c_in.assign(static_cast<size_t>(nl), 0.f);
-  R.c_skip.assign(static_cast<size_t>(nl), 0.f);
-  R.c_out.assign(static_cast<size_t>(nl), 0.f);
-  std::vector<float> emb(static_cast<size_t>(nl * h), 0.f), h1(static_cast<size_t>(nl * h)),
-      h2(static_cast<size_t>(nl * h)), mods(static_cast<size_t>(nl * 6 * h));
-  const double sd = p.sigma_data;
-  const float two_pi = static_cast<float>(2 * M_PI);
-  for (int64_t li = 0; li < nl; ++li) {
-    const double s = p.sigmas[li];
-    if (!(s > 0)) continue;
-    R.c_skip[li] = static_cast<float>(sd * sd / (s * s + sd * sd));
-    R.c_out[li] = static_cast<float>(s * sd / std::sqrt(s * s + sd * sd));
-    R.c_in[li] = static_cast<float>(1.0 / std::sqrt(s * s + sd * sd));
-    const float cn = static_cast<float>(std::log(s) / 4.0);
-    for (int64_t j = 0; j < h / 2; ++j) {
-      const float f = (cn * m.freqs[j]) * two_pi;
-      emb[li * h + j] = static_cast<float>(std::cos(static_cast<double>(f)));
-      emb[li * h + h / 2 + j] = static_cast<float>(std::sin(static_cast<double>(f)));
+  // Per-schedule constants: from the cache when the caller names its packing (cpu/set_sampler_prep.h).
+  const std::shared_ptr<const ss::Prep> prep = ss::schedule_prep(p, R.G, [&](ss::Prep& P) {
+    // Per-level EDM coefficients (EDM.coefficients, in double, then float as the Python kernels take
+    // them) and modulation vectors.
+    P.c_in.assign(static_cast<size_t>(nl), 0.f);
+    P.c_skip.assign(static_cast<size_t>(nl), 0.f);
+    P.c_out.assign(static_cast<size_t>(nl), 0.f);
+    std::vector<float> emb(static_cast<size_t>(nl * h), 0.f), h1(static_cast<size_t>(nl * h)),
+        h2(static_cast<size_t>(nl * h));
+    P.mods.assign(static_cast<size_t>(nl * 6 * h), 0.f);
+    const double sd = p.sigma_data;
+    const float two_pi = static_cast<float>(2 * M_PI);
+    for (int64_t li = 0; li < nl; ++li) {
+      const double s = p.sigmas[li];
+      if (!(s > 0)) continue;
+      P.c_skip[li] = static_cast<float>(sd * sd / (s * s + sd * sd));
+      P.c_out[li] = static_cast<float>(s * sd / std::sqrt(s * s + sd * sd));
+      P.c_in[li] = static_cast<float>(1.0 / std::sqrt(s * s + sd * sd));
+      const float cn = static_cast<float>(std::log(s) / 4.0);
+      for (int64_t j = 0; j < h / 2; ++j) {
+        const float f = (cn * m.freqs[j]) * two_pi;
+        emb[li * h + j] = static_cast<float>(std::cos(static_cast<double>(f)));
+        emb[li * h + h / 2 + j] = static_cast<float>(std::sin(static_cast<double>(f)));
+      }
     }
-  }
-  isa.gemm(m.sig0, emb.data(), h, nl, h1.data(), h, Epi::Store, 0, 1);
-  for (auto& v : h1) v = silu(v);
-  isa.gemm(m.sig2, h1.data(), h, nl, h2.data(), h, Epi::Store, 0, 1);
-  for (auto& v : h2) v = silu(v);  // ada = SiLU -> Linear
-  isa.gemm(m.ada, h2.data(), h, nl, mods.data(), 6 * h, Epi::Store, 0, 1);
-  for (int64_t li = 0; li < nl; ++li) {
-    for (int64_t part : {0, 2, 4}) {  // s1, s2, s3 -> 1 + s (as `x * (1 + s) + b`)
-      float* s = mods.data() + li * 6 * h + part * h;
-      for (int64_t j = 0; j < h; ++j) s[j] = 1.f + s[j];
+    isa.gemm(m.sig0, emb.data(), h, nl, h1.data(), h, Epi::Store, 0, 1);
+    for (auto& v : h1) v = silu(v);
+    isa.gemm(m.sig2, h1.data(), h, nl, h2.data(), h, Epi::Store, 0, 1);
+    for (auto& v : h2) v = silu(v);  // ada = SiLU -> Linear
+    isa.gemm(m.ada, h2.data(), h, nl, P.mods.data(), 6 * h, Epi::Store, 0, 1);
+    for (int64_t li = 0; li < nl; ++li) {
+      for (int64_t part : {0, 2, 4}) {  // s1, s2, s3 -> 1 + s (as `x * (1 + s) + b`)
+        float* s = P.mods.data() + li * 6 * h + part * h;
+        for (int64_t j = 0; j < h; ++j) s[j] = 1.f + s[j];
+      }
     }
-  }
-  R.mods = mods.data();
-  // The null condition's keys/values: only the guided twins (G = 2) read them; without guidance they are
-  // not computed (layers x cond_dim x 2h weights, 3 MB at the CPU preset, streamed on one thread).
-  std::vector<float> null_kv(R.G == 2 ? static_cast<size_t>(D.layers * Tk * 2 * h) : 0);
-  for (int64_t l = 0; l < (R.G == 2 ? D.layers : 0); ++l) {
-    isa.gemm(m.blocks[static_cast<size_t>(l)].kv_c, m.null_cond, D.cond_dim, Tk, null_kv.data() + l * Tk * 2 * h,
-             2 * h, Epi::Store, 0, 1);
-  }
-  R.null_kv = R.G == 2 ? null_kv.data() : nullptr;
+    // The null condition's keys/values: only the guided twins (G = 2) read them; without guidance they
+    // are not computed (layers x cond_dim x 2h weights, 3 MB at the CPU preset, streamed on one thread).
+    P.null_kv.assign(R.G == 2 ? static_cast<size_t>(D.layers * Tk * 2 * h) : 0, 0.f);
+    for (int64_t l = 0; l < (R.G == 2 ? D.layers : 0); ++l) {
+      isa.gemm(m.blocks[static_cast<size_t>(l)].kv_c, m.null_cond, D.cond_dim, Tk,
+               P.null_kv.data() + l * Tk * 2 * h, 2 * h, Epi::Store, 0, 1);
+    }
+  });
+  R.c_in = prep->c_in;
+  R.c_skip = prep->c_skip;
+  R.c_out = prep->c_out;
+  R.mods = prep->mods.data();
+  R.null_kv = R.G == 2 ? prep->null_kv.data() : nullptr;
 
   // Teams and buffers.
   const int T = std::max(1, max_threads(p.num_threads));
@@ -492,7 +453,10 @@ const char* sample_sets_cpu(const SampleSetsParams& p) {
   check(mode == 1 || mode == 2, "mode: expected 0, 1 or 2, got " + std::to_string(p.mode));
   const int teams = mode == 1 ? static_cast<int>(std::min<int64_t>(T, p.B)) : 1;
   const int region_threads = mode == 1 ? teams : T;
-  std::vector<Arena> team_arena(static_cast<size_t>(teams)), thread_arena(static_cast<size_t>(region_threads));
+  // The arenas live on as long as the calling thread (calls from several threads never share them).
+  thread_local std::vector<Arena> team_arena, thread_arena;
+  if (team_arena.size() < static_cast<size_t>(teams)) team_arena.resize(static_cast<size_t>(teams));
+  if (thread_arena.size() < static_cast<size_t>(region_threads)) thread_arena.resize(static_cast<size_t>(region_threads));
   std::vector<ss::TeamBuf> team_buf(static_cast<size_t>(teams));
   std::vector<ss::ThreadBuf> thread_buf(static_cast<size_t>(region_threads));
   ss::SpinBarrier barrier;
@@ -566,6 +530,9 @@ const char* sample_sets_cpu(const SampleSetsParams& p) {
     kp.out_scores = cs.data();
     kp.out_ids = ci.data();
     kp.num_threads = p.num_threads;
+    kp.coarse = p.coarse;
+    kp.coarse_stride = p.coarse_stride;
+    kp.coarse_scale = p.coarse_scale;
     knn_cpu(kp);
     for (int64_t a = 0; a < na; ++a) {  // the anchors' results, then the rows' first cand candidates
       const size_t src = static_cast<size_t>((rows + a) * kk);

@@ -60,6 +60,7 @@ from r4t_fast.diffusion.samplers import (
     sampler_sigmas,
 )
 from r4t_fast.kernels import ops
+from r4t_fast.kernels._arrays import all_finite
 from r4t_fast.kernels.sampler_pack import PackedDenoiser
 
 __all__ = ["MAX_GUIDANCE", "MAX_K_RETRIEVE", "MAX_STEPS", "Retriever", "RetrievedSet"]
@@ -152,6 +153,9 @@ class Retriever:
             save); see :meth:`retrieve_embeddings`.
         fused: default of ``retrieve(fused=...)``: None (auto: the fused CPU kernel when it applies),
             True (require it), False (the eager samplers + ``ops.ground_sets``, for comparisons).
+        coarse: the fused kernel's grounding search over an int8 copy of the catalog with an exact
+            re-score (:func:`r4t_fast.ops.knn`'s ``coarse``; built once per catalog, a quarter of its
+            memory): None (auto: where the CPU has AVX-512 VNNI and the search qualifies), False (exact).
 
     Thread safety: :meth:`retrieve` may be called from several threads at once (no per-call state is
     kept on the object; results equal sequential calls).
@@ -173,6 +177,7 @@ class Retriever:
         anchor: float = 0.0,
         pull: float = 0.0,
         fused: bool | None = None,
+        coarse: bool | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
         if model.cfg.dim != catalog.dim:
@@ -195,6 +200,9 @@ class Retriever:
             }
         )
         self.fused = _check_fused(fused)
+        if coarse not in (None, False):
+            raise ValueError(f"coarse: expected None (auto) or False (exact only), got {coarse!r}")
+        self.coarse = coarse
         self.device = ops.check_device(device)
         self.model = model.to(self.device).eval()
         self.edm = EDM(self.model)
@@ -203,6 +211,7 @@ class Retriever:
         self.encoder_spec = encoder_spec
         self._cat_src: torch.Tensor | None = None
         self._cat_on_device: torch.Tensor | None = None
+        self._coarse_of: tuple[torch.Tensor, ops.CoarseCatalog] | None = None
 
     def with_catalog(self, catalog: Catalog) -> Retriever:
         """A retriever with the same model, encoder and defaults grounding on ``catalog`` (same dim)."""
@@ -212,6 +221,7 @@ class Retriever:
             self.encoder,
             encoder_spec=self.encoder_spec,
             fused=self.fused,
+            coarse=self.coarse,
             device=self.device,
             **self.defaults,
         )
@@ -227,6 +237,17 @@ class Retriever:
             dev = emb.to(self.device).contiguous()
             self._cat_src, self._cat_on_device = emb, dev
         return dev
+
+    def _coarse_for(self, cat: torch.Tensor) -> ops.CoarseCatalog | None:
+        """The int8 copy of ``cat`` for the fused grounding search (built once per catalog tensor), or
+        None where it does not apply (``coarse=False``, no AVX-512 VNNI, CUDA)."""
+        if self.coarse is False or cat.is_cuda or not ops.coarse_supported():
+            return None
+        held = self._coarse_of  # one read: another thread may replace it
+        if held is None or held[0] is not cat:
+            held = (cat, ops.coarse_catalog(cat, check_finite=False))
+            self._coarse_of = held
+        return held[1]
 
     # ------------------------------------------------------------------ persistence
     @classmethod
@@ -377,7 +398,7 @@ class Retriever:
             raise ValueError(
                 f"query_emb: expected float32 (B, {cfg.cond_dim}), got {q.dtype} {tuple(q.shape)}"
             )
-        if not bool(torch.isfinite(q).all()):
+        if not all_finite(q):
             raise ValueError("query_emb: contains NaN or inf")
         k = cfg.set_size if k is None else k
         k = check_positive_int(k, "k", upper=MAX_K_RETRIEVE)
@@ -390,7 +411,8 @@ class Retriever:
 
         given = {"steps": steps, "sampler": sampler, "guidance": guidance, "seed": seed, "anchor": anchor}
         given["pull"] = pull
-        o = check_options({**self.defaults, **{key: v for key, v in given.items() if v is not None}})
+        over = {key: v for key, v in given.items() if v is not None}
+        o = check_options({**self.defaults, **over}) if over else self.defaults  # defaults: checked once
         a = o["anchor"]
         n_rows_c = k + (max(1, round(a * k / (1 - a))) if a > 0 else 0)  # k rows + the query's m rows
         if q.shape[0] * n_rows_c * n_candidates > ops.MAX_RESULT_SLOTS:
@@ -417,7 +439,7 @@ class Retriever:
             return []
         n_sets = math.ceil(k / cfg.set_size)
         qd = q.to(self.device)
-        cond = qd.repeat_interleave(n_sets, dim=0)
+        cond = qd if n_sets == 1 else qd.repeat_interleave(n_sets, dim=0)
         sigmas = sampler_sigmas(o["sampler"], o["steps"], cfg)
         kw = dict(sampler=o["sampler"], guidance=o["guidance"], seed=query_seeds(o["seed"], q))
         R = n_sets * cfg.set_size
@@ -444,6 +466,7 @@ class Retriever:
                 anchor=qd.contiguous() if kq else None,  # in the same catalog pass as the rows
                 anchor_k=max(kq, 1),
                 packed=packed,
+                coarse=self._coarse_for(cat),
                 **kw,
             )
             rows = out.rows.reshape(B, R, cfg.dim)
@@ -462,32 +485,35 @@ class Retriever:
                 ids, scores = ids.to(rows.device), scores.to(rows.device)
             else:
                 ids, scores = ops.ground_sets(rows, cat, check_finite=False, allowed=mask)
-        valid = torch.where(ids >= 0, scores, torch.full_like(scores, -math.inf))
         if o["anchor"] > 0:
             q_scores, q_ids = q_found or self._knn(qd, cat, kq, mask, via_index)
+            q_scores, q_ids = q_scores.cpu(), q_ids.cpu()
+        # The selection, in numpy (each torch op costs ~5 us at batch 1; these are (B, R) arrays):
+        ids_n, scores_n, rows_n = ids.cpu().numpy(), scores.cpu().numpy(), rows.cpu().numpy()
+        valid = np.where(ids_n >= 0, scores_n, -np.inf)
+        if o["anchor"] > 0:
             # the query row takes its nearest item; a diffusion row grounded to that item is dropped
-            valid = torch.where(ids == q_ids[:, :1], torch.full_like(valid, -math.inf), valid)
+            valid[ids_n == q_ids.numpy()[:, :1]] = -np.inf
         n_rows = k - 1 if o["anchor"] > 0 else k
         # Keep the best-grounded rows (stable: ties keep row order).
-        order = torch.sort(valid, dim=1, descending=True, stable=True).indices[:, :n_rows]
-        ids = torch.gather(ids, 1, order)
-        scores = torch.gather(scores, 1, order)
-        rows = torch.gather(rows, 1, order[:, :, None].expand(-1, -1, cfg.dim))
+        order = np.argsort(-valid, axis=1, kind="stable")[:, :n_rows]
+        ids_n = np.take_along_axis(ids_n, order, 1)
+        scores_n = np.take_along_axis(scores_n, order, 1)
+        rows_n = np.take_along_axis(rows_n, order[:, :, None], 1)
         if o["anchor"] > 0:
-            ids = torch.cat([q_ids[:, :1], ids], dim=1)
-            scores = torch.cat([q_scores[:, :1], scores], dim=1)
-            rows = torch.cat([qd[:, None, :].to(rows.dtype), rows], dim=1)
+            ids_n = np.concatenate([q_ids.numpy()[:, :1], ids_n], axis=1)
+            scores_n = np.concatenate([q_scores.numpy()[:, :1], scores_n], axis=1)
+            rows_n = np.concatenate([q.cpu().numpy()[:, None, :].astype(rows_n.dtype), rows_n], axis=1)
         cands = None
         if n_candidates:
-            _, cands = self._knn(rows.reshape(-1, cfg.dim).contiguous(), cat, n_candidates, mask, via_index)
-            cands = cands.reshape(B, k, n_candidates)
+            rows_t = torch.from_numpy(rows_n).to(cat.device)
+            _, cands = self._knn(rows_t.reshape(-1, cfg.dim).contiguous(), cat, n_candidates, mask, via_index)
+            cands = cands.cpu().reshape(B, k, n_candidates)
             if m:
-                ranking = torch.full((B, m * n_candidates), -1, dtype=torch.int64, device=q_ids.device)
+                ranking = torch.full((B, m * n_candidates), -1, dtype=torch.int64)
                 ranking[:, : q_ids.shape[1]] = q_ids[:, : m * n_candidates]
                 cands = torch.cat([cands, ranking.reshape(B, n_candidates, m).transpose(1, 2)], dim=1)
-            cands = cands.cpu()
-        ids, scores, rows = ids.cpu(), scores.cpu(), rows.cpu()
-        return self._results(q, ids, scores, rows, cands)
+        return self._results(q, ids_n, scores_n, rows_n, cands)
 
     def _knn(
         self, q: torch.Tensor, cat: torch.Tensor, k: int, mask: torch.Tensor | None, via_index: bool
@@ -500,7 +526,7 @@ class Retriever:
         return s.to(q.device), r.to(q.device)
 
     def _check_rows(self, rows: torch.Tensor, o: dict[str, Any]) -> None:
-        if not bool(torch.isfinite(rows).all()):
+        if not all_finite(rows):
             raise ValueError(
                 f"sampling produced non-finite rows (guidance={o['guidance']!r}, sampler={o['sampler']!r}, "
                 f"steps={o['steps']}); check the model weights and lower the guidance"
@@ -509,9 +535,9 @@ class Retriever:
     def _results(
         self,
         q: torch.Tensor,
-        ids: torch.Tensor,
-        scores: torch.Tensor,
-        rows: torch.Tensor,
+        ids: np.ndarray,
+        scores: np.ndarray,
+        rows: np.ndarray,
         cands: torch.Tensor | None,
     ) -> list[RetrievedSet]:
         cfg = self.model.cfg
@@ -520,22 +546,26 @@ class Retriever:
         # the query lives in another space than the items (cond_dim != dim)
         cos = None
         if cfg.cond_dim == cfg.dim:
-            qn = unit_rows(q.cpu().float())
-            # index_select on the flat ids (cheaper than 2-D advanced indexing: 0.08 vs 0.14 ms at 64 x 10)
-            items = catalog.embeddings.cpu().index_select(0, ids.clamp_min(0).reshape(-1)).float()
+            qn = unit_rows(q.detach().cpu().float().numpy())
+            emb = catalog.embeddings.cpu()
+            flat = ids.clip(0).reshape(-1)
+            if emb.dtype == torch.float32:
+                items = emb.numpy()[flat]
+            else:  # float16 storage: only the chosen rows are widened
+                items = emb.index_select(0, torch.from_numpy(flat)).float().numpy()
             items = items.reshape(*ids.shape, cfg.dim)
-            cos = torch.bmm(items, qn[:, :, None])[:, :, 0]  # einsum's planning cost ~30 us per call
-            cos = torch.where(ids >= 0, cos, torch.full_like(cos, -math.inf))
+            cos = np.matmul(items, qn[:, :, None])[:, :, 0]
+            cos = np.where(ids >= 0, cos, np.float32(-np.inf))
         out = []
         for b in range(ids.shape[0]):
-            idx = ids[b].numpy()
+            idx = ids[b]
             out.append(
                 RetrievedSet(
                     item_indices=idx,
-                    row_embeddings=rows[b].numpy(),
+                    row_embeddings=rows[b],
                     candidates=None if cands is None else cands[b].numpy(),
-                    scores=None if cos is None else cos[b].numpy(),
-                    row_scores=scores[b].numpy(),
+                    scores=None if cos is None else cos[b],
+                    row_scores=scores[b],
                     item_ids=tuple(catalog.ids[i] if i >= 0 else "" for i in idx),
                     texts=tuple(catalog.texts[i] if i >= 0 else "" for i in idx),
                 )

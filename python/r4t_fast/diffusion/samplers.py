@@ -438,13 +438,15 @@ def fused_sample_sets(
     anchor: torch.Tensor | None = None,
     anchor_k: int = 1,
     packed: PackedDenoiser | None = None,
+    coarse: ops.CoarseCatalog | None = None,
 ) -> SampledSets:
     """The whole sampling (and with ``catalog`` the grounding of each ``group`` consecutive sets jointly)
     in one :func:`r4t_fast.ops.sample_sets` call, with the initial and step noise drawn exactly as the
     eager path of :func:`generate_sets` draws them for ``seed`` (a CPU float32 SetDenoiser). ``pull``: the
     rows leave in data space as x + (cond_offset + pull) * cond (the Retriever's query pull).
     ``anchor`` (one query per group) and ``anchor_k``: its nearest items from the same catalog pass.
-    ``packed``: what :func:`fused_packing` returned for this model and ``cond`` (skips the check)."""
+    ``packed``: what :func:`fused_packing` returned for this model and ``cond`` (skips the check).
+    ``coarse``: a :func:`r4t_fast.ops.coarse_catalog` copy of ``catalog`` for the grounding search."""
     if packed is None:
         packed, why = fused_packing(edm, cond)
         if packed is None:
@@ -473,6 +475,7 @@ def fused_sample_sets(
         check_finite=check_finite,
         anchor=anchor,
         anchor_k=anchor_k,
+        coarse=coarse,
     )
 
 

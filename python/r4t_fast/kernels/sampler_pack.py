@@ -15,6 +15,7 @@ This module only duck-types the model (``.cfg`` and ``.state_dict()``): the kern
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ SAMPLER_IDS: dict[str, int] = {
 """Sampler names of ``r4t_fast.diffusion.samplers.SAMPLERS`` -> the kernel's ``SetSampler`` ids."""
 
 _CACHE_ATTR = "_r4t_fast_packed"
+_UIDS = itertools.count(1)  # PackedDenoiser.uid: one per packed buffer, never reused in a process
 
 
 class SampledSets(NamedTuple):
@@ -64,6 +66,9 @@ class PackedDenoiser:
     key: tuple = ()
     sources: tuple[torch.Tensor, ...] = ()  # the model's parameters it was packed from (cache check)
     sources_on_cpu: bool = True  # all of them float32 on the CPU (the fused kernel runs such models only)
+    # Non-zero: unique to this packing's buffer (pack_denoiser), whose contents never change: the kernel
+    # caches per-schedule constants under it. 0 (a hand-made packing): nothing is cached.
+    uid: int = 0
 
     @property
     def set_size(self) -> int:
@@ -152,6 +157,7 @@ def pack_denoiser(model: Any, *, cache: bool = True) -> PackedDenoiser:
         key=_key(cfg, tuple(sources)),
         sources=tuple(sources),
         sources_on_cpu=all(t.device.type == "cpu" for t in sources),
+        uid=next(_UIDS),
     )
     if cache:
         model.__dict__[_CACHE_ATTR] = packed
