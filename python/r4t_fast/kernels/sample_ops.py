@@ -23,8 +23,7 @@ from r4t_fast.kernels._arrays import (
     describe,
     to_library,
 )
-from r4t_fast.kernels.coarse import CoarseCatalog, _coarse
-from r4t_fast.kernels.ops import (
+from r4t_fast.kernels._rules import (
     _F32,
     _allowed,
     _catalog,
@@ -32,6 +31,7 @@ from r4t_fast.kernels.ops import (
     _metric,
     _threads,
 )
+from r4t_fast.kernels.coarse import CoarseCatalog, _coarse
 from r4t_fast.kernels.sampler_pack import SAMPLER_IDS, PackedDenoiser, SampledSets
 
 __all__ = ["sample_sets", "SampledSets"]
