@@ -37,6 +37,23 @@ inline int max_threads(int requested) {
 #endif
 }
 
+// This thread's number in the current OpenMP team, and the team's size (0 and 1 outside a region, or
+// without OpenMP).
+inline int thread_num() {
+#if defined(R4T_WITH_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+inline int team_size() {
+#if defined(R4T_WITH_OPENMP)
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
 // Keeps exceptions inside OpenMP regions (an exception escaping a parallel region terminates the
 // process): run(f) calls f and stores the first exception thrown by any thread; rethrow() re-raises it on
 // the calling thread after the region.

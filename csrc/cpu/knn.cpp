@@ -282,13 +282,8 @@ void knn_cpu(const KnnParams& p) {
   check(p.N == 0 || p.catalog != nullptr, "knn: catalog is null");
   const int64_t B = p.B, N = p.N, d = p.d, k = p.k, keff = plan.keff;
   const bool l2 = p.metric == Metric::L2;
-  const float sentinel_score =
-      l2 ? std::numeric_limits<float>::infinity() : -std::numeric_limits<float>::infinity();
   if (keff == 0) {  // nothing to search (every row filtered out)
-    for (int64_t i = 0; i < B * k; ++i) {
-      p.out_ids[i] = -1;
-      p.out_scores[i] = sentinel_score;
-    }
+    for (int64_t i = 0; i < B; ++i) knn_detail::write_result(nullptr, 0, k, l2, p.out_scores + i * k, p.out_ids + i * k);
     return;
   }
   if (plan.coarse) {
@@ -392,11 +387,7 @@ void knn_cpu(const KnnParams& p) {
 #pragma omp parallel num_threads(T) if (T > 1)
 #endif
     {
-#if defined(R4T_WITH_OPENMP)
-      const int tid = omp_get_thread_num();
-#else
-      const int tid = 0;
-#endif
+      const int tid = thread_num();
       const Slice& S = slices[static_cast<size_t>(tid)];
       if (S.n0 < S.n1) I.worker(J, S);
     }
@@ -406,27 +397,13 @@ void knn_cpu(const KnnParams& p) {
 #pragma omp parallel for num_threads(merge_threads) schedule(static) if (nq * T * keff > (1 << 16))
 #endif
     for (int64_t i = 0; i < nq; ++i) {
-#if defined(R4T_WITH_OPENMP)
-      Entry* all = merge.data() + static_cast<size_t>(omp_get_thread_num()) * T * keff;
-#else
-      Entry* all = merge.data();
-#endif
+      Entry* all = merge.data() + static_cast<size_t>(thread_num()) * T * keff;
       for (int t = 0; t < T; ++t) {
         const Entry* h = slices[static_cast<size_t>(t)].heaps + i * keff;
         std::copy(h, h + keff, all + t * keff);
       }
       std::partial_sort(all, all + keff, all + T * keff, knn_detail::better);
-      float* os = p.out_scores + (qc0 + i) * k;
-      int64_t* oi = p.out_ids + (qc0 + i) * k;
-      for (int64_t j = 0; j < keff; ++j) {
-        const Entry& e = all[j];
-        oi[j] = e.id;
-        os[j] = e.id < 0 ? sentinel_score : (l2 ? -e.key : e.key);
-      }
-      for (int64_t j = keff; j < k; ++j) {
-        oi[j] = -1;
-        os[j] = sentinel_score;
-      }
+      knn_detail::write_result(all, keff, k, l2, p.out_scores + (qc0 + i) * k, p.out_ids + (qc0 + i) * k);
     }
   }
 }
@@ -490,11 +467,7 @@ double cpu_peak_flops(int num_threads, double seconds) {
 #pragma omp parallel num_threads(T)
 #endif
   {
-#if defined(R4T_WITH_OPENMP)
-    const size_t t = static_cast<size_t>(omp_get_thread_num());
-#else
-    const size_t t = 0;
-#endif
+    const size_t t = static_cast<size_t>(thread_num());
     const double t0 = thread_cpu_seconds();
     const double v = I.fma_loop(iters);
     const double dt = thread_cpu_seconds() - t0;

@@ -99,11 +99,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void scan(
   const __m512 vs = _mm512_loadu_ps(scale);
   int64_t r = n0;
   for (; r + kRows <= n1; r += kRows) {
-    const uint8_t* row = cat + r * cs;
     // Eight named accumulators updated in place (with the intrinsic, GCC 12 copied every accumulator
     // to another register once per step: 16 extra moves per 8 multiplies).
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    const uint8_t* rp = row;
+    const uint8_t* rp = cat + r * cs;
     for (int64_t p = 0; p < d4; ++p, rp += 4) {
       const __m512i qv = _mm512_loadu_si512(qT + p * kLanes);
 #define R4T_BC(i) _mm512_set1_epi32(load_word(rp + (i) * cs))
@@ -125,13 +124,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void scan(
     }
   }
   for (; r < n1; ++r) {
-    const uint8_t* row = cat + r * cs;
+    const uint8_t* rp = cat + r * cs;
     __m512i acc = _mm512_setzero_si512();
-    for (int64_t p = 0; p < d4; ++p) {
-      int32_t w;
-      std::memcpy(&w, row + 4 * p, 4);
-      acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(w), _mm512_loadu_si512(qT + p * kLanes));
-    }
+    for (int64_t p = 0; p < d4; ++p) dpbusd(acc, _mm512_set1_epi32(load_word(rp + 4 * p)), _mm512_loadu_si512(qT + p * kLanes));
     admit(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, vc)), vs), thr, heaps, kc, nq, r, allowed);
   }
 }
@@ -216,11 +211,7 @@ void knn_cpu_coarse(const KnnParams& p, const KnnPlan& plan) {
 #pragma omp parallel num_threads(T) if (T > 1)
 #endif
   {
-#if defined(R4T_WITH_OPENMP)
-    const int t = omp_get_thread_num();
-#else
-    const int t = 0;
-#endif
+    const int t = thread_num();
     const int64_t n0 = std::min(N, t * per), n1 = std::min(N, n0 + per);
     if (n0 < n1) {
       scan(p.coarse, p.coarse_stride, n0, n1, reinterpret_cast<const int32_t*>(qT.data()), d4,
@@ -251,16 +242,7 @@ void knn_cpu_coarse(const KnnParams& p, const KnnPlan& plan) {
       for (int64_t j = 0; j < n; ++j) mine[j].key = row_dot(p, qv, mine[j].id);
       const int64_t m = std::min(keff, n);
       std::partial_sort(mine, mine + m, mine + n, knn_detail::better);
-      float* os = p.out_scores + q * k;
-      int64_t* oi = p.out_ids + q * k;
-      for (int64_t j = 0; j < m; ++j) {
-        oi[j] = mine[j].id;
-        os[j] = mine[j].key;
-      }
-      for (int64_t j = m; j < k; ++j) {
-        oi[j] = -1;
-        os[j] = -inf;
-      }
+      knn_detail::write_result(mine, m, k, false, p.out_scores + q * k, p.out_ids + q * k);
     }
   }
 #else

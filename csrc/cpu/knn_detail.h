@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "common.h"
 
@@ -46,6 +47,20 @@ R4T_INLINE float heap_offer(Entry* h, int64_t k, float key, int64_t id) {
   }
   h[i] = e;
   return h[0].key;
+}
+
+// One query's result row: entries e[0..m) best first (an id -1 entry is a sentinel; L2 keys are negated
+// distances and are written back as distances), then sentinels up to k (id -1, score -inf IP / +inf L2).
+R4T_INLINE void write_result(const Entry* e, int64_t m, int64_t k, bool l2, float* os, int64_t* oi) {
+  const float sentinel = l2 ? std::numeric_limits<float>::infinity() : -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < m; ++j) {
+    oi[j] = e[j].id;
+    os[j] = e[j].id < 0 ? sentinel : (l2 ? -e[j].key : e[j].key);
+  }
+  for (int64_t j = m; j < k; ++j) {
+    oi[j] = -1;
+    os[j] = sentinel;
+  }
 }
 
 // Up to `want` allowed row ids from [cur, end) into ids (ascending; ids may be nullptr to only skip

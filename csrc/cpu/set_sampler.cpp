@@ -478,11 +478,7 @@ const char* sample_sets_cpu(const SampleSetsParams& p) {
 #pragma omp parallel num_threads(region_threads) if (region_threads > 1)
 #endif
   {
-#if defined(R4T_WITH_OPENMP)
-    const int tid = omp_get_thread_num(), got = omp_get_num_threads();
-#else
-    const int tid = 0, got = 1;
-#endif
+    const int tid = thread_num(), got = team_size();
     // OpenMP may start fewer threads than asked (OMP_DYNAMIC, thread limits): mode 1 deals the teams
     // round-robin; mode 2 runs the team with the threads it got (the barrier counts them).
     // Chunks of at most kChunkSets sets bound the scratch (and keep a chunk's activations near L2).
