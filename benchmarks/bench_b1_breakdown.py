@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,17 +30,7 @@ from r4t_fast import _threads  # noqa: E402
 _threads.configure(int(os.environ.get("R4T_B1_THREADS", "1")))  # before torch starts its pool
 import torch  # noqa: E402
 
-from _harness import environment, write_results  # noqa: E402
-
-
-def _ms(fn, n: int) -> float:
-    fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(ts))
+from _harness import environment, median_ms, write_results  # noqa: E402
 
 
 def main() -> int:
@@ -81,32 +70,34 @@ def main() -> int:
     rows = fused_sample_sets(r.edm, q, sig, **kw).rows.contiguous()  # the model's own rows for the query
     n = args.repeat
     parts = {
-        "dense kNN (B = 1, k = 10)": _ms(lambda: ops.knn(q, cat, 10, check_finite=False), n),
-        f"ops.knn of the set's rows (B = {cfg.set_size})": _ms(
+        "dense kNN (B = 1, k = 10)": median_ms(lambda: ops.knn(q, cat, 10, check_finite=False), n),
+        f"ops.knn of the set's rows (B = {cfg.set_size})": median_ms(
             lambda: ops.knn(rows[0].contiguous(), cat, cfg.set_size, check_finite=False), n
         ),
-        f"ops.knn of the set's rows + the anchor (B = {cfg.set_size + 1}, one pass)": _ms(
+        f"ops.knn of the set's rows + the anchor (B = {cfg.set_size + 1}, one pass)": median_ms(
             lambda: ops.knn(torch.cat([rows[0], q]).contiguous(), cat, cfg.set_size, check_finite=False), n
         ),
-        "ops.ground_sets of one set": _ms(
+        "ops.ground_sets of one set": median_ms(
             lambda: ops.ground_sets(rows.contiguous(), cat, check_finite=False), n
         ),
-        "fused sampling, no grounding": _ms(lambda: fused_sample_sets(r.edm, q, sig, **kw), n),
-        "fused sampling + grounding (one call)": _ms(
+        "fused sampling, no grounding": median_ms(lambda: fused_sample_sets(r.edm, q, sig, **kw), n),
+        "fused sampling + grounding (one call)": median_ms(
             lambda: fused_sample_sets(r.edm, q, sig, catalog=cat, **kw), n
         ),
-        "fused sampling + grounding, then the anchor's own ops.knn pass (before issue 20)": _ms(
+        "fused sampling + grounding, then the anchor's own ops.knn pass (before issue 20)": median_ms(
             lambda: (
                 fused_sample_sets(r.edm, q, sig, catalog=cat, **kw),
                 ops.knn(q, cat, 1, check_finite=False),
             ),
             n,
         ),
-        "fused sampling + grounding + anchor (one call)": _ms(
+        "fused sampling + grounding + anchor (one call)": median_ms(
             lambda: fused_sample_sets(r.edm, q, sig, catalog=cat, anchor=q, anchor_k=1, **kw), n
         ),
-        "retrieve_embeddings, anchor 0": _ms(lambda: r.retrieve_embeddings(q, anchor=0.0, fused=True), n),
-        f"retrieve_embeddings, anchor {d['anchor']:g} (the default)": _ms(
+        "retrieve_embeddings, anchor 0": median_ms(
+            lambda: r.retrieve_embeddings(q, anchor=0.0, fused=True), n
+        ),
+        f"retrieve_embeddings, anchor {d['anchor']:g} (the default)": median_ms(
             lambda: r.retrieve_embeddings(q, fused=True), n
         ),
     }

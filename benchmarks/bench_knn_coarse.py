@@ -17,25 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import environment, write_results  # noqa: E402
-
-
-def _median_ms(f, calls: int) -> float:
-    for _ in range(5):
-        f()
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return 1000.0 * float(np.median(ts))
+from _harness import environment, median_ms, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -89,14 +77,16 @@ def main() -> None:
     per = {"knn_exact": [], "knn_coarse": [], "r4t_exact": [], "r4t_coarse": []}
     q1 = q[:1].contiguous()
     for _ in range(args.rounds):
-        per["knn_exact"].append(_median_ms(lambda: ops.knn(rows0, cat, k, check_finite=False), args.calls))
+        per["knn_exact"].append(
+            median_ms(lambda: ops.knn(rows0, cat, k, check_finite=False), args.calls, warmup=5)
+        )
         per["knn_coarse"].append(
-            _median_ms(lambda: ops.knn(rows0, cat, k, check_finite=False, coarse=cc), args.calls)
+            median_ms(lambda: ops.knn(rows0, cat, k, check_finite=False, coarse=cc), args.calls, warmup=5)
         )
         r.coarse = False
-        per["r4t_exact"].append(_median_ms(lambda: r.retrieve_embeddings(q1, k), args.calls))
+        per["r4t_exact"].append(median_ms(lambda: r.retrieve_embeddings(q1, k), args.calls, warmup=5))
         r.coarse = None
-        per["r4t_coarse"].append(_median_ms(lambda: r.retrieve_embeddings(q1, k), args.calls))
+        per["r4t_coarse"].append(median_ms(lambda: r.retrieve_embeddings(q1, k), args.calls, warmup=5))
     med = {key: float(np.median(v)) for key, v in per.items()}
     print({key: round(v, 3) for key, v in med.items()})
 

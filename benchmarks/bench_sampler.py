@@ -320,21 +320,35 @@ def run_end_to_end(methods: dict[str, Any], texts: list[str], quick: bool = Fals
     use): from query text to items (every method) and from query embeddings (the non-LLM methods), on the
     same query texts; the diffusion retriever's sample / ground split; FOLM vs zero-shot tokens/s.
     ``quick``: batches 1 and 8 (LLM: 8), 3 calls each (a smoke run, not the record)."""
-    from r4t_fast.eval.latency import diffusion_breakdown, embedding_latency, measure_latency
+    from r4t_fast.eval.latency import (
+        diffusion_breakdown,
+        embedding_latency,
+        measure_latency,
+        measure_latency_interleaved,
+    )
 
     text: dict[str, Any] = {}
     emb: dict[str, Any] = {}
     every = (1, 8) if quick else BATCHES
     for name, m in methods.items():
-        llm = name in LLM_METHODS
-        batches = (8,) if llm and quick else (8, 64) if llm else every
-        calls = 3 if quick else LLM_CALLS if llm else E2E_CALLS
+        if name in LLM_METHODS:
+            continue
         t0 = time.perf_counter()
-        _, text[name] = measure_latency(m, texts, K, batches, calls)
-        if not llm:
-            _, emb[name] = embedding_latency(m, texts, K, every, calls)
-        med = ", ".join(f"B={b}: {text[name][str(b)]['median']:.3g}" for b in batches)
+        calls = 3 if quick else E2E_CALLS
+        _, text[name] = measure_latency(m, texts, K, every, calls)
+        _, emb[name] = embedding_latency(m, texts, K, every, calls)
+        med = ", ".join(f"B={b}: {text[name][str(b)]['median']:.3g}" for b in every)
         print(f"{name:14s} ms/query from text {med} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    llms = {n: m for n, m in methods.items() if n in LLM_METHODS}
+    if llms:  # seconds per call: interleaved call by call, so the machine's drift falls on each alike
+        t0 = time.perf_counter()
+        batches = (8,) if quick else (8, 64)
+        got = measure_latency_interleaved(llms, texts, K, batches, 3 if quick else LLM_CALLS)
+        for name, (_, det) in got.items():
+            text[name] = det
+            med = ", ".join(f"B={b}: {det[str(b)]['median']:.3g}" for b in batches)
+            print(f"{name:14s} ms/query from text {med}", flush=True)
+        print(f"LLM methods interleaved: {time.perf_counter() - t0:.0f} s", flush=True)
     out: dict[str, Any] = {"text": text, "embeddings": emb, "batches": list(every), "quick": quick}
     out["calls"] = {"llm": 3 if quick else LLM_CALLS, "other": 3 if quick else E2E_CALLS}
     r4t = methods["r4t-diffusion"]
@@ -365,12 +379,14 @@ def e2e_markdown(env: dict, setup: dict, e2e: dict[str, Any]) -> str:
         "",
         "Protocol (`r4t_fast.eval.latency.measure_latency`, the one `r4t eval` and the pipeline use): per "
         "batch size one untimed warm-up call of `retrieve(batch, k=10)`, then timed calls "
-        f"({e2e['calls']['other']} for dense / MMR / DPP / R4T-Diffusion, {e2e['calls']['llm']} for the LLM "
-        "methods); median "
-        "ms per query (p25–p75 over the calls). Parts (ms per query, medians): e = text encoder (the "
-        "queries; an LLM method's subqueries too), g = the policy's generate, r = the rest (search, "
-        "sampling, grounding, assembling the results). Ratios: two significant figures, the spread from "
-        "the p25/p75 of both sides.",
+        f"({e2e['calls']['other']} for dense / MMR / DPP / R4T-Diffusion, each method's calls in one block: "
+        f"its steady state, its own data warm in the caches; {e2e['calls']['llm']} for the LLM methods, "
+        "interleaved call by call — zero-shot, best-of-N, FOLM, zero-shot, … on the same batches "
+        "(`measure_latency_interleaved`) — so the machine's drift over their minutes falls on each "
+        "alike); median ms per query (p25–p75 over the calls). Parts (ms per query, medians): e = text "
+        "encoder (the queries; an LLM method's subqueries too), g = the policy's generate, r = the rest "
+        "(search, sampling, grounding, assembling the results). Ratios: two significant figures, the spread "
+        "from the p25/p75 of both sides.",
         "",
         "## From query text (× = ÷ R4T-Diffusion)",
         "",

@@ -13,6 +13,7 @@ from r4t_fast.eval.latency import (
     format_ratio,
     latency_table,
     measure_latency,
+    measure_latency_interleaved,
     sig2,
     tokens_per_s_agreement,
 )
@@ -81,6 +82,36 @@ def test_parts_split_a_call() -> None:
     assert p["tokens_per_s"] == pytest.approx(40 / 0.02)
     assert p["positions_per_s"] == pytest.approx(60 / 0.02)
     assert det["2"]["calls"] == 2
+
+
+def test_interleaved_calls_alternate_on_the_same_batches() -> None:
+    log: list[tuple[str, tuple[str, ...], int]] = []
+
+    class Logged(FakeLLM):
+        def __init__(self, name: str, gen_s: float) -> None:
+            super().__init__(gen_s)
+            self.name = name
+
+        def retrieve(self, texts, k, *, n_candidates: int = 0):
+            log.append((self.name, tuple(texts), self.batch_size))
+            return super().retrieve(texts, k)
+
+    a, b = Logged("a", 0.002), Logged("b", 0.006)
+    out = measure_latency_interleaved({"a": a, "b": b}, ["x", "y", "z"], 5, (2,), calls=3)
+    # warm-ups first, then a1 b1 a2 b2 a3 b3, each pair on the same batch, at generation batch 2
+    assert [n for n, _, _ in log] == ["a", "b"] * 4
+    assert all(log[i][1] == log[i + 1][1] and log[i][2] == 2 for i in range(0, 8, 2))
+    assert a.batch_size == 1 and b.batch_size == 1  # restored
+    assert out["a"][1]["2"]["calls"] == 3 and out["b"][1]["2"]["calls"] == 3
+    assert out["b"][0]["2"] > out["a"][0]["2"]
+    assert out["a"][1]["2"]["parts_ms"]["tokens_per_s"] == pytest.approx(40 / 0.002)
+    # prior times per method count towards the calls and replace that method's warm-up
+    log.clear()
+    out = measure_latency_interleaved(
+        {"a": a, "b": b}, ["x"], 5, (2,), calls=2, prior_times={"a": {2: [1.0]}}
+    )
+    assert [n for n, _, _ in log] == ["b", "a", "b", "b"]
+    assert out["a"][1]["2"]["reused_calls"] == 1 and out["a"][1]["2"]["calls"] == 2
 
 
 def test_embedding_latency_skips_the_encoder() -> None:

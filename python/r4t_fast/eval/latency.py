@@ -29,6 +29,7 @@ __all__ = [
     "embedding_latency",
     "latency_record",
     "measure_latency",
+    "measure_latency_interleaved",
 ]
 
 DEFAULT_LATENCY_BATCHES = (1, 8, 64)
@@ -180,61 +181,109 @@ def measure_latency(
         with ``tokens_per_s`` and ``positions_per_s``: decoded positions, padding included) and in the
         rest (``rest``: search / sampling, grounding, assembling).
     """
-    cycle = _Cycle(queries)
-    prior = {int(b): list(v) for b, v in (prior_times or {}).items()}
+    prior = {"_": prior_times} if prior_times else None
+    out = measure_latency_interleaved({"_": retriever}, queries, k, batch_sizes, calls, prior_times=prior)
+    return out["_"]
+
+
+def measure_latency_interleaved(
+    retrievers: dict[str, Any],
+    queries: Sequence[str],
+    k: int,
+    batch_sizes: Sequence[int] = DEFAULT_LATENCY_BATCHES,
+    calls: int | dict[int, int] | None = None,
+    *,
+    prior_times: dict[str, dict[int, list[float]]] | None = None,
+) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
+    """:func:`measure_latency` for several retrievers at once, their timed calls interleaved: at each
+    batch size every retriever makes its warm-up call, then timed call ``i`` of every retriever (in the
+    dict's order, each on the same batch of queries) comes before call ``i + 1`` of any. For methods
+    whose calls take seconds (the LLM fan-outs), so that the machine's drift over the minutes they take
+    falls on each alike; ``{name: measure_latency's (ms, detail)}``. ``prior_times``: ``{name: {batch:
+    [seconds, ...]}}``, as :func:`measure_latency`'s."""
+    names = list(retrievers)
+    cycles = {n: _Cycle(queries) for n in names}
+    prior = {n: {int(b): list(v) for b, v in ((prior_times or {}).get(n) or {}).items()} for n in names}
+    ms: dict[str, dict[str, float]] = {n: {} for n in names}
+    detail: dict[str, dict[str, Any]] = {n: {} for n in names}
+    with contextlib.ExitStack() as stack:
+        timers = {n: stack.enter_context(_timed(retrievers[n])) for n in names}
+        for b in (int(x) for x in batch_sizes):
+            n_calls = _calls(calls, b)
+            times = {n: list(prior[n].get(b, [])) for n in names}
+            parts: dict[str, list[tuple[float, ...]]] = {n: [] for n in names}
+            for n in names:
+                _set_batch(retrievers[n], b)
+                if len(times[n]) < n_calls and not times[n]:
+                    retrievers[n].retrieve(cycles[n].take(b), k)  # warm-up
+            while any(len(times[n]) < n_calls for n in names):
+                for n in names:
+                    if len(times[n]) < n_calls:
+                        t, part = _timed_call(retrievers[n], timers[n], cycles[n].take(b), k)
+                        times[n].append(t)
+                        parts[n].append(part)
+            for n in names:
+                ms[n][str(b)], detail[n][str(b)] = _summary(times[n], parts[n], b, len(prior[n].get(b, [])))
+    return {n: (ms[n], detail[n]) for n in names}
+
+
+@contextlib.contextmanager
+def _timed(retriever: Any) -> Iterator[TimedEncoder | None]:
+    """The retriever with its encoder behind a :class:`TimedEncoder` (None: it has none) and its
+    ``batch_size`` (when an int) restored after."""
     had_bs = isinstance(getattr(retriever, "batch_size", None), int)
     old_bs = retriever.batch_size if had_bs else None
     has_enc = getattr(retriever, "encoder", None) is not None
     timer = TimedEncoder(retriever.encoder) if has_enc else None
-    ms: dict[str, float] = {}
-    detail: dict[str, Any] = {}
-    with swapped_encoder(retriever, timer) if has_enc else contextlib.nullcontext():
-        try:
-            for b in (int(x) for x in batch_sizes):
-                n_calls = _calls(calls, b)
-                if had_bs:
-                    retriever.batch_size = b
-                times = list(prior.get(b, []))
-                if len(times) < n_calls and not times:
-                    retriever.retrieve(cycle.take(b), k)  # warm-up
-                parts: list[tuple[float, float, float, float, float]] = []
-                while len(times) < n_calls:
-                    batch = cycle.take(b)
-                    e0 = timer.seconds if timer else 0.0
-                    g0, tok0, pos0 = _llm_counters(retriever)
-                    t0 = time.perf_counter()
-                    retriever.retrieve(batch, k)
-                    _sync(getattr(retriever, "device", "cpu"))
-                    t = time.perf_counter() - t0
-                    times.append(t)
-                    g1, tok1, pos1 = _llm_counters(retriever)
-                    enc = (timer.seconds - e0) if timer else 0.0
-                    parts.append((enc, g1 - g0, t - enc - (g1 - g0), tok1 - tok0, pos1 - pos0))
-                per_query = [1000.0 * t / b for t in times]
-                sp = _spread(per_query)
-                ms[str(b)] = sp["median"]
-                detail[str(b)] = {
-                    "calls": len(times),
-                    "queries": len(times) * b,
-                    "batch_ms": [round(1000.0 * t, 3) for t in times],
-                    **sp,
-                }
-                if parts:
-                    arr = np.asarray(parts)
-                    med = np.median(arr[:, :3], axis=0) * 1000.0 / b
-                    pm: dict[str, float] = {"encode": float(med[0]), "rest": float(med[2])}
-                    if arr[:, 1].sum() > 0:
-                        pm["generate"] = float(med[1])
-                        pm["tokens_per_s"] = float(arr[:, 3].sum() / arr[:, 1].sum())
-                        if arr[:, 4].sum() > 0:
-                            pm["positions_per_s"] = float(arr[:, 4].sum() / arr[:, 1].sum())
-                    detail[str(b)]["parts_ms"] = pm
-                if prior.get(b):
-                    detail[str(b)]["reused_calls"] = len(prior[b])
-        finally:
-            if had_bs:
-                retriever.batch_size = old_bs
-    return ms, detail
+    try:
+        with swapped_encoder(retriever, timer) if has_enc else contextlib.nullcontext():
+            yield timer
+    finally:
+        if had_bs:
+            retriever.batch_size = old_bs
+
+
+def _set_batch(retriever: Any, b: int) -> None:
+    if isinstance(getattr(retriever, "batch_size", None), int):
+        retriever.batch_size = b
+
+
+def _timed_call(retriever: Any, timer: TimedEncoder | None, batch: list[str], k: int) -> tuple[float, tuple]:
+    """One timed ``retrieve(batch, k)``: (seconds, (encode s, generate s, rest s, tokens, positions))."""
+    e0 = timer.seconds if timer else 0.0
+    g0, tok0, pos0 = _llm_counters(retriever)
+    t0 = time.perf_counter()
+    retriever.retrieve(batch, k)
+    _sync(getattr(retriever, "device", "cpu"))
+    t = time.perf_counter() - t0
+    g1, tok1, pos1 = _llm_counters(retriever)
+    enc = (timer.seconds - e0) if timer else 0.0
+    return t, (enc, g1 - g0, t - enc - (g1 - g0), tok1 - tok0, pos1 - pos0)
+
+
+def _summary(times: list[float], parts: list[tuple], b: int, reused: int) -> tuple[float, dict[str, Any]]:
+    """(median ms per query, measure_latency's detail for one batch size)."""
+    per_query = [1000.0 * t / b for t in times]
+    sp = _spread(per_query)
+    out: dict[str, Any] = {
+        "calls": len(times),
+        "queries": len(times) * b,
+        "batch_ms": [round(1000.0 * t, 3) for t in times],
+        **sp,
+    }
+    if parts:
+        arr = np.asarray(parts)
+        med = np.median(arr[:, :3], axis=0) * 1000.0 / b
+        pm: dict[str, float] = {"encode": float(med[0]), "rest": float(med[2])}
+        if arr[:, 1].sum() > 0:
+            pm["generate"] = float(med[1])
+            pm["tokens_per_s"] = float(arr[:, 3].sum() / arr[:, 1].sum())
+            if arr[:, 4].sum() > 0:
+                pm["positions_per_s"] = float(arr[:, 4].sum() / arr[:, 1].sum())
+        out["parts_ms"] = pm
+    if reused:
+        out["reused_calls"] = reused
+    return sp["median"], out
 
 
 def embedding_latency(
