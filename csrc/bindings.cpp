@@ -150,6 +150,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
     d["simd"] = std::string(cpu_simd_level());
     d["knn_int8"] = cpu_has_vnni();
+    d["sampler_bf16"] = std::string(sampler_bf16_native() ? "avx512_bf16" : "emulated");
     py::list clones;
     for (const auto& c : cpu_simd_clones()) clones.append(c);
     d["simd_clones"] = clones;
@@ -228,6 +229,11 @@ PYBIND11_MODULE(_C, m) {
       for (const auto& s : src) ptrs.push_back(ptr<const float>(s.cast<uintptr_t>()));
       R4T_NOGIL(set_denoiser_pack(d, ptrs.data(), static_cast<int64_t>(ptrs.size()), ptr<float>(out), out_size));
     });
+    m.def("sampler_linear_cpu", [](uintptr_t x, int64_t M, int64_t K, uintptr_t w, int64_t N, uintptr_t b,
+                                   uintptr_t y, int precision) {
+      R4T_NOGIL(sampler_linear_cpu(ptr<const float>(x), M, K, ptr<const float>(w), N, ptr<const float>(b),
+                                   ptr<float>(y), precision));
+    });
     m.def("sample_sets_cpu", [dims_of](const py::sequence& dims, uintptr_t packed, int64_t packed_size,
                                        double sigma_data, double sigma_min, double cond_offset, uintptr_t cond,
                                        uintptr_t x_init, uintptr_t sigmas, int64_t n_sigmas, int sampler,
@@ -237,7 +243,7 @@ PYBIND11_MODULE(_C, m) {
                                        uintptr_t out_scores, int threads, int mode, uintptr_t anchor,
                                        int64_t anchor_k, uintptr_t anchor_ids, uintptr_t anchor_scores,
                                        uintptr_t coarse, int64_t coarse_stride, float coarse_scale,
-                                       int64_t cache_id) {
+                                       int64_t cache_id, int precision) {
       SampleSetsParams p;
       p.dims = dims_of(dims);
       p.packed = ptr<const float>(packed);
@@ -274,6 +280,7 @@ PYBIND11_MODULE(_C, m) {
       p.coarse_stride = coarse_stride;
       p.coarse_scale = coarse_scale;
       p.cache_id = cache_id;
+      p.precision = precision;
       const char* isa = nullptr;
       R4T_NOGIL(isa = sample_sets_cpu(p));
       return std::string(isa);

@@ -28,6 +28,11 @@ std::vector<SetDenoiserParamSpec> set_denoiser_param_specs(const SetDenoiserDims
 int64_t set_denoiser_packed_size(const SetDenoiserDims& d);
 void set_denoiser_pack(const SetDenoiserDims& d, const float* const* src, int64_t n_src, float* out, int64_t out_size);
 const char* sample_sets_cpu(const SampleSetsParams& p);
+bool sampler_bf16_native();  // precision bf16 runs on AVX512-BF16 here (else the float32-tile emulation)
+// One nn.Linear (x (M, K) row-major, w (N, K), b (N)) through the fused sampler's GEMM at `precision`
+// (SampleSetsParams::precision): y (M, N). The GEMM's test hook (ops.sampler_linear).
+void sampler_linear_cpu(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* b, float* y,
+                        int precision);
 
 #if defined(R4T_WITH_CUDA)
 void knn_cuda(const KnnParams& p);

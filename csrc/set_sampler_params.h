@@ -105,6 +105,12 @@ struct SampleSetsParams {
   int64_t cache_id = 0;
   int num_threads = 0;
   int mode = 0;
+  // 0: float32 GEMMs. 1: bf16 -- the GEMMs of the forward pass (inp, cond_proj, every block's Linears,
+  // out; not the noise-level MLP and ada) read their inputs and weights rounded to bfloat16 (RNE) and
+  // accumulate in float32: AVX512-BF16 where the CPU has it (and the x86-64-v4 clone runs), else the
+  // same rounding on the float32 tiles (sums in another order). 2: bf16, always the float32-tile
+  // emulation (for comparisons).
+  int precision = 0;
 };
 
 }  // namespace r4t

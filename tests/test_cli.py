@@ -92,6 +92,9 @@ def test_retrieve_bad_arguments_on_a_real_model(tiny_world, capsys, extra, named
     assert cli.main(["retrieve", "--model", model, "--query", "red outfit", "-k", "2", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert len(got) == 1 and len(got[0]["item_ids"]) == 2
+    argv = ["retrieve", "--model", model, "--query", "red outfit", "-k", "2", "--json", "--precision", "bf16"]
+    assert cli.main(argv) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["item_ids"]) == 2
 
 
 @pytest.mark.parametrize("command", ["synthesize", "pipeline", "train-rl"])

@@ -41,13 +41,19 @@ def test_choice_follows_the_rule_and_is_applied(setup) -> None:
         progress=False,
     )
     rows = res["rows"]
-    assert len(rows) == 4 + 2  # four quality settings at the reference, then the rest of the grid
+    # four quality settings at the reference, the rest of the grid, then bf16 at the chosen point
+    assert len(rows) == 4 + 2 + 1
     assert {(x["anchor"], x["pull"]) for x in rows[:4]} == {(a, p) for a in (0.0, 0.3) for p in (0.0, 0.5)}
+    assert all(x["precision"] == "fp32" for x in rows[:6]) and rows[6]["precision"] == "bf16"
     ref = res["reference"]
     assert ref["recall_at_fair"] == max(x["recall_at_fair"] for x in rows[:4])
     assert all(x["pull"] == ref["pull"] for x in rows[4:])
-    # tolerance 0: every grid point qualifies, so the fewest network evaluations wins
+    # tolerance 0: every grid point qualifies, so the fewest network evaluations wins, then bf16
     assert res["chosen"]["sampler"] == "euler" and res["chosen"]["steps"] == 1
+    assert {k: rows[6][k] for k in ("sampler", "steps", "anchor", "pull")} == {
+        k: res["chosen"][k] for k in ("sampler", "steps", "anchor", "pull")
+    }
+    assert res["chosen"]["precision"] == "bf16" and "precision bf16" in res["rule"]
     assert res["chosen"]["anchor"] == ref["anchor"]
     assert {k: r.defaults[k] for k in res["chosen"]} == res["chosen"]
     assert all(x["nfe"] == nfe(x["sampler"], x["steps"]) for x in rows)
@@ -97,6 +103,8 @@ def test_bad_arguments(setup) -> None:
         select_retrieval_settings(r, data, tolerance=(1.5, 1.0, 1.0), progress=False)
     with pytest.raises(ValueError, match="grid"):
         select_retrieval_settings(r, data, grid=(), progress=False)
+    with pytest.raises(ValueError, match="precisions"):
+        select_retrieval_settings(r, data, precisions=("fp32", "fp16"), progress=False)
 
 
 def test_defaults_restored_when_scoring_fails(setup) -> None:
@@ -124,6 +132,7 @@ def test_select_distilled_follows_the_rule(setup) -> None:
         "guidance": 0.0,
         "anchor": 0.3,
         "pull": 0.0,
+        "precision": "fp32",
     }
     assert {k: r.defaults[k] for k in res["chosen"]} == res["chosen"]
     assert all(x["n_queries"] == ref["n_queries"] and x["nfe"] == x["steps"] for x in res["rows"])

@@ -40,6 +40,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define R4T_SS_X86 1
+#include <immintrin.h>
 #endif
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector types only cross always_inline boundaries
@@ -54,7 +55,26 @@ struct Lin {  // a packed nn.Linear (see LinearLayout)
   const float* w = nullptr;
   const float* b = nullptr;
   int64_t K = 0, N = 0, np = 0;
+  // precision bf16 (Bf16Weights): the panels as bf16 pairs for the AVX512-BF16 tiles, or (without them)
+  // w holds bf16-rounded weights and round_a rounds A's rows to bf16 values.
+  const uint16_t* wb = nullptr;
+  bool round_a = false;
 };
+
+// float32 -> bfloat16, round to nearest even (NaN stays NaN), as vcvtneps2bf16 and torch's .to(bfloat16).
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float bf16_round(float f) {
+  const uint32_t u = static_cast<uint32_t>(to_bf16(f)) << 16;
+  float o;
+  std::memcpy(&o, &u, sizeof o);
+  return o;
+}
 
 struct BlockW {
   Lin qkv, proj, q_x, kv_c, proj_c, mlp0, mlp3;
@@ -141,6 +161,7 @@ namespace {
 #undef SS_NAME
 #undef SS_W
 #undef SS_MRMAX
+#undef SS_HAS_BF16
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -236,6 +257,7 @@ ss::Model bind_model(const SetDenoiserDims& D, const Layout& y, const float* pk)
 inline float silu(float x) { return static_cast<float>(static_cast<double>(x) / (1.0 + std::exp(-static_cast<double>(x)))); }
 
 #include "cpu/set_sampler_cores.h"
+#include "cpu/set_sampler_bf16.h"
 
 // Bump allocator over one vector (64-byte aligned sub-arrays).
 struct Arena {
@@ -305,6 +327,13 @@ ss::ThreadBuf take_thread(Arena& a, const SetDenoiserDims& D, int64_t nb, int G)
 }
 
 }  // namespace
+
+bool sampler_bf16_native() { return bf16_native_for(pick_isa()); }
+
+void sampler_linear_cpu(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* b, float* y,
+                        int precision) {
+  run_linear(x, M, K, w, N, b, y, precision);
+}
 
 std::vector<SetDenoiserParamSpec> set_denoiser_param_specs(const SetDenoiserDims& D) {
   check_dims(D);
@@ -388,7 +417,21 @@ const char* sample_sets_cpu(const SampleSetsParams& p) {
           "anchor_k: expected >= 1 with anchor outputs, got " + std::to_string(p.anchor_k));
   }
 
-  const ss::Model m = bind_model(D, y, p.packed);
+  ss::Model m = bind_model(D, y, p.packed);
+  check(p.precision >= 0 && p.precision <= 2, "precision: expected 0 (fp32), 1 (bf16) or 2 (bf16 emulated)");
+  std::shared_ptr<const ss::Bf16Weights> w16;
+  if (p.precision != 0) {
+    const bool native = p.precision == 1 && bf16_native_for(isa);
+    w16 = ss::bf16_weights(p, native, [&](ss::Bf16Weights& W) { fill_bf16(W, m, y, p.packed); });
+    forward_linears(m, y, [&](ss::Lin& l, const LinearLayout& ll) {
+      if (native) {
+        l.wb = w16->pairs.data() + ll.w;
+      } else {
+        l.w = w16->rounded.data() + ll.w;
+        l.round_a = true;
+      }
+    });
+  }
   const int64_t h = D.hidden, Tk = D.cond_tokens, nl = p.n_sigmas;
   ss::Run R;
   R.model = &m;

@@ -82,24 +82,10 @@ R4T_INLINE float dot(const float* a, const float* b, int64_t n) {
 }
 
 // ------------------------------------------------------------------------------------------ GEMM
+// bias, epilogue and store of a micro-tile's MR x 2W accumulators.
 template <int MR>
-void tile(const float* A, int64_t lda, const float* Bp, int64_t K, const float* bias, float* C, int64_t ldc,
-          int ncols, Epi epi) {
-  vf acc0[MR], acc1[MR];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = vf{};
-  for (int64_t k = 0; k < K; ++k) {
-    // The panel streams from L3 at small batch (each weight is used by few rows): prefetch ~4 KiB ahead.
-    __builtin_prefetch(Bp + (k + 32) * kPanel);
-    __builtin_prefetch(Bp + (k + 32) * kPanel + 16);
-    const vf b0 = vload(Bp + k * kPanel), b1 = vload(Bp + k * kPanel + W);
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      const float a = A[i * lda + k];  // scalar * vector: a broadcast operand of the FMA
-      acc0[i] += a * b0;
-      acc1[i] += a * b1;
-    }
-  }
+R4T_INLINE void finish_tile(const vf* acc0, const vf* acc1, const float* bias, float* C, int64_t ldc, int ncols,
+                            Epi epi) {
   const vf c0 = vload(bias), c1 = vload(bias + W);
   for (int i = 0; i < MR; ++i) {
     vf v0 = acc0[i] + c0, v1 = acc1[i] + c1;
@@ -125,6 +111,27 @@ void tile(const float* A, int64_t lda, const float* Bp, int64_t K, const float* 
 }
 
 template <int MR>
+void tile(const float* A, int64_t lda, const float* Bp, int64_t K, const float* bias, float* C, int64_t ldc,
+          int ncols, Epi epi) {
+  vf acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    // The panel streams from L3 at small batch (each weight is used by few rows): prefetch ~4 KiB ahead.
+    __builtin_prefetch(Bp + (k + 32) * kPanel);
+    __builtin_prefetch(Bp + (k + 32) * kPanel + 16);
+    const vf b0 = vload(Bp + k * kPanel), b1 = vload(Bp + k * kPanel + W);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const float a = A[i * lda + k];  // scalar * vector: a broadcast operand of the FMA
+      acc0[i] += a * b0;
+      acc1[i] += a * b1;
+    }
+  }
+  finish_tile<MR>(acc0, acc1, bias, C, ldc, ncols, epi);
+}
+
+template <int MR>
 R4T_INLINE void tile_rows(int64_t mr, const float* A, int64_t lda, const float* Bp, int64_t K, const float* bias,
                           float* C, int64_t ldc, int ncols, Epi epi) {
   if (mr == MR) {
@@ -134,24 +141,125 @@ R4T_INLINE void tile_rows(int64_t mr, const float* A, int64_t lda, const float* 
   }
 }
 
+#if SS_W == 16 && defined(R4T_SS_X86)
+#define SS_HAS_BF16 1
+// precision bf16 with AVX512-BF16 (Lin::wb): A's rows rounded to bf16 (RNE), the panel's bf16 pairs
+// (set_sampler.cpp, Bf16Weights), one vdpbf16ps per pair of k: products of bf16 values are exact in
+// float32 and accumulate in float32.
+template <int MR>
+__attribute__((target("avx512bf16"))) void tile_bf16(const uint16_t* A, int64_t lda, const uint16_t* Bp, int64_t Kp,
+                                                     const float* bias, float* C, int64_t ldc, int ncols, Epi epi) {
+  __m512 acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < Kp / 2; ++kk) {
+    __builtin_prefetch(Bp + (kk + 16) * 2 * kPanel);
+    __builtin_prefetch(Bp + (kk + 16) * 2 * kPanel + 32);
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(Bp + kk * 2 * kPanel);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(Bp + kk * 2 * kPanel + 32);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, A + i * lda + 2 * kk, sizeof pair);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      acc0[i] = _mm512_dpbf16_ps(acc0[i], a, b0);
+      acc1[i] = _mm512_dpbf16_ps(acc1[i], a, b1);
+    }
+  }
+  vf v0[MR], v1[MR];
+  for (int i = 0; i < MR; ++i) {
+    v0[i] = (vf)acc0[i];
+    v1[i] = (vf)acc1[i];
+  }
+  finish_tile<MR>(v0, v1, bias, C, ldc, ncols, epi);
+}
+
+template <int MR>
+__attribute__((target("avx512bf16"))) void tile_rows_bf16(int64_t mr, const uint16_t* A, int64_t lda,
+                                                          const uint16_t* Bp, int64_t Kp, const float* bias, float* C,
+                                                          int64_t ldc, int ncols, Epi epi) {
+  if (mr == MR) {
+    tile_bf16<MR>(A, lda, Bp, Kp, bias, C, ldc, ncols, epi);
+  } else if constexpr (MR > 1) {
+    tile_rows_bf16<MR - 1>(mr, A, lda, Bp, Kp, bias, C, ldc, ncols, epi);
+  }
+}
+
+// rows x K floats (stride lda) -> rows x Kp bf16 (RNE; the pad column zero).
+__attribute__((target("avx512bf16"))) void rows_to_bf16(const float* A, int64_t lda, int64_t rows, int64_t K,
+                                                        int64_t Kp, uint16_t* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* a = A + r * lda;
+    uint16_t* o = out + r * Kp;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(a + k));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k), (__m256i)v);
+    }
+    for (; k < K; ++k) o[k] = ::r4t::ss::to_bf16(a[k]);
+    for (; k < Kp; ++k) o[k] = 0;
+  }
+}
+#endif
+
+// C = epi(A W^T + b) for the rows [0, M) of A (see the header comment). precision bf16: with L.wb the
+// AVX512-BF16 tiles on A's rows converted per row chunk; with L.round_a (no AVX512-BF16) A's rows rounded
+// to bf16 values per row chunk and the float32 tiles on L.w (bf16-rounded weights): the same products,
+// summed in another order.
 void gemm(const Lin& L, const float* A, int64_t lda, int64_t M, float* C, int64_t ldc, Epi epi, int tid,
           int nt) {
   if (M <= 0) return;
   const int64_t mc = std::max<int64_t>(MRMAX, kAChunkFloats / std::max<int64_t>(L.K, 1) / MRMAX * MRMAX);
   const int64_t nmc = (M + mc - 1) / mc, npass = L.np * NPASS;
+  const int64_t Kp = L.K + (L.K & 1);
+  thread_local std::vector<float> rounded;
+  thread_local std::vector<uint16_t> halves;
+  int64_t have = -1;  // the row chunk converted into the scratch (this call only: A's contents change)
   for (int64_t u = tid; u < nmc * npass; u += nt) {
     const int64_t ci = u / npass, pi = u % npass;
     const int64_t p = pi / NPASS, q = pi % NPASS;
     const int64_t col0 = p * kPanel + q * PASS;
     if (col0 >= L.N) continue;
     const int ncols = static_cast<int>(std::min<int64_t>(PASS, L.N - col0));
-    const float* Bp = L.w + p * L.K * kPanel + q * PASS;
     const int64_t r0 = ci * mc, rows = std::min(M, r0 + mc) - r0;
     const int64_t nblk = (rows + MRMAX - 1) / MRMAX;
-    int64_t r = r0;
+#if defined(SS_HAS_BF16)
+    if (L.wb != nullptr) {
+      if (have != ci) {
+        if (halves.size() < static_cast<size_t>(rows * Kp)) halves.resize(static_cast<size_t>(rows * Kp));
+        rows_to_bf16(A + r0 * lda, lda, rows, L.K, Kp, halves.data());
+        have = ci;
+      }
+      const uint16_t* Bp = L.wb + p * Kp * kPanel;
+      int64_t r = 0;
+      for (int64_t bi = 0; bi < nblk; ++bi) {
+        const int64_t mr = rows / nblk + (bi < rows % nblk ? 1 : 0);
+        tile_rows_bf16<MRMAX>(mr, halves.data() + r * Kp, Kp, Bp, Kp, L.b + col0, C + (r0 + r) * ldc + col0, ldc,
+                              ncols, epi);
+        r += mr;
+      }
+      continue;
+    }
+#endif
+    const float* a_rows = A + r0 * lda;
+    int64_t a_ld = lda;
+    if (L.round_a) {
+      if (have != ci) {
+        if (rounded.size() < static_cast<size_t>(rows * L.K)) rounded.resize(static_cast<size_t>(rows * L.K));
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t k = 0; k < L.K; ++k) rounded[r * L.K + k] = ::r4t::ss::bf16_round(a_rows[r * lda + k]);
+        }
+        have = ci;
+      }
+      a_rows = rounded.data();
+      a_ld = L.K;
+    }
+    const float* Bp = L.w + p * L.K * kPanel + q * PASS;
+    int64_t r = 0;
     for (int64_t bi = 0; bi < nblk; ++bi) {
       const int64_t mr = rows / nblk + (bi < rows % nblk ? 1 : 0);
-      tile_rows<MRMAX>(mr, A + r * lda, lda, Bp, L.K, L.b + col0, C + r * ldc + col0, ldc, ncols, epi);
+      tile_rows<MRMAX>(mr, a_rows + r * a_ld, a_ld, Bp, L.K, L.b + col0, C + (r0 + r) * ldc + col0, ldc, ncols,
+                       epi);
       r += mr;
     }
   }

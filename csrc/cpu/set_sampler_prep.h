@@ -69,5 +69,40 @@ inline std::shared_ptr<const Prep> schedule_prep(const SampleSetsParams& p, int 
   return fresh;
 }
 
+// precision bf16: the packing's Linear weights once more (per packing, as Prep): as bf16 pairs for the
+// AVX512-BF16 tiles (native; Linear l's panel p at l.w + p * Kp * kPanel halves, element (k, j) at
+// (k / 2) * 2 * kPanel + 2 * j + k % 2, Kp = K rounded up to even, the pad zero), or the packed buffer
+// with every weight rounded to a bf16 value (the emulation). ~4-10 ms per packing at the CPU preset.
+struct Bf16Weights {
+  int64_t id = 0;
+  const float* packed = nullptr;
+  bool native = false;
+  std::vector<uint16_t> pairs;
+  std::vector<float> rounded;
+};
+
+inline std::shared_ptr<const Bf16Weights> bf16_weights(const SampleSetsParams& p, bool native,
+                                                       const std::function<void(Bf16Weights&)>& fill) {
+  static std::mutex mu;
+  static std::vector<std::shared_ptr<const Bf16Weights>> cache;  // 2 packings, most recent first
+  if (p.cache_id != 0) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const auto& e : cache) {
+      if (e->id == p.cache_id && e->packed == p.packed && e->native == native) return e;
+    }
+  }
+  auto fresh = std::make_shared<Bf16Weights>();
+  fresh->id = p.cache_id;
+  fresh->packed = p.packed;
+  fresh->native = native;
+  fill(*fresh);
+  if (p.cache_id != 0) {
+    std::lock_guard<std::mutex> lock(mu);
+    cache.insert(cache.begin(), fresh);
+    if (cache.size() > 2) cache.pop_back();
+  }
+  return fresh;
+}
+
 }  // namespace ss
 }  // namespace r4t

@@ -29,7 +29,6 @@ tests compare against.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -439,6 +438,7 @@ def fused_sample_sets(
     anchor_k: int = 1,
     packed: PackedDenoiser | None = None,
     coarse: ops.CoarseCatalog | None = None,
+    precision: str = "fp32",
 ) -> SampledSets:
     """The whole sampling (and with ``catalog`` the grounding of each ``group`` consecutive sets jointly)
     in one :func:`r4t_fast.ops.sample_sets` call, with the initial and step noise drawn exactly as the
@@ -446,7 +446,8 @@ def fused_sample_sets(
     rows leave in data space as x + (cond_offset + pull) * cond (the Retriever's query pull).
     ``anchor`` (one query per group) and ``anchor_k``: its nearest items from the same catalog pass.
     ``packed``: what :func:`fused_packing` returned for this model and ``cond`` (skips the check).
-    ``coarse``: a :func:`r4t_fast.ops.coarse_catalog` copy of ``catalog`` for the grounding search."""
+    ``coarse``: a :func:`r4t_fast.ops.coarse_catalog` copy of ``catalog`` for the grounding search.
+    ``precision``: the GEMM precision, ``"fp32"`` or ``"bf16"`` (:func:`r4t_fast.ops.sample_sets`)."""
     if packed is None:
         packed, why = fused_packing(edm, cond)
         if packed is None:
@@ -455,12 +456,12 @@ def fused_sample_sets(
     xs, zs = [], []
     for g, n in _seed_groups(seed, cond.shape[0]):
         shape = (n, cfg.set_size, cfg.dim)
-        xs.append(torch.randn(shape, generator=g) * sigmas[0])
+        xs.append(torch.randn(shape, generator=g).mul_(sigmas[0]))
         zs.append(step_noise(sampler, sigmas, shape, g))
     x = xs[0] if len(xs) == 1 else torch.cat(xs)
     z = None if zs[0] is None else zs[0] if len(zs) == 1 else torch.cat(zs, dim=1)
     if pull:
-        packed = dataclasses.replace(packed, cond_offset=packed.cond_offset + float(pull))
+        packed = packed.with_cond_offset(packed.cond_offset + float(pull))
     return ops.sample_sets(
         packed,
         cond.contiguous(),
@@ -476,6 +477,7 @@ def fused_sample_sets(
         anchor=anchor,
         anchor_k=anchor_k,
         coarse=coarse,
+        precision=precision,
     )
 
 

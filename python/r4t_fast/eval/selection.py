@@ -57,7 +57,7 @@ DEFAULT_GRID: tuple[tuple[str, int], ...] = (
 )
 """(sampler, steps) pairs tried for the fewest network evaluations; the first is the reference."""
 
-_SETTINGS = ("sampler", "steps", "guidance", "anchor", "pull")
+_SETTINGS = ("sampler", "steps", "guidance", "anchor", "pull", "precision")
 
 DEFAULT_RAILS: tuple[float, float, float] = (0.01, 0.08, 1.0)
 """Issue 18's guard rails of the ``"rails"`` rule: recall_at_fair at most 0.01 below dense kNN's,
@@ -91,6 +91,7 @@ def _score(retriever: Any, data: Any, split: str, limit: int | None, settings: d
         retriever.defaults.clear()
         retriever.defaults.update(saved)
     row = {**settings, "nfe": nfe(settings["sampler"], settings["steps"]), "n_queries": rec["n_queries"]}
+    row.setdefault("precision", saved.get("precision", "fp32"))
     row.update({k: rec["metrics"].get(k) for k in _KEYS})
     return row
 
@@ -188,8 +189,10 @@ def select_retrieval_settings(
     rule: str = "recall",
     rails: tuple[float, float, float] = DEFAULT_RAILS,
     mmr_lambda: float = 0.9,
+    precisions: Sequence[str] = ("fp32", "bf16"),
 ) -> dict[str, Any]:
-    """Choose ``anchor``, ``guidance``, ``sampler`` and ``steps`` for ``retriever`` on ``split`` (module doc).
+    """Choose ``anchor``, ``guidance``, ``sampler``, ``steps`` and ``precision`` for ``retriever`` on
+    ``split`` (module doc).
 
     Args:
         retriever: a :class:`~r4t_fast.Retriever` whose catalog is ``data.catalog``.
@@ -208,6 +211,9 @@ def select_retrieval_settings(
             same queries; among the settings with ``recall_at_fair >= dense - rails[0]``,
             ``item_relevance >= dense - rails[1]`` and ``vendi >= MMR + rails[2]``, the highest
             ``recall_at_fair``; when none meets them, the highest ``recall_at_fair + vendi / 100``.
+        precisions: the grid runs at ``precisions[0]``; each other precision (``"bf16"``: the fused
+            sampler's bf16 GEMMs, faster) is scored at the chosen setting and taken when it meets
+            ``tolerance`` of that setting's row (the first that does).
 
     Returns:
         ``{"chosen": {...}, "reference": row, "rows": [...], "rule": str, "split": split}``.
@@ -218,6 +224,8 @@ def select_retrieval_settings(
         raise ValueError("anchors, guidances, grid, pulls: each needs at least one value")
     tol = _check_tolerance(tolerance)
     check_choice(rule, ("recall", "rails"), "rule")
+    if not precisions or any(p not in ("fp32", "bf16") for p in precisions):
+        raise ValueError(f"precisions: expected a non-empty list of 'fp32' / 'bf16', got {precisions!r}")
     if retriever.model.cfg.cond_dim != retriever.model.cfg.dim:
         anchors, pulls = (0.0,), (0.0,)  # anchor row and pull need the query in the rows' space
     ref_sampler, ref_steps = grid[0]
@@ -226,7 +234,7 @@ def select_retrieval_settings(
     def log(row: dict[str, Any]) -> None:
         rows.append(row)
         if progress:
-            shown = {k: row[k] for k in ("sampler", "steps", "guidance", "anchor", "pull")}
+            shown = {k: row[k] for k in _SETTINGS}
             print(
                 f"[select] {shown}: recall_at_fair {row['recall_at_fair']:.4f} vendi {row['vendi']:.3f} "
                 f"item_relevance {row['item_relevance']:.4f}",
@@ -238,7 +246,9 @@ def select_retrieval_settings(
         for w in guidances:
             for pl in pulls:
                 s = {"sampler": ref_sampler, "steps": ref_steps, "guidance": float(w), "anchor": float(a)}
-                row = _score(retriever, data, split, limit, {**s, "pull": float(pl)})
+                row = _score(
+                    retriever, data, split, limit, {**s, "pull": float(pl), "precision": precisions[0]}
+                )
                 log(row)
                 quality.append(row)
     baselines: dict[str, dict[str, Any]] = {}
@@ -269,11 +279,18 @@ def select_retrieval_settings(
     best = ref
     for sampler, steps in grid[1:]:
         s = {"sampler": sampler, "steps": steps, "guidance": ref["guidance"], "anchor": ref["anchor"]}
-        s["pull"] = ref["pull"]
+        s["pull"], s["precision"] = ref["pull"], precisions[0]
         row = _score(retriever, data, split, limit, s)
         log(row)
         ok = row["meets_tolerance"] = meets_tolerance(row, ref, tol)
         if ok and row["nfe"] < best["nfe"]:
+            best = row
+    at = best
+    for prec in precisions[1:]:
+        row = _score(retriever, data, split, limit, {**{k: at[k] for k in _SETTINGS}, "precision": prec})
+        log(row)
+        row["meets_tolerance"] = meets_tolerance(row, at, tol)
+        if row["meets_tolerance"] and best is at:
             best = row
     chosen = {k: best[k] for k in _SETTINGS}
     if apply:
@@ -286,7 +303,9 @@ def select_retrieval_settings(
         "baselines": baselines,
         "rule": (
             f"{rule_text}; then the fewest NFE with recall_at_fair >= {tol[0]:.0%}, vendi >= {tol[1]:.0%} "
-            f"and item_relevance >= {tol[2]:.0%} of that reference"
+            f"and item_relevance >= {tol[2]:.0%} of that reference; then precision "
+            f"{' / '.join(precisions[1:]) or '-'} in place of {precisions[0]} when it meets the same "
+            "tolerance of that choice"
         ),
     }
 
@@ -323,6 +342,7 @@ def select_distilled(
     for n in sorted(int(x) for x in steps):
         s = {"sampler": "consistency", "steps": n, "guidance": 0.0, "anchor": float(reference["anchor"])}
         s["pull"] = float(reference.get("pull", 0.0))
+        s["precision"] = str(reference.get("precision", "fp32"))
         row = _score(student, data, split, limit, s)
         if row["n_queries"] != reference.get("n_queries", row["n_queries"]):
             raise ValueError(

@@ -53,7 +53,7 @@ from r4t_fast.kernels._rules import (  # the argument rules ops and sample_ops s
     _threads,
 )
 from r4t_fast.kernels.coarse import CoarseCatalog, _coarse, coarse_catalog, coarse_supported
-from r4t_fast.kernels.sample_ops import SampledSets, _schedule, sample_sets  # noqa: F401
+from r4t_fast.kernels.sample_ops import SampledSets, _schedule, sample_sets, sampler_linear  # noqa: F401
 
 __all__ = [
     "MAX_RESULT_SLOTS",

@@ -7,7 +7,9 @@ these; they are also a readable statement of what the kernels compute.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -164,12 +166,23 @@ def sample_sets(
     group: int = 1,
     metric: str = "ip",
     allowed: torch.Tensor | None = None,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The fused set sampler (csrc/set_sampler_params.h, ``ops.sample_sets``) with the eager SetDenoiser
     ``model``: EDM preconditioning and classifier-free guidance as ``diffusion.model.EDM``, each step as
     ``diffusion.samplers``; rows in data space (+ cond_offset · cond), then grounded per ``group`` sets
     as :func:`ground_sets`. Runs in the dtype of ``x_init`` and ``model`` (float64 for a tight spec).
-    Returns (rows (B, L, d), ids, scores (B / group, group · L)); ids/scores None without a catalog."""
+    Returns (rows (B, L, d), ids, scores (B / group, group · L)); ids/scores None without a catalog.
+    ``precision="bf16"``: the forward pass's Linears (not ``sigma_mlp`` / ``ada``) on bf16-rounded inputs
+    and weights (:func:`bf16_linears`), accumulated in the model's dtype."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision: expected 'fp32' or 'bf16', got {precision!r}")
+    if precision == "bf16":
+        with bf16_linears(model):
+            return sample_sets(
+                model, cond, x_init, sigmas, sampler=sampler, guidance=guidance, noise=noise, catalog=catalog,
+                candidates=candidates, group=group, metric=metric, allowed=allowed,
+            )  # fmt: skip
     cfg = model.cfg
     sd, smin, B = cfg.sigma_data, cfg.sigma_min, cond.shape[0]
     guided = guidance != 0.0
@@ -217,3 +230,40 @@ def sample_sets(
     L, d = rows.shape[1], rows.shape[2]
     ids, scores = ground_sets(rows.reshape(B // group, group * L, d), catalog, candidates, metric, allowed)
     return rows, ids, scores
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).to(t.dtype)
+
+
+@contextlib.contextmanager
+def bf16_linears(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, every ``nn.Linear`` of ``model`` except the noise-level MLP (``sigma_mlp``,
+    ``ada``) computes ``bf16(x) · bf16(W)^T + b`` in the model's dtype: the fused sampler's
+    ``precision="bf16"`` (bf16 = round to nearest even; products of bf16 values are exact in float32)."""
+    saved, hooks = [], []
+    try:
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and not name.startswith(("sigma_mlp", "ada")):
+                saved.append((mod, mod.weight.data))
+                mod.weight.data = _bf16(mod.weight.data)
+                hooks.append(mod.register_forward_pre_hook(lambda _m, args: (_bf16(args[0]), *args[1:])))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for mod, w in saved:
+            mod.weight.data = w
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, precision: str = "fp32"
+) -> torch.Tensor:
+    """The fused sampler's GEMM (:func:`r4t_fast.ops.sampler_linear`) in float64: ``x · weightᵀ + bias``,
+    with ``precision="bf16"`` on x and weight rounded to bf16 first (their products are exact in float32;
+    the kernel sums them in float32)."""
+    if precision not in ("fp32", "bf16", "bf16-emulated"):
+        raise ValueError(f"precision: expected 'fp32', 'bf16' or 'bf16-emulated', got {precision!r}")
+    if precision != "fp32":
+        x, weight = _bf16(x), _bf16(weight)
+    return x.double() @ weight.double().T + bias.double()

@@ -34,10 +34,22 @@ from r4t_fast.kernels._rules import (
 from r4t_fast.kernels.coarse import CoarseCatalog, _coarse
 from r4t_fast.kernels.sampler_pack import SAMPLER_IDS, PackedDenoiser, SampledSets
 
-__all__ = ["sample_sets", "SampledSets"]
+__all__ = ["PRECISIONS", "sample_sets", "sampler_linear", "SampledSets"]
+
+PRECISIONS = {"fp32": 0, "bf16": 1, "bf16-emulated": 2}
+"""The fused sampler's GEMM precisions (csrc/set_sampler_params.h): float32; bf16 inputs and weights with
+float32 accumulation (AVX512-BF16 where the CPU has it, ``build_info()["sampler_bf16"]``, else the same
+rounding on the float32 tiles); ``bf16-emulated`` always the latter (for comparisons)."""
+
+
+_SCHEDULES: dict[tuple[float, ...], torch.Tensor] = {}
+"""Checked schedules given as lists of Python floats (the samplers' own), by value: a batch-1 call reuses
+its float64 tensor (read-only to the kernel) instead of re-checking and re-building it (~20 us)."""
 
 
 def _schedule(sigmas: Any) -> torch.Tensor:
+    if isinstance(sigmas, list) and (hit := _SCHEDULES.get(tuple(sigmas))) is not None:
+        return hit
     dt = getattr(sigmas, "dtype", None)
     if dt is not None and dt not in (torch.float64, np.float64):
         raise ValueError(f"sigmas: expected Python floats or a float64 array (a float64 schedule), got {dt}")
@@ -56,7 +68,10 @@ def _schedule(sigmas: Any) -> torch.Tensor:
             f"sigmas: expected >= 2 finite, strictly decreasing noise levels > 0 (the last may be 0), "
             f"got {vals if vals is not None and len(vals) <= 8 else shape}"
         )
-    return torch.tensor(vals, dtype=torch.float64)
+    out = torch.tensor(vals, dtype=torch.float64)
+    if isinstance(sigmas, list) and len(_SCHEDULES) < 64:
+        _SCHEDULES[tuple(vals)] = out
+    return out
 
 
 def sample_sets(
@@ -79,6 +94,7 @@ def sample_sets(
     anchor: Any | None = None,
     anchor_k: int = 1,
     coarse: CoarseCatalog | None = None,
+    precision: str = "fp32",
 ) -> SampledSets:
     """The whole EDM sampling of a batch of sets in one ``_C`` call: every SetDenoiser evaluation (EDM
     preconditioning, classifier-free guidance), every step of ``sampler`` and optionally the grounding,
@@ -108,6 +124,10 @@ def sample_sets(
             same catalog pass as the rows' candidates, equal to ``knn(anchor, catalog, anchor_k)``.
         coarse: optional :func:`coarse_catalog` copy of ``catalog``, for the grounding search (see
             :func:`knn`: an int8 pass with an exact re-score, when that search qualifies).
+        precision: the GEMMs' precision, one of :data:`PRECISIONS`: ``"fp32"``, or ``"bf16"`` (the
+            forward pass's Linears -- not the noise-level MLP -- on bf16-rounded inputs and weights with
+            float32 accumulation; spec: :func:`r4t_fast.reference.sample_sets` with ``precision``).
+            The bf16 weights are made once per packing (~5 ms).
 
     Returns:
         :class:`SampledSets`: ``rows`` float32 (batch, rows, dim) in data space (the model's
@@ -157,6 +177,7 @@ def sample_sets(
     if B % group:
         raise ValueError(f"group: must divide the batch ({B}), got {group}")
     m = _metric(metric)
+    prec = check_choice(precision, "precision", PRECISIONS)
     rows = torch.empty((B, L, d), dtype=torch.float32)
     cat_args: tuple = (0, 0, 0, 0)
     mask_ptr, cand, ids, scores, co = 0, 0, None, None, (0, 0, 0.0)
@@ -188,9 +209,35 @@ def sample_sets(
         packed.dims, packed.buffer.data_ptr(), packed.buffer.numel(), packed.sigma_data, packed.sigma_min,
         packed.cond_offset, c.data_ptr(), x.data_ptr(), s.data_ptr(), s.numel(), sid, w, ptr(z), B,
         rows.data_ptr(), *cat_args, m, mask_ptr, group, cand, ptr(ids), ptr(scores), _threads(num_threads),
-        mode, ptr(a), ka, ptr(a_ids), ptr(a_scores), *co, packed.uid,
+        mode, ptr(a), ka, ptr(a_ids), ptr(a_scores), *co, packed.uid, prec,
     )  # fmt: skip
     if ids is None:
         return SampledSets(to_library(rows, lib), None, None)
     extra = () if a is None else (to_library(a_ids, lib), to_library(a_scores, lib))
     return SampledSets(to_library(rows, lib), to_library(ids, lib), to_library(scores, lib), *extra)
+
+
+def sampler_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, precision: str = "fp32"
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` through the fused sampler's GEMM (one clone's tiles, one thread) at
+    ``precision`` (:data:`PRECISIONS`): the GEMM's own test hook, compared with
+    ``reference.linear(precision=...)``. float32 CPU tensors x (M, K), weight (N, K), bias (N,)."""
+    x = check_matrix(as_tensor(x, "x")[0], "x", ndim=2, dtypes=_F32, shape_doc="(M, K)").contiguous()
+    K = x.shape[1]
+    w = check_matrix(
+        as_tensor(weight, "weight")[0], "weight", ndim=2, dtypes=_F32, shape_doc=f"(N, {K})", dim=K
+    )
+    w = w.contiguous()
+    b = as_tensor(bias, "bias")[0]
+    if b.dtype != torch.float32 or tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"bias: expected float32 ({w.shape[0]},), got {describe(b)}")
+    b = b.contiguous()
+    if x.is_cuda or w.is_cuda or b.is_cuda:
+        raise ValueError("x: sampler_linear runs on the CPU")
+    prec = check_choice(precision, "precision", PRECISIONS)
+    y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+    _backend.lib().sampler_linear_cpu(
+        x.data_ptr(), x.shape[0], K, w.data_ptr(), w.shape[0], b.data_ptr(), y.data_ptr(), prec
+    )
+    return y

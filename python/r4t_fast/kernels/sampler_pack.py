@@ -15,10 +15,11 @@ This module only duck-types the model (``.cfg`` and ``.state_dict()``): the kern
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -69,6 +70,18 @@ class PackedDenoiser:
     # Non-zero: unique to this packing's buffer (pack_denoiser), whose contents never change: the kernel
     # caches per-schedule constants under it. 0 (a hand-made packing): nothing is cached.
     uid: int = 0
+    _offsets: dict = field(default_factory=dict, repr=False)  # with_cond_offset's copies, by offset
+
+    def with_cond_offset(self, cond_offset: float) -> PackedDenoiser:
+        """This packing with another ``cond_offset`` (the same buffer and ``uid``: the offset is a call
+        argument of the kernel, not part of its cached constants); one copy per offset, reused."""
+        off = float(cond_offset)
+        if off == self.cond_offset:
+            return self
+        hit = self._offsets.get(off)
+        if hit is None:
+            hit = self._offsets[off] = dataclasses.replace(self, cond_offset=off, _offsets=self._offsets)
+        return hit
 
     @property
     def set_size(self) -> int:
