@@ -93,6 +93,24 @@ def test_scripted_fanout_grounds_distinct_items_and_candidates(world) -> None:
     assert lm.calls[0]["k"] == 4 and lm.calls[0]["t"] == 0.0
 
 
+def test_forbid_title_reaches_the_constraint(world) -> None:
+    from r4t_fast.fanout.constrained import FanOutConstraint
+
+    cat, enc = world
+    lm = ScriptedLM(lambda q, s: _answer(["red dress", "blue jeans"], 2))
+    LLMFanOutBaseline(cat, enc, policy=lm, k=2).retrieve(["party outfit"], 2)
+    assert lm.calls[-1]["constrained"] is True  # default: the plain constraint
+    base = LLMFanOutBaseline(cat, enc, policy=lm, k=2, forbid_title=True)
+    base.retrieve(["party outfit"], 2)
+    c = lm.calls[-1]["constrained"]
+    assert isinstance(c, FanOutConstraint) and c.forbid_title and c.k == 2 and c.think is False
+    assert base.config()["forbid_title"] is True
+    with pytest.raises(ValueError, match="forbid_title"):
+        LLMFanOutBaseline(cat, enc, policy=lm, forbid_title=True, constrained=False)
+    with pytest.raises(ValueError, match="forbid_title"):
+        LLMFanOutBaseline(cat, enc, policy=lm, forbid_title="yes")
+
+
 def test_short_and_malformed_outputs_get_the_raw_query_for_missing_rows(world) -> None:
     cat, enc = world
     scripts = {"short": _answer(["pink handbag"], 3), "garbage": "I cannot help with that."}

@@ -157,6 +157,8 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
         constrained: constrained decoding (default; see the module docstring); False = free-running.
         think: ask for (and, constrained, force) a ``<think>`` block; ``None`` = off when constrained,
             on otherwise (the paper's prompt).
+        forbid_title: constrained decoding also keeps the query (the row's title, case-folded) out of
+            every subquery (``FanOutConstraint.forbid_title``; issue 19's copies). Off by default.
         name: method name for records (default ``"llm-zeroshot"``; use ``"folm"`` for a tuned policy).
 
     See the module docstring for the missing-row rule and the counters in :attr:`stats`.
@@ -182,6 +184,7 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
         one_shot: bool | None = None,
         constrained: bool = True,
         think: bool | None = None,
+        forbid_title: bool = False,
         name: str | None = None,
     ) -> None:
         super().__init__(catalog, encoder)
@@ -199,6 +202,13 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
             raise ValueError(f"constrained: expected a bool, got {constrained!r}")
         if think is not None and not isinstance(think, bool):
             raise ValueError(f"think: expected a bool or None, got {think!r}")
+        if not isinstance(forbid_title, bool):
+            raise ValueError(f"forbid_title: expected a bool, got {forbid_title!r}")
+        if forbid_title and not constrained:
+            raise ValueError(
+                "forbid_title: the title filter is part of constrained decoding; pass constrained=True"
+            )
+        self.forbid_title = forbid_title
         self.constrained = constrained
         self.think = (not constrained) if think is None else think
         if name is not None:
@@ -242,6 +252,15 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
             self.max_new_tokens = need
         return self.max_new_tokens
 
+    def _constraint(self, k: int) -> Any:
+        """What ``generate(constrained=...)`` takes: a bool, or with ``forbid_title`` the constraint whose
+        title filter keeps each row's title (its prompt's query) out of every subquery."""
+        if not self.forbid_title:
+            return self.constrained
+        from r4t_fast.fanout.constrained import FanOutConstraint
+
+        return FanOutConstraint(k=k, think=self.think, forbid_title=True)
+
     # -- bookkeeping ---------------------------------------------------------------------------------
     @property
     def stats(self) -> dict[str, float]:
@@ -267,6 +286,7 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
             "one_shot": self.one_shot,
             "constrained": self.constrained,
             "think": self.think,
+            "forbid_title": self.forbid_title,
             "missing_rows": MISSING_ROW_RULE,
         }
 
@@ -311,7 +331,7 @@ class LLMFanOutBaseline(_EmbeddingBaseline):
                 batch_size=min(len(batch) * num_samples, self.max_sequences),
                 seed=self.seed,
                 one_shot=self.one_shot,
-                constrained=self.constrained,
+                constrained=self._constraint(k),
                 think=self.think,
             )
             timing = getattr(self.lm, "last_timing", None)
