@@ -705,8 +705,9 @@ def main() -> None:
     qname = args.quality_dataset or args.dataset
     if args.model:
         teacher = Retriever.from_pretrained(args.model)
+        dflt = ", ".join(f"{k} {v}" for k, v in teacher.defaults.items() if k != "seed")
         setup = {
-            "model": f"trained, {args.model}",
+            "model": f"trained, {args.model} (its saved defaults: {dflt})",
             "catalog": f"the model's, {len(teacher.catalog):,} × {teacher.catalog.dim}",
         }
     elif real:  # a random model over the dataset's catalog, with its encoder (FOLM needs both)
