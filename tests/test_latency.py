@@ -10,6 +10,7 @@ import pytest
 
 from r4t_fast.eval.latency import (
     embedding_latency,
+    embedding_latency_interleaved,
     format_ratio,
     latency_table,
     measure_latency,
@@ -112,6 +113,31 @@ def test_interleaved_calls_alternate_on_the_same_batches() -> None:
     )
     assert [n for n, _, _ in log] == ["b", "a", "b", "b"]
     assert out["a"][1]["2"]["reused_calls"] == 1 and out["a"][1]["2"]["calls"] == 2
+
+
+def test_block_interleaving_times_each_method_in_rounds() -> None:
+    log: list[str] = []
+
+    class Logged(FakeMethod):
+        def __init__(self, name: str) -> None:
+            super().__init__(0.0, 0.0)
+            self.name = name
+
+        def retrieve(self, texts, k, *, n_candidates: int = 0):
+            log.append(self.name)
+            return super().retrieve(texts, k)
+
+    out = measure_latency_interleaved(
+        {"a": Logged("a"), "b": Logged("b")}, ["x", "y"], 5, (1,), calls=5, block=2
+    )
+    # rounds: a warm-up + 2 timed, b warm-up + 2 timed, ..., the last round 1 timed each
+    assert log == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 2 + ["b"] * 2
+    assert out["a"][1]["1"]["calls"] == 5 and out["b"][1]["1"]["calls"] == 5
+    with pytest.raises(ValueError, match="block"):
+        measure_latency_interleaved({"a": Logged("a")}, ["x"], 5, (1,), calls=1, block=0)
+    log.clear()
+    ms = embedding_latency_interleaved({"a": Logged("a"), "b": Logged("b")}, ["x"], 5, (1,), calls=1, block=1)
+    assert set(ms) == {"a", "b"} and log == ["a", "a", "b", "b"]
 
 
 def test_embedding_latency_skips_the_encoder() -> None:

@@ -11,7 +11,14 @@ import pytest
 
 from r4t_fast import _threads
 
-_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "R4T_THREADS", "LOCAL_WORLD_SIZE")
+_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "R4T_THREADS",
+    "LOCAL_WORLD_SIZE",
+    "OPENBLAS_NUM_THREADS",
+)
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -48,17 +55,19 @@ def test_busy_cpus_is_a_non_negative_measurement() -> None:
 # Each case runs in a fresh process: the rule must act before torch starts its pool.
 _PROBE = """
 import json, os, sys
+{pre}
 from r4t_fast import _threads
 d = _threads.configure({arg})
 assert "torch" not in sys.modules
-import torch
+import torch, numpy, threadpoolctl
+blas = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
 print(json.dumps({{"d": d, "torch": torch.get_num_threads(), "policy": os.environ.get("OMP_WAIT_POLICY"),
-                   "omp": os.environ.get("OMP_NUM_THREADS")}}))
+                   "omp": os.environ.get("OMP_NUM_THREADS"), "blas": blas}}))
 """
 
 
-def _probe(arg: str = "", **env: str) -> dict:
-    r = _run(_PROBE.format(arg=arg), **env)
+def _probe(arg: str = "", pre: str = "", **env: str) -> dict:
+    r = _run(_PROBE.format(arg=arg, pre=pre), **env)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -71,6 +80,9 @@ def test_configure_before_torch_sets_policy_and_threads() -> None:
     assert out["policy"] == "PASSIVE"
     assert out["omp"] == str(n)
     assert out["torch"] == n  # torch's pool follows the exported count
+    assert out["d"]["blas"] == "env" and out["blas"] and set(out["blas"]) == {1}  # numpy's BLAS: one thread
+    late = _probe(pre="import numpy")  # numpy loaded first: the limit comes through threadpoolctl
+    assert late["d"]["blas"] == "threadpoolctl" and late["blas"] and set(late["blas"]) == {1}
 
 
 def test_what_the_user_set_wins() -> None:
@@ -80,6 +92,8 @@ def test_what_the_user_set_wins() -> None:
     assert (out["d"]["source"], out["torch"]) == ("R4T_THREADS", 1)
     out = _probe(OMP_NUM_THREADS="1")
     assert (out["d"]["source"], out["torch"], out["omp"]) == ("OMP_NUM_THREADS", 1, "1")
+    out = _probe(OPENBLAS_NUM_THREADS="2")
+    assert out["d"]["blas"] == "user" and set(out["blas"]) == {2}
 
 
 def test_bad_values_name_the_argument(monkeypatch: pytest.MonkeyPatch) -> None:

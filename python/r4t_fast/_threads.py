@@ -11,8 +11,14 @@ MiniLM encoder from ~630 to ~39 items/s). The rule, applied by every entry point
   keep busy right now (:func:`busy_cpus`), at least 1 (:func:`choose_threads`); exported as
   ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` for runtimes loaded later and set in torch when it is loaded.
 
+- numpy's BLAS on the calling thread (:func:`limit_blas`): OpenBLAS keeps its own pthread pool that
+  busy-waits after every call, so beside the OpenMP team each takes the cores from the other (measured
+  in one process on the 2-core machine: MMR at batch 1 8.0 -> 2.1 ms, DPP 8.0 -> 1.2 ms, an R4T call right
+  after DPP's products 5.4 -> 1.6 ms). numpy's products here are small (MMR / DPP pools, metrics).
+
 What the user set always wins: an explicit ``--threads N`` (``configure(N)``), or ``OMP_NUM_THREADS`` /
-``OMP_WAIT_POLICY`` in the environment. ``R4T_THREADS=auto|N`` overrides the default of every entry point.
+``OMP_WAIT_POLICY`` / ``OPENBLAS_NUM_THREADS`` in the environment. ``R4T_THREADS=auto|N`` overrides the
+default of every entry point.
 This module imports nothing heavy (no torch at import time).
 """
 
@@ -115,16 +121,33 @@ def _omp_env_threads() -> int | None:
     return int(raw) if raw.isdigit() and int(raw) > 0 else None
 
 
+def limit_blas() -> str:
+    """Run numpy's BLAS on the calling thread (module docstring), unless the user set
+    ``OPENBLAS_NUM_THREADS``: before numpy is loaded through ``OPENBLAS_NUM_THREADS=1`` (read when
+    OpenBLAS loads), after through ``threadpoolctl``. Returns how: ``"env"``, ``"threadpoolctl"`` or
+    ``"user"`` (left as the user set it)."""
+    if "OPENBLAS_NUM_THREADS" in os.environ and "OPENBLAS_NUM_THREADS" not in _DECIDED.get("exported", ()):
+        return "user"
+    if "numpy" not in sys.modules:
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+        return "env"
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+    return "threadpoolctl"
+
+
 def configure(threads: int | None = None) -> dict[str, Any]:
     """Apply the thread rule (module docstring) to this process; returns what was decided.
 
     ``threads``: an explicit count (``--threads N``) that wins over everything; None chooses: the
     ``R4T_THREADS`` variable, else ``OMP_NUM_THREADS`` when the user set it, else :func:`choose_threads`.
     Sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user set a policy, exports the count as
-    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` when they are unset, and calls ``torch.set_num_threads``
-    when torch is already imported. Safe to call again (a later ``--threads`` overrides the first
-    decision). The returned dict (``threads``, ``source``, ``cpus``, ``busy_cpus``, ``busy_from``,
-    ``wait_policy``) is what benchmarks record.
+    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` when they are unset, runs numpy's BLAS on the calling thread
+    (:func:`limit_blas`) and calls ``torch.set_num_threads`` when torch is already imported. Safe to call
+    again (a later ``--threads`` overrides the first decision). The returned dict (``threads``,
+    ``source``, ``cpus``, ``busy_cpus``, ``busy_from``, ``wait_policy``, ``blas``) is what benchmarks
+    record.
     """
     cpus = max(1, available_cpus() // _local_world())
     busy, busy_from = None, None
@@ -150,6 +173,9 @@ def configure(threads: int | None = None) -> dict[str, Any]:
             os.environ[var] = str(n)
             if var not in exported:
                 exported.append(var)
+    blas = limit_blas()
+    if blas == "env":
+        exported.append("OPENBLAS_NUM_THREADS")
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "set_num_threads"):
         torch.set_num_threads(n)
@@ -161,6 +187,7 @@ def configure(threads: int | None = None) -> dict[str, Any]:
         busy_cpus=None if busy is None else round(busy, 2),
         busy_from=busy_from,
         wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+        blas=blas,
         exported=exported,
     )
     return decided()

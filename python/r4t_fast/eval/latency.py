@@ -27,6 +27,7 @@ __all__ = [
     "MIN_LATENCY_CALLS",
     "diffusion_breakdown",
     "embedding_latency",
+    "embedding_latency_interleaved",
     "latency_record",
     "measure_latency",
     "measure_latency_interleaved",
@@ -194,13 +195,25 @@ def measure_latency_interleaved(
     calls: int | dict[int, int] | None = None,
     *,
     prior_times: dict[str, dict[int, list[float]]] | None = None,
+    block: int | None = None,
+    warmup: int = 1,
 ) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
-    """:func:`measure_latency` for several retrievers at once, their timed calls interleaved: at each
-    batch size every retriever makes its warm-up call, then timed call ``i`` of every retriever (in the
-    dict's order, each on the same batch of queries) comes before call ``i + 1`` of any. For methods
-    whose calls take seconds (the LLM fan-outs), so that the machine's drift over the minutes they take
-    falls on each alike; ``{name: measure_latency's (ms, detail)}``. ``prior_times``: ``{name: {batch:
-    [seconds, ...]}}``, as :func:`measure_latency`'s."""
+    """:func:`measure_latency` for several retrievers at once, their timed calls interleaved, so that the
+    machine's drift falls on each alike; ``{name: measure_latency's (ms, detail)}``. Every retriever gets
+    the same batches of queries in the same order.
+
+    ``block=None``: at each batch size every retriever makes its warm-up call, then timed call ``i`` of
+    every retriever (in the dict's order) comes before call ``i + 1`` of any -- for methods whose calls
+    take seconds (the LLM fan-outs). ``block=n``: rounds in which every retriever in turn makes
+    ``warmup`` untimed calls (its own data back in the caches: a batch-1 dense search takes ~7 calls to
+    get its 29 MB catalog back into the L3 after another method ran) and then ``n`` timed calls -- for
+    millisecond methods, each timed in its steady state (call-by-call alternation would time each in
+    the state the other left). ``prior_times``: ``{name: {batch: [seconds, ...]}}``, as
+    :func:`measure_latency`'s."""
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise ValueError(f"block: expected None or a positive int, got {block!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+        raise ValueError(f"warmup: expected a positive int, got {warmup!r}")
     names = list(retrievers)
     cycles = {n: _Cycle(queries) for n in names}
     prior = {n: {int(b): list(v) for b, v in ((prior_times or {}).get(n) or {}).items()} for n in names}
@@ -214,11 +227,15 @@ def measure_latency_interleaved(
             parts: dict[str, list[tuple[float, ...]]] = {n: [] for n in names}
             for n in names:
                 _set_batch(retrievers[n], b)
-                if len(times[n]) < n_calls and not times[n]:
+                if block is None and len(times[n]) < n_calls and not times[n]:
                     retrievers[n].retrieve(cycles[n].take(b), k)  # warm-up
             while any(len(times[n]) < n_calls for n in names):
                 for n in names:
-                    if len(times[n]) < n_calls:
+                    if len(times[n]) >= n_calls:
+                        continue
+                    for _ in range(warmup if block is not None else 0):
+                        retrievers[n].retrieve(cycles[n].take(b), k)  # the round's warm-up
+                    for _ in range(min(block or 1, n_calls - len(times[n]))):
                         t, part = _timed_call(retrievers[n], timers[n], cycles[n].take(b), k)
                         times[n].append(t)
                         parts[n].append(part)
@@ -298,12 +315,34 @@ def embedding_latency(
     (:class:`PrecomputedEncoder`), so what is timed is everything after the text encoding. For methods
     whose work starts from the query embedding (dense, MMR, DPP, the diffusion retriever); an LLM
     fan-out (which reads the query text) raises ValueError."""
-    if any(_llm_counters(retriever)) or getattr(retriever, "lm", None) is not None:
-        raise ValueError("retriever: an LLM fan-out starts from the query text; it has no embedding latency")
-    if getattr(retriever, "encoder", None) is None:
-        raise ValueError("retriever: needs a text encoder (its embeddings are precomputed)")
-    with swapped_encoder(retriever, PrecomputedEncoder(retriever.encoder, list(queries))):
-        return measure_latency(retriever, queries, k, batch_sizes, calls)
+    return embedding_latency_interleaved({"_": retriever}, queries, k, batch_sizes, calls)["_"]
+
+
+def embedding_latency_interleaved(
+    retrievers: dict[str, Any],
+    queries: Sequence[str],
+    k: int,
+    batch_sizes: Sequence[int] = DEFAULT_LATENCY_BATCHES,
+    calls: int | dict[int, int] | None = None,
+    *,
+    block: int | None = None,
+    warmup: int = 1,
+) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
+    """:func:`embedding_latency` for several retrievers, interleaved as :func:`measure_latency_interleaved`
+    (``block``, ``warmup``)."""
+    for r in retrievers.values():
+        if any(_llm_counters(r)) or getattr(r, "lm", None) is not None:
+            raise ValueError(
+                "retriever: an LLM fan-out starts from the query text; it has no embedding latency"
+            )
+        if getattr(r, "encoder", None) is None:
+            raise ValueError("retriever: needs a text encoder (its embeddings are precomputed)")
+    with contextlib.ExitStack() as stack:
+        for r in retrievers.values():
+            stack.enter_context(swapped_encoder(r, PrecomputedEncoder(r.encoder, list(queries))))
+        return measure_latency_interleaved(
+            retrievers, queries, k, batch_sizes, calls, block=block, warmup=warmup
+        )
 
 
 def is_diffusion_retriever(retriever: Any) -> bool:
