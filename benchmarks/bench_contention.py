@@ -238,14 +238,16 @@ def _markdown(payload: dict) -> str:
         f"load average at start {env['load_average_1_5_15']} · command `{env['command']}`",
         "",
         "Each workload runs in a fresh process; *rule*: `r4t_fast._threads.configure()` first (as every "
-        "`r4t` command: `OMP_WAIT_POLICY=PASSIVE`, threads = free CPUs now); *no rule*: torch's default "
+        "`r4t` command: `OMP_WAIT_POLICY=PASSIVE`, threads = every available CPU, the scheduler sharing "
+        "the cores); *no rule*: torch's default "
         f"threads and wait policy (r4t before). Competitor: a plain {HOG_THREADS}-thread torch matmul "
         f"loop started {2} s before the worker, torch defaults (any user's job). Rates after a warm-up, "
         f"over ≥ {payload['seconds']:.0f} s ({payload['rl_seconds']:.0f} s for the rollouts); "
         f"a fair share of {m['cores']} cores is 50 %.",
         "",
         "| workload | alone (rule) | threads | beside job (rule) | threads | kept | beside job (no rule) "
-        "| threads | kept | alone (no rule) | beside job (PASSIVE, every CPU) | kept |",
+        "| threads | kept | alone (no rule) | beside job (PASSIVE, threads = CPUs left free: the rule "
+        "before) | kept |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
@@ -304,10 +306,11 @@ def main() -> int:
     )
     ap.add_argument("--skip-no-rule", action="store_true", help="skip the cases without the rule")
     ap.add_argument(
-        "--no-all-cpus-case",
-        dest="all_cpus_case",
+        "--no-free-cpus-case",
+        dest="free_cpus_case",
         action="store_false",
-        help="skip the case beside the job with PASSIVE waits but every CPU (R4T_THREADS = cores)",
+        help="skip the case beside the job with PASSIVE waits and threads = the CPUs the job leaves free "
+        "(the rule before: R4T_THREADS = cores - the job's threads, at least 1)",
     )
     ap.add_argument("--out", default="contention_cpu", help="results name under benchmarks/results/")
     ap.add_argument("--worker", choices=list(WORKLOADS), help=argparse.SUPPRESS)
@@ -335,8 +338,8 @@ def main() -> int:
     cases = [(True, False, None), (True, True, None)]
     if not args.skip_no_rule:
         cases += [(False, True, None), (False, False, None)]
-    if args.all_cpus_case:  # the wait policy alone: PASSIVE, but every CPU (R4T_THREADS = cores)
-        cases.append((True, True, os.cpu_count() or 1))
+    if args.free_cpus_case:  # the rule before: PASSIVE and only the CPUs the job leaves free
+        cases.append((True, True, max(1, (os.cpu_count() or 1) - HOG_THREADS)))
     for name in names:
         for rule, contended, forced in cases:
             seconds = args.rl_seconds if name == "rl" else args.seconds

@@ -33,15 +33,11 @@ def _run(code: str, **extra: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_choose_threads_leaves_busy_cpus_to_others() -> None:
-    assert _threads.choose_threads(2, 0.0) == 2
-    assert _threads.choose_threads(2, 0.4) == 2
-    assert _threads.choose_threads(2, 0.6) == 1  # a busy core belongs to the other job
-    assert _threads.choose_threads(2, 2.0) == 1  # never 0
-    assert _threads.choose_threads(2, 7.0) == 1
-    assert _threads.choose_threads(16, 3.2) == 13
-    with pytest.raises(ValueError, match="cpus"):
-        _threads.choose_threads(0, 0.0)
+def test_auto_takes_every_available_cpu_and_records_the_load() -> None:
+    """With passive waits the scheduler shares the cores: the count is not cut to the CPUs left free."""
+    out = _probe()
+    assert out["d"]["threads"] == _threads.available_cpus() and out["d"]["source"] == "auto"
+    assert out["d"]["busy_cpus"] is not None and out["d"]["busy_cpus"] >= 0
 
 
 def test_busy_cpus_is_a_non_negative_measurement() -> None:

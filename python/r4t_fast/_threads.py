@@ -7,9 +7,13 @@ MiniLM encoder from ~630 to ~39 items/s). The rule, applied by every entry point
 
 - ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads sleep instead of spinning on a core another process
   needs (read once, when the OpenMP runtime loads: it must be set before ``import torch``);
-- threads = the CPUs this process may run on (``os.sched_getaffinity``) minus the CPUs other processes
-  keep busy right now (:func:`busy_cpus`), at least 1 (:func:`choose_threads`); exported as
-  ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` for runtimes loaded later and set in torch when it is loaded.
+- threads = the CPUs this process may run on (``os.sched_getaffinity``; a ``torchrun`` rank: its share):
+  with passive waits the kernel's scheduler shares the cores between our threads and another job's, so
+  the threads are not cut to the CPUs left free (that gave a 2-thread job beside ours 2 of 3 runnable
+  threads: the MiniLM encoder kept 37-43 % of its alone speed with 1 thread against 41-47 % with 2, same
+  runs, ``benchmarks/results/contention_cpu.md``); exported as ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``
+  for runtimes loaded later and set in torch when it is loaded. What other processes keep busy
+  (:func:`busy_cpus`) is recorded, not acted on.
 
 - numpy's BLAS on the calling thread (:func:`limit_blas`): OpenBLAS keeps its own pthread pool that
   busy-waits after every call, so beside the OpenMP team each takes the cores from the other (measured
@@ -79,23 +83,6 @@ def busy_cpus(sample_s: float = 0.1) -> tuple[float, str]:
         return 0.0, "none"
 
 
-def choose_threads(cpus: int | None = None, busy: float | None = None) -> int:
-    """Threads to use: ``cpus - round(busy)``, clamped to ``[1, cpus]``.
-
-    ``cpus`` defaults to :func:`available_cpus`, ``busy`` to :func:`busy_cpus` (the CPUs other processes
-    use now). On an idle 2-core machine: 2; beside a 2-thread job: 1 (its fair share, without a second
-    team fighting the other job's threads).
-
-    >>> choose_threads(2, 0.1), choose_threads(2, 1.9), choose_threads(8, 2.6), choose_threads(1, 0.0)
-    (2, 1, 5, 1)
-    """
-    n = available_cpus() if cpus is None else int(cpus)
-    if n < 1:
-        raise ValueError(f"cpus: expected a positive int, got {cpus}")
-    b = busy_cpus()[0] if busy is None else float(busy)
-    return max(1, min(n, n - int(round(b))))
-
-
 def _env_threads() -> int | None:
     """``R4T_THREADS`` as an int (None for unset / ``auto``); raises ValueError naming the variable."""
     raw = os.environ.get(ENV_THREADS, "").strip().lower()
@@ -141,7 +128,7 @@ def configure(threads: int | None = None) -> dict[str, Any]:
     """Apply the thread rule (module docstring) to this process; returns what was decided.
 
     ``threads``: an explicit count (``--threads N``) that wins over everything; None chooses: the
-    ``R4T_THREADS`` variable, else ``OMP_NUM_THREADS`` when the user set it, else :func:`choose_threads`.
+    ``R4T_THREADS`` variable, else ``OMP_NUM_THREADS`` when the user set it, else the available CPUs.
     Sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user set a policy, exports the count as
     ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` when they are unset, runs numpy's BLAS on the calling thread
     (:func:`limit_blas`) and calls ``torch.set_num_threads`` when torch is already imported. Safe to call
@@ -160,10 +147,8 @@ def configure(threads: int | None = None) -> dict[str, Any]:
     elif _omp_env_threads() is not None and "OMP_NUM_THREADS" not in _DECIDED.get("exported", ()):
         n, source = _omp_env_threads(), "OMP_NUM_THREADS"
     else:
-        busy, busy_from = busy_cpus()
-        if _local_world() > 1:  # the sibling ranks start together: count them, not what they use now
-            busy = 0.0
-        n, source = choose_threads(cpus, busy), "auto"
+        busy, busy_from = busy_cpus()  # recorded for the benchmarks, not acted on (module docstring)
+        n, source = cpus, "auto"
     exported = list(_DECIDED.get("exported", ()))
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
