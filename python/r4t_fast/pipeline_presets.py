@@ -85,8 +85,16 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
                 "llm-zeroshot": {"batches": [8, 64], "calls": {"8": 5, "64": 2}},
                 "llm-bon": {"batches": [8], "calls": 5},
             },
-            # chosen on the validation splits (benchmarks/results/eval/val-sweep/)
-            "method_kwargs": {"mmr": MMR_VAL_CHOICE, "dpp": DPP_VAL_CHOICE},
+            # chosen on the validation splits (benchmarks/results/eval/val-sweep/); the LLM fan-outs keep
+            # each query's title out of their subqueries (issue 19: Polyvore val, the cpu-full policy,
+            # copy_rate 25.9 -> 6.7 %, R@fair -0.29 [-1.44, +0.81] pt; 5-cpu-full/eval_val_forbid_title/)
+            "method_kwargs": {
+                "mmr": MMR_VAL_CHOICE,
+                "dpp": DPP_VAL_CHOICE,
+                "folm": {"forbid_title": True},
+                "llm-zeroshot": {"forbid_title": True},
+                "llm-bon": {"forbid_title": True},
+            },
         },
     },
     # For tests and a first look: minutes, meaningless numbers.
