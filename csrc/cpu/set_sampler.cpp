@@ -369,16 +369,7 @@ void set_denoiser_pack(const SetDenoiserDims& D, const float* const* src, int64_
     } else if (e.bias) {
       std::copy(s, s + e.lin->N, out + e.lin->b);
     } else {
-      const LinearLayout& l = *e.lin;
-      for (int64_t p = 0; p < l.np; ++p) {
-        for (int64_t k = 0; k < l.K; ++k) {
-          float* dst = out + l.w + (p * l.K + k) * ss::kPanel;
-          for (int64_t j = 0; j < ss::kPanel; ++j) {
-            const int64_t col = p * ss::kPanel + j;
-            dst[j] = col < l.N ? s[col * l.K + k] : 0.f;
-          }
-        }
-      }
+      ss::pack_panels(s, *e.lin, out);
     }
   }
 }
@@ -418,19 +409,12 @@ const char* sample_sets_cpu(const SampleSetsParams& p) {
   }
 
   ss::Model m = bind_model(D, y, p.packed);
-  check(p.precision >= 0 && p.precision <= 2, "precision: expected 0 (fp32), 1 (bf16) or 2 (bf16 emulated)");
+  check_precision(p.precision);
   std::shared_ptr<const ss::Bf16Weights> w16;
   if (p.precision != 0) {
     const bool native = p.precision == 1 && bf16_native_for(isa);
     w16 = ss::bf16_weights(p, native, [&](ss::Bf16Weights& W) { fill_bf16(W, m, y, p.packed); });
-    forward_linears(m, y, [&](ss::Lin& l, const LinearLayout& ll) {
-      if (native) {
-        l.wb = w16->pairs.data() + ll.w;
-      } else {
-        l.w = w16->rounded.data() + ll.w;
-        l.round_a = true;
-      }
-    });
+    forward_linears(m, y, [&](ss::Lin& l, const LinearLayout& ll) { use_bf16(l, ll, *w16); });
   }
   const int64_t h = D.hidden, Tk = D.cond_tokens, nl = p.n_sigmas;
   ss::Run R;

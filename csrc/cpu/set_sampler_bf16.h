@@ -3,6 +3,10 @@
 // test hook ops.sampler_linear). NOT a normal header: set_sampler.cpp includes it once, inside its
 // anonymous namespace, after pick_isa() and bind().
 
+void check_precision(int precision) {
+  check(precision >= 0 && precision <= 2, "precision: expected 0 (fp32), 1 (bf16) or 2 (bf16 emulated)");
+}
+
 bool bf16_native_for(const ss::IsaOps& isa) {
 #if defined(R4T_SS_X86)
   return std::strcmp(isa.name, "x86-64-v4") == 0 && __builtin_cpu_supports("avx512bf16");
@@ -49,6 +53,17 @@ void bf16_linear(const float* pk, const LinearLayout& l, bool native, uint16_t* 
   }
 }
 
+// Point l (laid out as ll) at W's copy of its weights: the pairs (native) or the rounded floats, whose
+// rows of A the GEMM then rounds too.
+void use_bf16(ss::Lin& l, const LinearLayout& ll, const ss::Bf16Weights& W) {
+  if (W.native) {
+    l.wb = W.pairs.data() + ll.w;
+  } else {
+    l.w = W.rounded.data() + ll.w;
+    l.round_a = true;
+  }
+}
+
 void fill_bf16(ss::Bf16Weights& W, ss::Model m, const Layout& y, const float* pk) {
   if (W.native) {
     W.pairs.assign(static_cast<size_t>(y.total), 0);
@@ -64,7 +79,7 @@ void fill_bf16(ss::Bf16Weights& W, ss::Model m, const Layout& y, const float* pk
 void run_linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* b, float* y,
                 int precision) {
   check(M >= 0 && K >= 1 && N >= 1, "sampler_linear: expected M >= 0, K >= 1, N >= 1");
-  check(precision >= 0 && precision <= 2, "precision: expected 0 (fp32), 1 (bf16) or 2 (bf16 emulated)");
+  check_precision(precision);
   const ss::IsaOps& isa = pick_isa();
   LinearLayout l;
   l.K = K;
@@ -72,34 +87,20 @@ void run_linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N,
   l.np = (N + ss::kPanel - 1) / ss::kPanel;
   l.w = 0;
   l.b = ss::round_up(l.np * K * ss::kPanel, 16);
-  const int64_t Kp = K + (K & 1);
-  std::vector<float> pk(static_cast<size_t>(l.b + l.np * ss::kPanel + Kp * ss::kPanel * l.np), 0.f);
-  for (int64_t p = 0; p < l.np; ++p) {
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t j = 0; j < ss::kPanel; ++j) {
-        const int64_t col = p * ss::kPanel + j;
-        pk[static_cast<size_t>((p * K + k) * ss::kPanel + j)] = col < N ? w[col * K + k] : 0.f;
-      }
-    }
-  }
+  std::vector<float> pk(static_cast<size_t>(l.b + l.np * ss::kPanel), 0.f);
+  ss::pack_panels(w, l, pk.data());
   std::copy(b, b + N, pk.begin() + l.b);
   Lin L = bind(pk.data(), l);
-  std::vector<uint16_t> pairs;
-  std::vector<float> rounded;
-  const bool native = precision == 1 && bf16_native_for(isa);
+  ss::Bf16Weights W;
   if (precision != 0) {
-    if (native) {
-      pairs.assign(static_cast<size_t>(l.np * Kp * ss::kPanel), 0);
+    W.native = precision == 1 && bf16_native_for(isa);
+    if (W.native) {
+      W.pairs.assign(static_cast<size_t>(l.np * (K + (K & 1)) * ss::kPanel), 0);
     } else {
-      rounded = pk;
+      W.rounded = pk;
     }
-    bf16_linear(pk.data(), l, native, pairs.data(), rounded.data());
-    if (native) {
-      L.wb = pairs.data();
-    } else {
-      L.w = rounded.data();
-      L.round_a = true;
-    }
+    bf16_linear(pk.data(), l, W.native, W.pairs.data(), W.rounded.data());
+    use_bf16(L, l, W);
   }
   isa.gemm(L, x, K, M, y, N, Epi::Store, 0, 1);
 }

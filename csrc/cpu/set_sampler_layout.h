@@ -21,6 +21,19 @@ struct LinearLayout {
   int64_t K = 0, N = 0, np = 0, w = 0, b = 0;
 };
 
+// W (N x K, row-major, as nn.Linear.weight) into l's panels at base + l.w (columns past N zero).
+inline void pack_panels(const float* W, const LinearLayout& l, float* base) {
+  for (int64_t p = 0; p < l.np; ++p) {
+    for (int64_t k = 0; k < l.K; ++k) {
+      float* dst = base + l.w + (p * l.K + k) * kPanel;
+      for (int64_t j = 0; j < kPanel; ++j) {
+        const int64_t col = p * kPanel + j;
+        dst[j] = col < l.N ? W[col * l.K + k] : 0.f;
+      }
+    }
+  }
+}
+
 struct BlockLayout {
   LinearLayout qkv, proj, q_x, kv_c, proj_c, mlp0, mlp3;
   int64_t ln2_w = 0, ln2_b = 0;

@@ -59,7 +59,7 @@ from r4t_fast.diffusion.samplers import (
     fused_sample_sets,
     sampler_sigmas,
 )
-from r4t_fast.kernels import ops
+from r4t_fast.kernels import ops, sample_ops
 from r4t_fast.kernels._arrays import all_finite
 from r4t_fast.kernels.sampler_pack import PackedDenoiser
 
@@ -95,7 +95,7 @@ def _check_fused(value: Any) -> bool | None:
     return value
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = tuple(p for p in sample_ops.PRECISIONS if p != "bf16-emulated")
 """The sampler's GEMM precision: float32, or bf16 inputs and weights with float32 accumulation (a speed
 option of the fused CPU kernel: AVX512-BF16 where the CPU has it; the eager path runs float32)."""
 MAX_PULL = 10.0

@@ -224,7 +224,9 @@ def select_retrieval_settings(
         raise ValueError("anchors, guidances, grid, pulls: each needs at least one value")
     tol = _check_tolerance(tolerance)
     check_choice(rule, ("recall", "rails"), "rule")
-    if not precisions or any(p not in ("fp32", "bf16") for p in precisions):
+    from r4t_fast.diffusion.retriever import PRECISIONS
+
+    if not precisions or any(p not in PRECISIONS for p in precisions):
         raise ValueError(f"precisions: expected a non-empty list of 'fp32' / 'bf16', got {precisions!r}")
     if retriever.model.cfg.cond_dim != retriever.model.cfg.dim:
         anchors, pulls = (0.0,), (0.0,)  # anchor row and pull need the query in the rows' space
