@@ -24,7 +24,7 @@ from r4t_fast.diffusion.retrieve_cli import cli_main
 from r4t_fast.diffusion.retriever import MAX_GUIDANCE, MAX_STEPS, Retriever, query_seeds
 from r4t_fast.diffusion.samplers import SAMPLERS, eager_sample_sets, sampler_sigmas
 from r4t_fast.kernels import reference
-from r4t_fast.objectives.coverage import round_robin_union
+from r4t_fast.objectives.coverage import round_robin_union, union_candidates
 
 STEPS = {"euler": 4, "euler_maruyama": 4, "heun": 3, "dpmpp_2m": 4, "consistency": 3}
 QUERIES = ["red outfit", "blue bag", "green hat for summer"]
@@ -133,13 +133,21 @@ def test_anchor_row_and_candidates(r: Retriever) -> None:
         assert len(s.item_ids) == k == len(set(s.item_ids))
         assert int(s.item_indices[0]) == int(ranks[b, 0])  # the query's nearest item
         np.testing.assert_array_equal(s.row_embeddings[0], q[b].numpy())
-        assert s.candidates.shape == (k + m, C)
-        extra = s.candidates[k:]
-        for j in range(m):  # the query's ranking, in order (ties tolerated: compare the scores)
-            got = (emb[torch.from_numpy(extra[j])] @ q[b]).numpy()
+        assert s.candidates.shape == (k - 1 + m, C)
+        ranking = s.candidates[[0, *range(k, k - 1 + m)]]  # row 0 and the appended rows
+        for j in range(m):  # the query's ranking interleaved (ties tolerated: compare the scores)
+            got = (emb[torch.from_numpy(ranking[j])] @ q[b]).numpy()
             np.testing.assert_allclose(got, ref_scores[b, j::m].numpy(), rtol=0, atol=1e-5)
-        # the union reads the query's ranking in order, about `anchor` of the budget
-        u = round_robin_union(s.candidates, (k + m) * 2)
+        rows = s.candidates[1:k]  # the diffusion rows' own nearest items
+        want = reference.knn(torch.from_numpy(s.row_embeddings[1:]), r.catalog.embeddings, C)[0]
+        pairs = zip(rows, s.row_embeddings[1:], strict=True)
+        got = torch.stack([emb[torch.from_numpy(c)] @ torch.from_numpy(e) for c, e in pairs])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        # each rank is read once: a quota of b per row holds the query's top m * b items
+        quota = union_candidates(s.candidates, 2)
+        assert set(ranks[b, : 2 * m].tolist()) <= set(quota.tolist())
+        assert len(set(ranking[:, :2].reshape(-1).tolist())) == 2 * m
+        u = round_robin_union(s.candidates, (k - 1 + m) * 2)  # and the fair union reads it in order
         assert set(ranks[b, : 2 * m].tolist()) <= set(u.tolist())
     plain = r.retrieve(QUERIES, k, seed=1)
     for a, p in zip(sets, plain, strict=True):  # the other rows are the best diffusion rows
@@ -156,7 +164,7 @@ def test_anchor_candidates_accepted_by_evaluate_sets(r: Retriever) -> None:
     from r4t_fast.eval.metrics import evaluate_sets
 
     sets = r.retrieve(QUERIES, 4, n_candidates=5, anchor=0.5)
-    assert sets[0].candidates.shape == (8, 5)
+    assert sets[0].candidates.shape == (7, 5)  # k - 1 + m rows, m = 4
     out = evaluate_sets(
         [s.item_indices for s in sets],
         [s.row_embeddings for s in sets],

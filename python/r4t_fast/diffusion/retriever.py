@@ -82,7 +82,8 @@ class RetrievedSet(RetrievalResult):
     the cosine of each item with the query (the meaning of ``scores`` for every ``RetrievalResult``),
     ``row_scores`` (k,) the grounding score (inner product of each generated row with its item; rows are
     ranked by it), ``row_embeddings`` (k, d) the generated rows, ``candidates`` (k, C) each row's nearest
-    items when asked for ((k + m, C) with ``anchor > 0``: m extra rows of the query's own ranking)."""
+    items when asked for ((k + m - 1, C) with ``anchor > 0``: row 0 and m - 1 appended rows hold the
+    query's own ranking, interleaved)."""
 
     item_ids: tuple[str, ...] = field(default=())
     texts: tuple[str, ...] = field(default=())
@@ -121,10 +122,10 @@ def query_budget_share(anchor: float, k: int) -> float:
     """The share of the fair candidate budget that the query's own dense ranking takes at ``anchor``.
 
     With ``anchor > 0``, row 0 is the query itself (one of the ``k`` items is the query's nearest item)
-    and ``m = max(1, round(anchor * k / (1 - anchor)))`` rows holding the query's ranking interleaved are
-    appended. The round-robin fair union reads the ranking from those ``m`` rows (row 0's candidates are
-    the same ranking: after its first item they are already taken), so about ``m / (k - 1 + m)`` of the
-    budget is the query's ranking; 0 without an anchor row.
+    and ``m = max(1, round(anchor * k / (1 - anchor)))`` of the ``k - 1 + m`` candidate rows hold the
+    query's ranking interleaved (row 0 and ``m - 1`` appended rows; row j reads ranks j, j + m, ...), so a
+    round-robin union or a fixed quota per row reads the ranking in order, without reading a rank twice:
+    ``m / (k - 1 + m)`` of the budget; 0 without an anchor row.
 
     >>> round(query_budget_share(0.3, 10), 4), query_budget_share(0.0, 10)
     (0.3077, 0.0)
@@ -385,9 +386,10 @@ class Retriever:
             anchor: in [0, 1), the share of the candidate budget given to the query itself (needs
                 cond_dim == dim). With anchor > 0, row 0 is the query embedding grounded to its nearest
                 item (the other rows take other items; the lowest-scored diffusion row is dropped), and
-                with candidates ``m = max(1, round(anchor * k / (1 - anchor)))`` rows are appended holding
-                the query's own ranking interleaved (row j: ranks j, j + m, ...), so a round-robin union
-                over the k + m rows reads the query's ranking in order, about ``anchor`` of the budget.
+                with candidates ``m = max(1, round(anchor * k / (1 - anchor)))`` rows hold the query's
+                own ranking interleaved (row 0 and m - 1 appended rows; row j: ranks j, j + m, ...), so a
+                round-robin union or a fixed quota per row over the k - 1 + m rows reads the query's
+                ranking in order, each rank once, about ``anchor`` of the budget.
             pull: in [0, 10], how far every sampled row is moved toward the query before grounding:
                 row + pull * query (needs cond_dim == dim; 0 = the model's rows). A retrieval-time
                 trade chosen on validation: more pull raises item relevance and recall, lowers Vendi.
@@ -524,13 +526,15 @@ class Retriever:
             rows_n = np.concatenate([q.cpu().numpy()[:, None, :].astype(rows_n.dtype), rows_n], axis=1)
         cands = None
         if n_candidates:
-            rows_t = torch.from_numpy(rows_n).to(cat.device)
+            free = rows_n[:, 1:] if m else rows_n  # with the anchor, row 0's list is the query's ranking
+            rows_t = torch.from_numpy(np.ascontiguousarray(free)).to(cat.device)
             _, cands = self._knn(rows_t.reshape(-1, cfg.dim).contiguous(), cat, n_candidates, mask, via_index)
-            cands = cands.cpu().reshape(B, k, n_candidates)
-            if m:
+            cands = cands.cpu().reshape(B, free.shape[1], n_candidates)
+            if m:  # row 0 and m - 1 appended rows hold the ranking interleaved (row j: ranks j, j + m, ...)
                 ranking = torch.full((B, m * n_candidates), -1, dtype=torch.int64)
                 ranking[:, : q_ids.shape[1]] = q_ids[:, : m * n_candidates]
-                cands = torch.cat([cands, ranking.reshape(B, n_candidates, m).transpose(1, 2)], dim=1)
+                ranking = ranking.reshape(B, n_candidates, m).transpose(1, 2)
+                cands = torch.cat([ranking[:, :1], cands, ranking[:, 1:]], dim=1)
         return self._results(q, ids_n, scores_n, rows_n, cands)
 
     def _knn(
