@@ -17,6 +17,7 @@ import pytest
 from helpers import sets_jsonl
 from r4t_fast import cli
 from r4t_fast._internal import SavedDirError
+from r4t_fast.diffusion.retriever import Retriever
 
 
 def _one_error_line(capsys, command: str, *, prefix: str = "error: ") -> str:
@@ -95,6 +96,23 @@ def test_retrieve_bad_arguments_on_a_real_model(tiny_world, capsys, extra, named
     argv = ["retrieve", "--model", model, "--query", "red outfit", "-k", "2", "--json", "--precision", "bf16"]
     assert cli.main(argv) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["item_ids"]) == 2
+    # --noise fixed: every query from the one draw of the seed (two queries, the Retriever's own answer)
+    argv = [
+        "retrieve",
+        "--model",
+        model,
+        "--query",
+        "red outfit",
+        "--query",
+        "blue",
+        "--json",
+        "--noise",
+        "fixed",
+    ]
+    assert cli.main(argv) == 0
+    got = [x["item_ids"] for x in json.loads(capsys.readouterr().out)]
+    r = Retriever.from_pretrained(model)
+    assert got == [list(s.item_ids) for s in r.retrieve(["red outfit", "blue"], noise="fixed")]
 
 
 @pytest.mark.parametrize("command", ["synthesize", "pipeline", "train-rl"])

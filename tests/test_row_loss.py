@@ -231,3 +231,41 @@ def test_training_with_an_unrolled_row_loss(data) -> None:
     _, log = train_diffusion(pairs.cond, pairs.targets, cfg, progress=False, positives=pairs.positives,
                              catalog=pairs.catalog)  # fmt: skip
     assert all(np.isfinite(r["row_loss"]) and r["row_loss"] > 0 for r in log if "loss" in r)
+
+
+def test_fixed_noise_rows_are_the_retrievers_fixed_noise_rows() -> None:
+    """retrieval_noise='fixed': every set starts from the one draw of seed 0, the draw a Retriever with
+    noise='fixed', seed 0 starts every query from (fused and eager); the default noise='query' does not."""
+    from r4t_fast import Catalog
+    from r4t_fast.diffusion.model import EDM, SetDenoiser
+    from r4t_fast.diffusion.retriever import Retriever
+    from r4t_fast.diffusion.samplers import sampler_sigmas
+    from r4t_fast.train.diffusion import unrolled_rows
+
+    torch.manual_seed(0)
+    model = SetDenoiser(get_preset("tiny", cond_offset=0.5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    edm, cond = EDM(model), F.normalize(torch.randn(3, 16), dim=1)
+    sigmas = sampler_sigmas("euler", 2, model.cfg)
+    with torch.no_grad():
+        rows = unrolled_rows(edm, cond, sigmas, generator=torch.Generator().manual_seed(5), fixed_seed=0)
+        same = unrolled_rows(edm, cond[[0, 0]], sigmas, fixed_seed=0)
+        drawn = unrolled_rows(edm, cond[[0, 0]], sigmas, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(same[0], same[1]) and not torch.allclose(drawn[0], drawn[1])
+    cat = Catalog([f"i{j}" for j in range(64)], F.normalize(torch.randn(64, 16), dim=1))
+    r = Retriever(model, cat, steps=2, sampler="euler", noise="fixed")
+    for fused in (True, False):
+        for b, s in enumerate(r.retrieve_embeddings(cond, 4, fused=fused)):
+            got = torch.from_numpy(s.row_embeddings)  # ranked by grounding score: match as a set
+            assert float(torch.cdist(got, rows[b]).min(1).values.max()) < 1e-4
+    per_query = r.retrieve_embeddings(cond, 4, noise="query", fused=False)
+    assert any(
+        float(torch.cdist(torch.from_numpy(s.row_embeddings), rows[b]).min(1).values.max()) > 1e-2
+        for b, s in enumerate(per_query)
+    )
+    with pytest.raises(ValueError, match="noise"):
+        r.retrieve_embeddings(cond, 4, noise="shared")
+    with pytest.raises(ValueError, match="retrieval_noise"):
+        DiffusionTrainConfig(preset="tiny", retrieval_noise="query")

@@ -31,6 +31,7 @@ from r4t_fast.diffusion.retriever import (
     MAX_K_RETRIEVE,
     MAX_PULL,
     MAX_STEPS,
+    NOISE_MODES,
     Retriever,
 )
 from r4t_fast.diffusion.samplers import SAMPLERS
@@ -96,6 +97,11 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
         "--precision", choices=["fp32", "bf16"], default=None,
         help="the sampler's GEMMs: fp32, or bf16 inputs/weights (faster on CPUs with AVX512-BF16)",
     )  # fmt: skip
+    p.add_argument(
+        "--noise", choices=list(NOISE_MODES), default=None,
+        help="initial noise: per query ('query') or one draw for every query ('fixed': models trained "
+        "with retrieval_noise fixed); default: the saved retriever's",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON instead of a list")
 
 
@@ -144,6 +150,7 @@ def cli_main(args: argparse.Namespace) -> int:
         r.save(args.save)
     opts = {"steps": args.steps, "sampler": args.sampler, "guidance": args.guidance, "seed": args.seed}
     opts["anchor"], opts["pull"], opts["precision"] = args.anchor, args.pull, args.precision
+    opts["noise"] = args.noise
     sets = r.retrieve(args.query, args.k, **opts)
     if args.json:
         records = [

@@ -99,6 +99,9 @@ def _check_fused(value: Any) -> bool | None:
 PRECISIONS = tuple(p for p in sample_ops.PRECISIONS if p != "bf16-emulated")
 """The sampler's GEMM precision: float32, or bf16 inputs and weights with float32 accumulation (a speed
 option of the fused CPU kernel: AVX512-BF16 where the CPU has it; the eager path runs float32)."""
+NOISE_MODES = ("query", "fixed")
+"""Where a query's initial noise comes from: its own seed (``query_seeds``: a different draw per query)
+or one draw of ``seed`` shared by every query (a model trained with ``retrieval_noise='fixed'``)."""
 MAX_PULL = 10.0
 """Largest query pull accepted (rows are unit-scale; beyond a few units every row is the query)."""
 
@@ -115,6 +118,7 @@ def check_options(o: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"anchor: expected a number in [0, 1) (the query's share), got {o['anchor']!r}")
     out["pull"] = check_float(o.get("pull", 0.0), "pull", low=0.0, high=MAX_PULL)
     out["precision"] = check_choice(o.get("precision", "fp32"), PRECISIONS, "precision")
+    out["noise"] = check_choice(o.get("noise", "query"), NOISE_MODES, "noise")
     return out
 
 
@@ -154,7 +158,7 @@ class Retriever:
         encoder: text encoder for queries (``.encode(list[str]) -> (n, cond_dim)``), or None when only
             :meth:`retrieve_embeddings` is used.
         encoder_spec: how to rebuild the encoder on load (e.g. ``"minilm"``).
-        steps, sampler, guidance, seed, anchor, pull, precision: sampling defaults (overridable per
+        steps, sampler, guidance, seed, anchor, pull, precision, noise: sampling defaults (overridable per
             call, stored on save); see :meth:`retrieve_embeddings`.
         fused: default of ``retrieve(fused=...)``: None (auto: the fused CPU kernel when it applies),
             True (require it), False (the eager samplers + ``ops.ground_sets``, for comparisons).
@@ -182,6 +186,7 @@ class Retriever:
         anchor: float = 0.0,
         pull: float = 0.0,
         precision: str = "fp32",
+        noise: str = "query",
         fused: bool | None = None,
         coarse: bool | None = None,
         device: str | torch.device = "cpu",
@@ -204,6 +209,7 @@ class Retriever:
                 "anchor": anchor,
                 "pull": pull,
                 "precision": precision,
+                "noise": noise,
             }
         )
         self.fused = _check_fused(fused)
@@ -371,6 +377,7 @@ class Retriever:
         anchor: float | None = None,
         pull: float | None = None,
         precision: str | None = None,
+        noise: str | None = None,
         allowed: Any = None,
         fused: bool | None = None,
     ) -> list[RetrievedSet]:
@@ -383,6 +390,8 @@ class Retriever:
             steps, sampler, guidance, seed: sampling options (default: the retriever's defaults). Each
                 query's noise comes from its own seed, derived from ``seed`` and the query's bytes
                 (:func:`query_seeds`), so a query's set does not depend on the rest of the batch.
+            noise: ``"query"`` (that per-query seed) or ``"fixed"`` (every query starts from the one draw
+                of ``seed``: for a model trained with ``retrieval_noise='fixed'``), :data:`NOISE_MODES`.
             anchor: in [0, 1), the share of the candidate budget given to the query itself (needs
                 cond_dim == dim). With anchor > 0, row 0 is the query embedding grounded to its nearest
                 item (the other rows take other items; the lowest-scored diffusion row is dropped), and
@@ -423,11 +432,11 @@ class Retriever:
             raise ValueError(f"n_candidates: {n_candidates} exceeds the catalog size ({n_items})")
 
         given = {"steps": steps, "sampler": sampler, "guidance": guidance, "seed": seed, "anchor": anchor}
-        given["pull"], given["precision"] = pull, precision
+        given["pull"], given["precision"], given["noise"] = pull, precision, noise
         over = {key: v for key, v in given.items() if v is not None}
         o = check_options({**self.defaults, **over}) if over else self.defaults  # defaults: checked once
         a = o["anchor"]
-        n_rows_c = k + (max(1, round(a * k / (1 - a))) if a > 0 else 0)  # k rows + the query's m rows
+        n_rows_c = k + (max(1, round(a * k / (1 - a))) - 1 if a > 0 else 0)  # k rows + m - 1 of the query
         if q.shape[0] * n_rows_c * n_candidates > ops.MAX_RESULT_SLOTS:
             raise ValueError(
                 f"n_candidates: {n_candidates} per row x {n_rows_c} rows x {q.shape[0]} queries exceeds "
@@ -454,7 +463,8 @@ class Retriever:
         qd = q.to(self.device)
         cond = qd if n_sets == 1 else qd.repeat_interleave(n_sets, dim=0)
         sigmas = sampler_sigmas(o["sampler"], o["steps"], cfg)
-        kw = dict(sampler=o["sampler"], guidance=o["guidance"], seed=query_seeds(o["seed"], q))
+        seeds = query_seeds(o["seed"], q) if o["noise"] == "query" else [o["seed"]] * B
+        kw = dict(sampler=o["sampler"], guidance=o["guidance"], seed=seeds)
         R = n_sets * cfg.set_size
         m = kq = 0
         if o["anchor"] > 0:  # the query's own ranking: its nearest item (and m rows of candidates)

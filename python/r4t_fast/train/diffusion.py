@@ -259,7 +259,8 @@ def train_diffusion(
         if use_rows and cfg.retrieval_unroll:
             loss = edm.loss(x0, cond[idx], generator=g)
             sub = idx[: cfg.retrieval_batch]
-            rows = unrolled_rows(edm, cond[sub], unroll_sigmas, generator=g)
+            fixed = 0 if cfg.retrieval_noise == "fixed" else None
+            rows = unrolled_rows(edm, cond[sub], unroll_sigmas, generator=g, fixed_seed=fixed)
             rl = row_retrieval_loss(rows, positives[sub], catalog, query=cond[sub], **row_kw)
         elif use_rows:
             loss, rows, kept = edm.loss(x0, cond[idx], generator=g, return_denoised=True)
@@ -344,15 +345,25 @@ def final_loss(log: list[dict]) -> float:
 
 
 def unrolled_rows(
-    edm: EDM, cond: torch.Tensor, sigmas: list[float], generator: torch.Generator | None = None
+    edm: EDM,
+    cond: torch.Tensor,
+    sigmas: list[float],
+    generator: torch.Generator | None = None,
+    *,
+    fixed_seed: int | None = None,
 ) -> torch.Tensor:
     """Rows (B, L, d) in the data space that Euler steps over ``sigmas`` (decreasing, last 0) draw from
     pure noise for ``cond`` (B, cond_dim), guidance 0, **with** the graph through every step -- the
     Retriever's ``euler`` sampler (:func:`r4t_fast.diffusion.samplers.sample_euler`) made
-    differentiable, for a loss on what retrieval actually grounds."""
+    differentiable, for a loss on what retrieval actually grounds. ``fixed_seed``: every set starts from
+    the one draw of that torch seed (a Retriever's ``noise='fixed'``), not from ``generator``."""
     cfg = edm.cfg
     B = cond.shape[0]
-    x = torch.randn((B, cfg.set_size, cfg.dim), generator=generator).to(cond.device) * sigmas[0]
+    if fixed_seed is not None:
+        one = torch.randn((1, cfg.set_size, cfg.dim), generator=torch.Generator().manual_seed(fixed_seed))
+        x = one.expand(B, -1, -1).to(cond.device) * sigmas[0]
+    else:
+        x = torch.randn((B, cfg.set_size, cfg.dim), generator=generator).to(cond.device) * sigmas[0]
     for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         D = edm.denoise(x, torch.full((B,), float(s), device=cond.device), cond)
         x = D if s_next == 0 else x + (s_next - s) * (x - D) / s

@@ -77,6 +77,12 @@ class DiffusionTrainConfig:
         "level; n > 0 = the rows an n-step Euler sampler (the Retriever's sampler 'euler', n steps, "
         "guidance 0) draws from pure noise, differentiated through every step (DRaFT-style)",
     )
+    retrieval_noise: str = help_field(
+        "random",
+        "retrieval_unroll's initial noise: 'random' (a fresh draw per set, as a Retriever with "
+        "noise='query' samples) or 'fixed' (one draw, torch seed 0, shared by every set: the rows a "
+        "Retriever with noise='fixed', seed 0 grounds -- one deterministic set of rows per query)",
+    )
     select_every: int = help_field(
         0,
         "steps between validation scores of the EMA model (0 = off); the best-scoring weights "
@@ -88,6 +94,8 @@ class DiffusionTrainConfig:
             setattr(self, name, check_positive_int(getattr(self, name), name))
         for name in ("retrieval_query_budget", "retrieval_unroll", "select_every"):
             setattr(self, name, check_non_negative_int(getattr(self, name), name))
+        if self.retrieval_noise not in ("random", "fixed"):
+            raise ValueError(f"retrieval_noise: expected 'random' or 'fixed', got {self.retrieval_noise!r}")
         if not (math.isfinite(self.retrieval_weight) and self.retrieval_weight >= 0):
             raise ValueError(f"retrieval_weight: expected a finite float >= 0, got {self.retrieval_weight}")
         for name in ("retrieval_tau", "retrieval_deep_tau"):
