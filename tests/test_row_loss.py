@@ -224,13 +224,20 @@ def test_unrolled_rows_are_the_euler_samplers_rows_with_a_graph() -> None:
     )
 
 
-def test_training_with_an_unrolled_row_loss(data) -> None:
+@pytest.mark.parametrize("noise", ["random", "fixed"])
+def test_training_with_an_unrolled_row_loss(data, tmp_path, noise: str) -> None:
+    from r4t_fast.diffusion.model import load_model
+
     pairs = reference_targets(data, k=4, samples=2, seed=0)
     cfg = DiffusionTrainConfig(preset="tiny", steps=4, batch_size=8, warmup=1, log_every=2, threads=1,
-                               retrieval_weight=1.0, retrieval_unroll=2)  # fmt: skip
+                               retrieval_weight=1.0, retrieval_unroll=2, retrieval_noise=noise)  # fmt: skip
     _, log = train_diffusion(pairs.cond, pairs.targets, cfg, progress=False, positives=pairs.positives,
-                             catalog=pairs.catalog)  # fmt: skip
+                             catalog=pairs.catalog, out_dir=tmp_path / "m")  # fmt: skip
     assert all(np.isfinite(r["row_loss"]) and r["row_loss"] > 0 for r in log if "loss" in r)
+    # the saved model names the sampler its rows were trained through (a Retriever built from it uses it)
+    _, meta = load_model(tmp_path / "m")
+    want = {"sampler": "euler", "steps": 2, "guidance": 0.0}
+    assert meta["sampling"] == {**want, "noise": "query" if noise == "random" else "fixed"}
 
 
 def test_fixed_noise_rows_are_the_retrievers_fixed_noise_rows() -> None:

@@ -210,7 +210,8 @@ def run_pipeline(
         if dcfg.select_every:  # early stopping on the rows' val recall (issue 18, lever 3)
             from r4t_fast.eval.selection import rows_recall_scorer
 
-            sampling = {k: v for k, v in cfg["retriever"].items() if k in ("steps", "sampler", "guidance")}
+            keys = ("steps", "sampler", "guidance", "noise")
+            sampling = {k: v for k, v in cfg["retriever"].items() if k in keys}
             select_fn = rows_recall_scorer(data, split="val", sampling=sampling)
         model, log = train_diffusion(
             pairs.cond,

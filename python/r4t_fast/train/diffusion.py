@@ -323,6 +323,10 @@ def train_diffusion(
             "train_wall_s": time.perf_counter() - t0,
             **(extra_meta or {}),
         }
+        if use_rows and cfg.retrieval_unroll and "sampling" not in meta:
+            # the sampler the rows were trained through: a Retriever built from this directory uses it
+            meta["sampling"] = {"sampler": "euler", "steps": cfg.retrieval_unroll, "guidance": 0.0}
+            meta["sampling"]["noise"] = "fixed" if cfg.retrieval_noise == "fixed" else "query"
         save_trained(ema, out_dir, meta, log)
     if acc is not None:
         acc.wait_for_everyone()  # every rank returns once the model is saved
