@@ -373,7 +373,7 @@ def test_legacy_directory_and_missing_paths(tmp_path) -> None:
 # ------------------------------------------------------------------------------------ CLI
 def _args(**kw) -> argparse.Namespace:
     base = dict(model="/nonexistent", query=["red outfit"], k=None, steps=None, sampler=None)
-    base.update(guidance=None, seed=None, anchor=None, pull=None, precision=None, json=False)
+    base.update(guidance=None, seed=None, anchor=None, pull=None, precision=None, noise=None, json=False)
     base.update(dataset=None, encoder=None, data_dir=None, cache_dir=None, save=None)
     base.update(kw)
     return argparse.Namespace(**base)
