@@ -122,6 +122,16 @@ def check_options(o: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def query_rows(anchor: float, k: int) -> int:
+    """``m``: the candidate rows holding the query's own ranking at ``anchor`` (row 0 and ``m - 1``
+    appended rows; 0 without an anchor). The one home of ``max(1, round(anchor * k / (1 - anchor)))``.
+
+    >>> query_rows(0.3, 10), query_rows(0.1, 10), query_rows(0.0, 10)
+    (4, 1, 0)
+    """
+    return max(1, round(anchor * k / (1 - anchor))) if anchor > 0 else 0
+
+
 def query_budget_share(anchor: float, k: int) -> float:
     """The share of the fair candidate budget that the query's own dense ranking takes at ``anchor``.
 
@@ -136,7 +146,7 @@ def query_budget_share(anchor: float, k: int) -> float:
     """
     if anchor <= 0:
         return 0.0
-    m = max(1, round(anchor * k / (1 - anchor)))
+    m = query_rows(anchor, k)
     return m / (k - 1 + m)
 
 
@@ -435,8 +445,7 @@ class Retriever:
         given["pull"], given["precision"], given["noise"] = pull, precision, noise
         over = {key: v for key, v in given.items() if v is not None}
         o = check_options({**self.defaults, **over}) if over else self.defaults  # defaults: checked once
-        a = o["anchor"]
-        n_rows_c = k + (max(1, round(a * k / (1 - a))) - 1 if a > 0 else 0)  # k rows + m - 1 of the query
+        n_rows_c = k + max(0, query_rows(o["anchor"], k) - 1)  # k rows + m - 1 of the query
         if q.shape[0] * n_rows_c * n_candidates > ops.MAX_RESULT_SLOTS:
             raise ValueError(
                 f"n_candidates: {n_candidates} per row x {n_rows_c} rows x {q.shape[0]} queries exceeds "
@@ -468,7 +477,7 @@ class Retriever:
         R = n_sets * cfg.set_size
         m = kq = 0
         if o["anchor"] > 0:  # the query's own ranking: its nearest item (and m rows of candidates)
-            m = max(1, round(o["anchor"] * k / (1 - o["anchor"]))) if n_candidates else 0
+            m = query_rows(o["anchor"], k) if n_candidates else 0
             kq = min(max(1, m * n_candidates), n_items)
         q_found = None
         # a catalog behind an approximate or remote index (usearch, Milvus) is searched through it: the

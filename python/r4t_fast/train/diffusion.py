@@ -56,7 +56,7 @@ from r4t_fast.diffusion.model import (
     save_model,
     shift_rows,
 )
-from r4t_fast.diffusion.samplers import sampler_sigmas
+from r4t_fast.diffusion.samplers import SAMPLING_DEFAULTS, sampler_sigmas
 from r4t_fast.kernels.ops import check_device
 from r4t_fast.train.diffusion_config import DiffusionTrainConfig
 from r4t_fast.train.row_loss import row_retrieval_loss
@@ -245,6 +245,8 @@ def train_diffusion(
         }
         if cfg.retrieval_unroll:
             unroll_sigmas = sampler_sigmas("euler", cfg.retrieval_unroll, mcfg)
+            # 'fixed': the one draw a Retriever with noise='fixed' and the default seed starts from
+            fixed_seed = SAMPLING_DEFAULTS.seed if cfg.retrieval_noise == "fixed" else None
     log: list[dict] = []
     t0 = time.perf_counter()
     running = running_rows = 0.0
@@ -259,8 +261,7 @@ def train_diffusion(
         if use_rows and cfg.retrieval_unroll:
             loss = edm.loss(x0, cond[idx], generator=g)
             sub = idx[: cfg.retrieval_batch]
-            fixed = 0 if cfg.retrieval_noise == "fixed" else None
-            rows = unrolled_rows(edm, cond[sub], unroll_sigmas, generator=g, fixed_seed=fixed)
+            rows = unrolled_rows(edm, cond[sub], unroll_sigmas, generator=g, fixed_seed=fixed_seed)
             rl = row_retrieval_loss(rows, positives[sub], catalog, query=cond[sub], **row_kw)
         elif use_rows:
             loss, rows, kept = edm.loss(x0, cond[idx], generator=g, return_denoised=True)

@@ -80,8 +80,9 @@ class DiffusionTrainConfig:
     retrieval_noise: str = help_field(
         "random",
         "retrieval_unroll's initial noise: 'random' (a fresh draw per set, as a Retriever with "
-        "noise='query' samples) or 'fixed' (one draw, torch seed 0, shared by every set: the rows a "
-        "Retriever with noise='fixed', seed 0 grounds -- one deterministic set of rows per query)",
+        "noise='query' samples) or 'fixed' (one draw of the default sampling seed, shared by every set: "
+        "the rows a Retriever with noise='fixed' and that seed grounds -- one deterministic set of rows "
+        "per query)",
     )
     select_every: int = help_field(
         0,
