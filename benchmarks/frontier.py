@@ -67,6 +67,12 @@ def main() -> int:
         "--deep-margin", type=float, default=0.02,
         help="the default's R@5000 rail on val: at least dense's plus this (issue 18: above dense, CI > 0)",
     )  # fmt: skip
+    ap.add_argument(
+        "--candidate-pull", type=float, default=None,
+        help="the pull of the rows the candidate lists are read around, apart from the items' pull "
+        "(Retriever candidate_pull; default: the same as the items')",
+    )  # fmt: skip
+    ap.add_argument("--val-only", action="store_true", help="trace the grid on val, print it, stop")
     ap.add_argument("--encoder", default="minilm")
     ap.add_argument("--data-dir", default=None)
     args = ap.parse_args()
@@ -74,9 +80,11 @@ def main() -> int:
     import torch
 
     from r4t_fast.data.prepare import load_eval_data
-    from r4t_fast.diffusion.retriever import Retriever, query_budget_share
+    from r4t_fast.diffusion.options import query_budget_share
+    from r4t_fast.diffusion.retriever import Retriever
     from r4t_fast.eval.evaluation import evaluate
     from r4t_fast.eval.plots import plot_frontier
+    from r4t_fast.eval.selection import choose_by_rails
 
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -84,7 +92,10 @@ def main() -> int:
     (out / "test").mkdir(parents=True, exist_ok=True)
     data = load_eval_data(args.dataset, encoder=args.encoder, data_dir=args.data_dir, progress=False)
     r = Retriever.from_pretrained(args.retriever, encoder=data.encoder)
+    if args.candidate_pull is not None:
+        r.defaults["candidate_pull"] = args.candidate_pull
     base_defaults = dict(r.defaults)
+    cp = "" if args.candidate_pull is None else f"-cp{args.candidate_pull:g}"
     t0 = time.perf_counter()
 
     def rec(split: str, slug: str, method: Any, **kw: Any) -> dict[str, Any]:
@@ -99,7 +110,7 @@ def main() -> int:
 
     def r4t(split: str, anchor: float, pull: float) -> dict[str, Any]:
         r.defaults.update(base_defaults, anchor=anchor, pull=pull)
-        return rec(split, f"r4t-a{anchor:g}-p{pull:g}", r, method_name="r4t-diffusion")
+        return rec(split, f"r4t-a{anchor:g}-p{pull:g}{cp}", r, method_name="r4t-diffusion")
 
     def baselines(split: str) -> dict[str, dict[str, Any]]:
         b = {"dense": rec(split, "dense", "dense")}
@@ -116,6 +127,10 @@ def main() -> int:
     grid = [(a, p) for p in args.pulls for a in args.anchors]
     val_r4t = {(a, p): m(r4t("val", a, p)) for a, p in grid}
     val_b = {name: m(x) for name, x in baselines("val").items()}
+    if args.val_only:
+        for key, x in [*val_r4t.items(), *val_b.items()]:
+            print(key, {k: None if v is None else round(v, 4) for k, v in x.items()}, flush=True)
+        return 0
     choices: dict[str, dict[str, Any]] = {}
     for name, b in val_b.items():
         if name == "dense":
@@ -124,22 +139,8 @@ def main() -> int:
         choices[name] = {"setting": best, "val_margin": margin(val_r4t[best], b)}
     dense, mmr9 = val_b["dense"], val_b["mmr λ 0.9"]
 
-    def rails(x: dict[str, float], deep: bool = True) -> bool:
-        return (
-            x["recall_at_fair"] >= dense["recall_at_fair"] - 0.01
-            and x["item_relevance"] >= dense["item_relevance"] - 0.08
-            and x["vendi"] >= mmr9["vendi"] + 1.0
-            and (not deep or (x["recall@5000"] or 0.0) >= (dense["recall@5000"] or 0.0) + args.deep_margin)
-        )
-
-    ok = [s for s in grid if rails(val_r4t[s])]
-    ok_fair = [s for s in grid if rails(val_r4t[s], deep=False)]
-    if ok:
-        default = max(ok, key=lambda s: val_r4t[s]["recall_at_fair"])
-    elif ok_fair:  # no setting clears the deep rail: the fair rails alone, the best R@5000 among them
-        default = max(ok_fair, key=lambda s: val_r4t[s]["recall@5000"] or 0.0)
-    else:
-        default = max(grid, key=lambda s: val_r4t[s]["recall_at_fair"] + val_r4t[s]["vendi"] / 100)
+    i, tier = choose_by_rails([val_r4t[s] for s in grid], dense, mmr9, deep_margin=args.deep_margin)
+    default = grid[i]
 
     # -- test, once: the chosen settings and every baseline ----------------------------------------------
     rows_alone = (0.0, 0.0)  # the set model's own rows (anchor 0, no pull), reported on test too
@@ -169,7 +170,8 @@ def main() -> int:
     default_row = {
         "setting": {"anchor": default[0], "pull": default[1]},
         "query_share_of_budget": query_budget_share(default[0], 10),
-        "val_meets_rails": bool(ok),
+        "val_meets_rails": tier == "all",
+        "val_tier": tier,
         "test": m(d_test),
         "vs": {
             name: {
@@ -184,7 +186,7 @@ def main() -> int:
         "dataset": args.dataset,
         "retriever": args.retriever,
         "retriever_defaults": base_defaults,
-        "grid": {"anchors": args.anchors, "pulls": args.pulls},
+        "grid": {"anchors": args.anchors, "pulls": args.pulls, "candidate_pull": args.candidate_pull},
         "val": {
             "r4t": [{"anchor": a, "pull": p, **val_r4t[(a, p)]} for a, p in grid],
             "baselines": val_b,
@@ -196,7 +198,7 @@ def main() -> int:
             "default": "on val: recall_at_fair >= dense - 0.01, item_relevance >= dense - 0.08, vendi >= "
             f"MMR(lambda 0.9) + 1.0 and recall@5000 >= dense + {args.deep_margin:g}; among those the highest "
             "recall_at_fair; else among those meeting the first three the highest recall@5000; else the "
-            "highest R + V/100",
+            "highest R + V/100 (r4t_fast.eval.selection.choose_by_rails)",
         },
         "test": {
             "rows": rows,
@@ -276,7 +278,8 @@ def main() -> int:
         "",
         "## Test: the default setting chosen on val",
         "",
-        f"Rule: {res['rules']['default']}. Chosen: anchor {default[0]:g}, pull {default[1]:g} (query's own "
+        f"Rule: {res['rules']['default']}. Chosen: anchor {default[0]:g}, pull {default[1]:g}, candidate "
+        f"pull {args.candidate_pull} (query's own "
         f"ranking: {100 * default_row['query_share_of_budget']:.0f} % of the candidate budget; val rails "
         f"met: {default_row['val_meets_rails']}). Test: R@fair {pct(dt['recall_at_fair'])}, Vendi "
         f"{dt['vendi']:.2f}, item rel. {pct(dt['item_relevance'])}, R@5000 {pct(dt['recall@5000'])}.",

@@ -24,7 +24,8 @@ from r4t_fast import Catalog, cli, ops
 from r4t_fast._internal import check_seed
 from r4t_fast.data.encoders import HashingEncoder
 from r4t_fast.diffusion.model import SetDenoiser
-from r4t_fast.diffusion.retriever import MAX_K_RETRIEVE, Retriever
+from r4t_fast.diffusion.options import MAX_K_RETRIEVE
+from r4t_fast.diffusion.retriever import Retriever
 from r4t_fast.kernels import _backend
 
 hypothesis = pytest.importorskip("hypothesis")

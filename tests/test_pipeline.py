@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import make_tiny_policy, sets_jsonl
-from r4t_fast.diffusion.retriever import query_budget_share
+from r4t_fast.diffusion.options import query_budget_share
 from r4t_fast.pipeline import DEFAULT_METHODS, PIPELINE_PRESETS, run_pipeline
 
 ANSWER = '<queries>["red scarf", "black boots", "blue jacket"]</queries><|im_end|>'

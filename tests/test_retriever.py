@@ -20,8 +20,9 @@ from r4t_fast import Catalog
 from r4t_fast._internal import SavedDirError
 from r4t_fast.data.encoders import HashingEncoder
 from r4t_fast.diffusion.model import SetDenoiser
+from r4t_fast.diffusion.options import MAX_GUIDANCE, MAX_STEPS, query_seeds
 from r4t_fast.diffusion.retrieve_cli import cli_main
-from r4t_fast.diffusion.retriever import MAX_GUIDANCE, MAX_STEPS, Retriever, query_seeds
+from r4t_fast.diffusion.retriever import Retriever
 from r4t_fast.diffusion.samplers import SAMPLERS, eager_sample_sets, sampler_sigmas
 from r4t_fast.kernels import reference
 from r4t_fast.objectives.coverage import round_robin_union, union_candidates
@@ -92,6 +93,36 @@ def test_query_pull_moves_rows_toward_the_query_on_both_paths(r: Retriever, samp
     for bad in (-0.1, math.nan, 11.0, "x"):
         with pytest.raises(ValueError, match="pull"):
             r.retrieve(QUERIES, pull=bad)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("anchor", [0.0, 0.3])
+def test_candidate_pull_reads_the_lists_around_differently_pulled_rows(
+    r: Retriever, fused: bool, anchor: float
+) -> None:
+    kw = dict(k=6, n_candidates=5, steps=4, seed=5, anchor=anchor, pull=1.0, fused=fused)
+    q = torch.from_numpy(np.asarray(r.encoder.encode(QUERIES), dtype=np.float32))
+    cat = np.asarray(r.catalog.embeddings, dtype=np.float32)
+    pulled = r.retrieve_embeddings(q, **kw)
+    for cp in (None, 1.0, 0.0, 0.3, -0.5):
+        got = r.retrieve_embeddings(q, candidate_pull=cp, **kw)
+        for i, (p, g) in enumerate(zip(pulled, got, strict=True)):
+            assert g.item_ids == p.item_ids  # the items are grounded from the pulled rows either way
+            np.testing.assert_array_equal(g.row_embeddings, p.row_embeddings)
+            first = 1 if anchor else 0  # row 0 (and the appended rows) hold the query's own ranking
+            np.testing.assert_array_equal(g.candidates[:first], p.candidates[:first])
+            free = p.row_embeddings[first:]
+            if cp is not None:
+                free = free + (cp - 1.0) * q[i].numpy()
+            want = np.argsort(-(free @ cat.T), axis=1, kind="stable")[:, :5]
+            np.testing.assert_array_equal(g.candidates[first : first + len(free)], want)
+            if cp in (None, 1.0):
+                np.testing.assert_array_equal(g.candidates, p.candidates)
+    stored = _retriever(candidate_pull=0.0)
+    assert stored.defaults["candidate_pull"] == 0.0 and r.defaults["candidate_pull"] is None
+    for bad in (-10.5, math.nan, 11.0, "x"):
+        with pytest.raises(ValueError, match="candidate_pull"):
+            r.retrieve(QUERIES, candidate_pull=bad)
 
 
 def test_fused_option_on_the_retriever() -> None:

@@ -8,9 +8,10 @@ import torch
 from helpers import sets_jsonl
 from r4t_fast.data.prepare import load_eval_data
 from r4t_fast.diffusion.model import SetDenoiser, get_preset
-from r4t_fast.diffusion.retriever import Retriever, query_budget_share
+from r4t_fast.diffusion.options import query_budget_share
+from r4t_fast.diffusion.retriever import Retriever
 from r4t_fast.diffusion.samplers import nfe
-from r4t_fast.eval.selection import select_retrieval_settings
+from r4t_fast.eval.selection import choose_by_rails, select_retrieval_settings
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +177,39 @@ def test_rails_pick_the_best_recall_among_the_settings_within_them(setup) -> Non
 
 def test_without_a_setting_within_the_rails_recall_plus_vendi_decides(setup) -> None:
     res = _select(setup, (-1.0, 0.0, 0.0))  # recall >= dense + 1: impossible
-    assert "(0 qualified" in res["rule"]
+    assert "tier 'none'" in res["rule"]
     best = max(res["rows"], key=lambda x: x["recall_at_fair"] + x["vendi"] / 100)
     assert res["reference"] == best
+
+
+def _row(r: float, rel: float, v: float, deep: float) -> dict[str, float]:
+    return {"recall_at_fair": r, "item_relevance": rel, "vendi": v, "recall@5000": deep}
+
+
+def test_choose_by_rails_tiers() -> None:
+    dense, mmr = _row(0.15, 0.77, 4.4, 0.38), {"vendi": 5.2}
+    rows = [
+        _row(0.16, 0.70, 6.7, 0.39),  # fair rails met, deep rail (+0.02) missed
+        _row(0.145, 0.70, 6.7, 0.405),  # every rail met
+        _row(0.17, 0.60, 8.0, 0.45),  # relevance rail missed
+        _row(0.145, 0.70, 6.7, 0.42),  # every rail met, deeper than row 1, the same recall
+    ]
+    assert choose_by_rails(rows, dense, mmr) == (0, "all")  # no deep rail: the highest recall
+    assert choose_by_rails(rows, dense, mmr, deep_margin=0.02) == (1, "all")
+    assert choose_by_rails(rows, dense, mmr, deep_margin=0.05) == (3, "fair")  # the deepest within
+    assert choose_by_rails(rows[:2], dense, mmr, deep_margin=0.05) == (1, "fair")
+    assert choose_by_rails(rows, dense, mmr, rails=(0.0, 0.0, 9.0)) == (2, "none")  # R + V / 100
+    with pytest.raises(ValueError, match="rows"):
+        choose_by_rails([], dense, mmr)
+
+
+def test_deep_rail_reaches_the_selection(setup) -> None:
+    data, r = setup
+    kw = dict(anchors=(0.0, 0.3), guidances=(0.0,), grid=(("heun", 2),), rule="rails", apply=False)
+    res = select_retrieval_settings(r, data, rails=(1.0, 1.0, -100.0), progress=False, **kw)
+    deep = select_retrieval_settings(r, data, rails=(1.0, 1.0, -100.0), deep_margin=1.0, progress=False, **kw)
+    assert "tier 'all'" in res["rule"] and "recall@5000 >= dense + 1" in deep["rule"]
+    assert "tier 'fair'" in deep["rule"]  # recall@5000 >= dense + 1: impossible (and none at 60 items)
 
 
 def test_rule_is_checked_and_the_query_share_is_stated() -> None:

@@ -119,7 +119,8 @@ def run_pipeline(
         torch.set_num_threads(int(threads))
     if rl_policy is not None and not (Path(rl_policy) / "config.json").is_file():
         raise FileNotFoundError(f"rl_policy: {rl_policy} is not a model directory (no config.json)")
-    from r4t_fast.diffusion.retriever import Retriever, query_budget_share
+    from r4t_fast.diffusion.options import query_budget_share
+    from r4t_fast.diffusion.retriever import Retriever
     from r4t_fast.train import rl as rl_mod
     from r4t_fast.train.diffusion import (
         DiffusionTrainConfig,

@@ -25,15 +25,8 @@ from r4t_fast._internal import (
     verify_dir,
 )
 from r4t_fast.diffusion.model import load_model
-from r4t_fast.diffusion.retriever import (
-    FORMAT,
-    MAX_GUIDANCE,
-    MAX_K_RETRIEVE,
-    MAX_PULL,
-    MAX_STEPS,
-    NOISE_MODES,
-    Retriever,
-)
+from r4t_fast.diffusion.options import MAX_GUIDANCE, MAX_K_RETRIEVE, MAX_PULL, MAX_STEPS, NOISE_MODES
+from r4t_fast.diffusion.retriever import FORMAT, Retriever
 from r4t_fast.diffusion.samplers import SAMPLERS
 
 __all__ = ["add_cli_arguments", "cli_main", "retriever_from_model"]

@@ -21,7 +21,6 @@ elsewhere (CUDA, ``fused=False``) the eager samplers, then :func:`r4t_fast.ops.g
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -38,11 +37,8 @@ from r4t_fast._internal import (
     MANIFEST_NAME,
     SavedDirError,
     atomic_write_text,
-    check_choice,
-    check_float,
     check_non_negative_int,
     check_positive_int,
-    check_seed,
     save_dir_atomically,
     unit_rows,
     verify_dir,
@@ -51,29 +47,27 @@ from r4t_fast.data.backends import ground_sets as index_ground_sets
 from r4t_fast.data.catalog import Catalog
 from r4t_fast.data.results import RetrievalResult
 from r4t_fast.diffusion.model import EDM, SetDenoiser, load_model, save_model, shift_rows
+from r4t_fast.diffusion.options import (
+    MAX_K_RETRIEVE,
+    check_options,
+    query_rows,
+    query_seeds,
+)
 from r4t_fast.diffusion.samplers import (
-    SAMPLERS,
     SAMPLING_DEFAULTS,
     eager_sample_sets,
     fused_packing,
     fused_sample_sets,
     sampler_sigmas,
 )
-from r4t_fast.kernels import ops, sample_ops
+from r4t_fast.kernels import ops
 from r4t_fast.kernels._arrays import all_finite
 from r4t_fast.kernels.sampler_pack import PackedDenoiser
 
-__all__ = ["MAX_GUIDANCE", "MAX_K_RETRIEVE", "MAX_STEPS", "Retriever", "RetrievedSet"]
+__all__ = ["Retriever", "RetrievedSet"]
 
 FORMAT = "r4t_fast.retriever"
 FORMAT_VERSION = 1
-MAX_STEPS = 1000
-"""Largest ``steps`` a retrieval accepts (16 is the default; thousands of steps are a typo)."""
-MAX_GUIDANCE = 1000.0
-MAX_K_RETRIEVE = 1024
-"""Most items per set: grounding a set costs O(k^2) (k rows x k candidates, then greedy; k = 4,000
-took 27 s on 2 CPU cores, k = 8,000 2 GB eager), so larger sets are refused with this limit's name."""
-"""Largest |guidance| a retrieval accepts (useful weights are 0-10; beyond this float32 rows overflow)."""
 
 
 @dataclass(frozen=True)
@@ -96,68 +90,6 @@ def _check_fused(value: Any) -> bool | None:
     return value
 
 
-PRECISIONS = tuple(p for p in sample_ops.PRECISIONS if p != "bf16-emulated")
-"""The sampler's GEMM precision: float32, or bf16 inputs and weights with float32 accumulation (a speed
-option of the fused CPU kernel: AVX512-BF16 where the CPU has it; the eager path runs float32)."""
-NOISE_MODES = ("query", "fixed")
-"""Where a query's initial noise comes from: its own seed (``query_seeds``: a different draw per query)
-or one draw of ``seed`` shared by every query (a model trained with ``retrieval_noise='fixed'``)."""
-MAX_PULL = 10.0
-"""Largest query pull accepted (rows are unit-scale; beyond a few units every row is the query)."""
-
-
-def check_options(o: dict[str, Any]) -> dict[str, Any]:
-    """Validate sampling options (the one rule for the constructor, ``retrieve`` and the CLI)."""
-    out = dict(o)
-    out["steps"] = check_positive_int(o["steps"], "steps", upper=MAX_STEPS)
-    out["sampler"] = check_choice(o["sampler"], sorted(SAMPLERS), "sampler")
-    out["guidance"] = check_float(o["guidance"], "guidance", low=-MAX_GUIDANCE, high=MAX_GUIDANCE)
-    out["seed"] = check_seed(o["seed"], "seed")
-    out["anchor"] = check_float(o.get("anchor", 0.0), "anchor")
-    if not 0.0 <= out["anchor"] < 1.0:
-        raise ValueError(f"anchor: expected a number in [0, 1) (the query's share), got {o['anchor']!r}")
-    out["pull"] = check_float(o.get("pull", 0.0), "pull", low=0.0, high=MAX_PULL)
-    out["precision"] = check_choice(o.get("precision", "fp32"), PRECISIONS, "precision")
-    out["noise"] = check_choice(o.get("noise", "query"), NOISE_MODES, "noise")
-    return out
-
-
-def query_rows(anchor: float, k: int) -> int:
-    """``m``: the candidate rows holding the query's own ranking at ``anchor`` (row 0 and ``m - 1``
-    appended rows; 0 without an anchor). The one home of ``max(1, round(anchor * k / (1 - anchor)))``.
-
-    >>> query_rows(0.3, 10), query_rows(0.1, 10), query_rows(0.0, 10)
-    (4, 1, 0)
-    """
-    return max(1, round(anchor * k / (1 - anchor))) if anchor > 0 else 0
-
-
-def query_budget_share(anchor: float, k: int) -> float:
-    """The share of the fair candidate budget that the query's own dense ranking takes at ``anchor``.
-
-    With ``anchor > 0``, row 0 is the query itself (one of the ``k`` items is the query's nearest item)
-    and ``m = max(1, round(anchor * k / (1 - anchor)))`` of the ``k - 1 + m`` candidate rows hold the
-    query's ranking interleaved (row 0 and ``m - 1`` appended rows; row j reads ranks j, j + m, ...), so a
-    round-robin union or a fixed quota per row reads the ranking in order, without reading a rank twice:
-    ``m / (k - 1 + m)`` of the budget; 0 without an anchor row.
-
-    >>> round(query_budget_share(0.3, 10), 4), query_budget_share(0.0, 10)
-    (0.3077, 0.0)
-    """
-    if anchor <= 0:
-        return 0.0
-    m = query_rows(anchor, k)
-    return m / (k - 1 + m)
-
-
-def query_seeds(seed: int, q: torch.Tensor) -> list[int]:
-    """One seed per query, from ``seed`` and the query embedding's float32 bytes: the same query gets
-    the same noise (hence the same set) alone or anywhere in any batch."""
-    base = int(seed).to_bytes(16, "little", signed=True)
-    rows = q.detach().cpu().float().contiguous().numpy()
-    return [int.from_bytes(hashlib.sha256(base + r.tobytes()).digest()[:8], "little") >> 1 for r in rows]
-
-
 class Retriever:
     """Diffusion fan-out retriever (method name ``r4t-diffusion``).
 
@@ -168,8 +100,8 @@ class Retriever:
         encoder: text encoder for queries (``.encode(list[str]) -> (n, cond_dim)``), or None when only
             :meth:`retrieve_embeddings` is used.
         encoder_spec: how to rebuild the encoder on load (e.g. ``"minilm"``).
-        steps, sampler, guidance, seed, anchor, pull, precision, noise: sampling defaults (overridable per
-            call, stored on save); see :meth:`retrieve_embeddings`.
+        steps, sampler, guidance, seed, anchor, pull, candidate_pull, precision, noise: sampling defaults
+            (overridable per call, stored on save); see :meth:`retrieve_embeddings`.
         fused: default of ``retrieve(fused=...)``: None (auto: the fused CPU kernel when it applies),
             True (require it), False (the eager samplers + ``ops.ground_sets``, for comparisons).
         coarse: the fused kernel's grounding search over an int8 copy of the catalog with an exact
@@ -195,6 +127,7 @@ class Retriever:
         seed: int = SAMPLING_DEFAULTS.seed,
         anchor: float = 0.0,
         pull: float = 0.0,
+        candidate_pull: float | None = None,
         precision: str = "fp32",
         noise: str = "query",
         fused: bool | None = None,
@@ -218,6 +151,7 @@ class Retriever:
                 "seed": seed,
                 "anchor": anchor,
                 "pull": pull,
+                "candidate_pull": candidate_pull,
                 "precision": precision,
                 "noise": noise,
             }
@@ -386,6 +320,7 @@ class Retriever:
         seed: int | None = None,
         anchor: float | None = None,
         pull: float | None = None,
+        candidate_pull: float | None = None,
         precision: str | None = None,
         noise: str | None = None,
         allowed: Any = None,
@@ -412,6 +347,11 @@ class Retriever:
             pull: in [0, 10], how far every sampled row is moved toward the query before grounding:
                 row + pull * query (needs cond_dim == dim; 0 = the model's rows). A retrieval-time
                 trade chosen on validation: more pull raises item relevance and recall, lowers Vendi.
+            candidate_pull: in [-10, 10], the pull of the rows the ``candidates`` lists are read around
+                (the model's row + candidate_pull * query; negative: moved away from the query), apart
+                from the items' ``pull``; None (the default) = ``pull``. The items want rows near the
+                query (relevance), a deep candidate list wants rows off the query's own ranking (which
+                the anchor already reads): a large ``pull`` with ``candidate_pull`` <= 0 serves both.
             precision: ``"fp32"`` or ``"bf16"`` (:data:`PRECISIONS`): the sampler's GEMMs on bf16 inputs and
                 weights, float32 accumulation -- about twice the fused kernel's speed on a CPU with
                 AVX512-BF16 (``build_info()["sampler_bf16"]``); rows within ~0.3 % of float32's.
@@ -443,6 +383,7 @@ class Retriever:
 
         given = {"steps": steps, "sampler": sampler, "guidance": guidance, "seed": seed, "anchor": anchor}
         given["pull"], given["precision"], given["noise"] = pull, precision, noise
+        given["candidate_pull"] = candidate_pull
         over = {key: v for key, v in given.items() if v is not None}
         o = check_options({**self.defaults, **over}) if over else self.defaults  # defaults: checked once
         n_rows_c = k + max(0, query_rows(o["anchor"], k) - 1)  # k rows + m - 1 of the query
@@ -451,10 +392,11 @@ class Retriever:
                 f"n_candidates: {n_candidates} per row x {n_rows_c} rows x {q.shape[0]} queries exceeds "
                 f"{ops.MAX_RESULT_SLOTS} candidate slots; pass fewer candidates or queries per call"
             )
-        if o["pull"] > 0 and cfg.cond_dim != cfg.dim:
-            raise ValueError(
-                f"pull: needs queries in the items' space (cond_dim {cfg.cond_dim} != dim {cfg.dim})"
-            )
+        for name in ("pull", "candidate_pull"):
+            if (o[name] or 0.0) > 0 and cfg.cond_dim != cfg.dim:
+                raise ValueError(
+                    f"{name}: needs queries in the items' space (cond_dim {cfg.cond_dim} != dim {cfg.dim})"
+                )
         if o["anchor"] > 0 and cfg.cond_dim != cfg.dim:
             raise ValueError(
                 f"anchor: needs queries in the items' space (cond_dim {cfg.cond_dim} != dim {cfg.dim})"
@@ -546,6 +488,9 @@ class Retriever:
         cands = None
         if n_candidates:
             free = rows_n[:, 1:] if m else rows_n  # with the anchor, row 0's list is the query's ranking
+            cp = o["pull"] if o["candidate_pull"] is None else o["candidate_pull"]
+            if cp != o["pull"]:  # the lists are read around rows moved by candidate_pull, not by pull
+                free = free + np.float32(cp - o["pull"]) * q.cpu().numpy()[:, None, :].astype(free.dtype)
             rows_t = torch.from_numpy(np.ascontiguousarray(free)).to(cat.device)
             _, cands = self._knn(rows_t.reshape(-1, cfg.dim).contiguous(), cat, n_candidates, mask, via_index)
             cands = cands.cpu().reshape(B, free.shape[1], n_candidates)

@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_GRID",
     "DEFAULT_GUIDANCES",
     "DEFAULT_RAILS",
+    "choose_by_rails",
     "meets_tolerance",
     "rows_recall_scorer",
     "select_distilled",
@@ -66,7 +67,56 @@ item_relevance at most 0.08 below dense's, vendi at least 1.0 above MMR's."""
 DEFAULT_CONSISTENCY_STEPS: tuple[int, ...] = (1, 2, 3, 4)
 """Consistency step counts of a distilled model tried by :func:`select_distilled`."""
 
-_KEYS = ("recall_at_fair", "vendi", "item_relevance", "hit_at_fair", "row_groundedness")
+_KEYS = ("recall_at_fair", "vendi", "item_relevance", "hit_at_fair", "row_groundedness", "recall@5000")
+
+
+def choose_by_rails(
+    rows: Sequence[dict[str, Any]],
+    dense: dict[str, Any],
+    mmr: dict[str, Any],
+    rails: tuple[float, float, float] = DEFAULT_RAILS,
+    deep_margin: float | None = None,
+) -> tuple[int, str]:
+    """Issue 18's guard-rail rule, the one home of it (the pipeline's ``select`` stage and
+    ``benchmarks/frontier.py``): the index of the chosen row of ``rows`` (metric dicts scored on the same
+    queries as ``dense`` and ``mmr``) and which tier chose it.
+
+    Tier ``"all"``: among the rows with ``recall_at_fair >= dense - rails[0]``, ``item_relevance >= dense
+    - rails[1]``, ``vendi >= mmr + rails[2]`` and, when ``deep_margin`` is given, ``recall@5000 >= dense +
+    deep_margin``, the highest ``recall_at_fair`` (ties: higher ``vendi``); tier ``"fair"`` (no row clears
+    the deep rail): among those meeting the first three, the highest ``recall@5000``; tier ``"none"``:
+    the highest ``recall_at_fair + vendi / 100``.
+
+    >>> d = {"recall_at_fair": 0.15, "item_relevance": 0.77, "recall@5000": 0.38}
+    >>> m = {"vendi": 5.2}
+    >>> rows = [{"recall_at_fair": 0.16, "item_relevance": 0.70, "vendi": 6.7, "recall@5000": 0.39},
+    ...         {"recall_at_fair": 0.145, "item_relevance": 0.70, "vendi": 6.7, "recall@5000": 0.41}]
+    >>> choose_by_rails(rows, d, m), choose_by_rails(rows, d, m, deep_margin=0.02)
+    ((0, 'all'), (1, 'all'))
+    """
+    if not rows:
+        raise ValueError("rows: needs at least one scored setting")
+
+    def fair(r: dict[str, Any]) -> bool:
+        return (
+            r["recall_at_fair"] >= dense["recall_at_fair"] - rails[0]
+            and r["item_relevance"] >= dense["item_relevance"] - rails[1]
+            and r["vendi"] >= mmr["vendi"] + rails[2]
+        )
+
+    def deep(r: dict[str, Any]) -> bool:
+        return deep_margin is None or (r.get("recall@5000") or 0.0) >= (dense.get("recall@5000") or 0.0) + (
+            deep_margin
+        )
+
+    idx = range(len(rows))
+    ok = [i for i in idx if fair(rows[i]) and deep(rows[i])]
+    if ok:
+        return max(ok, key=lambda i: (rows[i]["recall_at_fair"], rows[i]["vendi"])), "all"
+    ok = [i for i in idx if fair(rows[i])]
+    if ok:
+        return max(ok, key=lambda i: rows[i].get("recall@5000") or 0.0), "fair"
+    return max(idx, key=lambda i: rows[i]["recall_at_fair"] + rows[i]["vendi"] / 100), "none"
 
 
 def _score(retriever: Any, data: Any, split: str, limit: int | None, settings: dict[str, Any]) -> dict:
@@ -188,6 +238,7 @@ def select_retrieval_settings(
     progress: bool = True,
     rule: str = "recall",
     rails: tuple[float, float, float] = DEFAULT_RAILS,
+    deep_margin: float | None = None,
     mmr_lambda: float = 0.9,
     precisions: Sequence[str] = ("fp32", "bf16"),
 ) -> dict[str, Any]:
@@ -211,6 +262,8 @@ def select_retrieval_settings(
             same queries; among the settings with ``recall_at_fair >= dense - rails[0]``,
             ``item_relevance >= dense - rails[1]`` and ``vendi >= MMR + rails[2]``, the highest
             ``recall_at_fair``; when none meets them, the highest ``recall_at_fair + vendi / 100``.
+        deep_margin: with ``rule="rails"``, also ask ``recall@5000 >= dense + deep_margin`` (the paper's
+            budget; :func:`choose_by_rails`); None: no deep rail.
         precisions: the grid runs at ``precisions[0]``; each other precision (``"bf16"``: the fused
             sampler's bf16 GEMMs, faster) is scored at the chosen setting and taken when it meets
             ``tolerance`` of that setting's row (the first that does).
@@ -224,7 +277,7 @@ def select_retrieval_settings(
         raise ValueError("anchors, guidances, grid, pulls: each needs at least one value")
     tol = _check_tolerance(tolerance)
     check_choice(rule, ("recall", "rails"), "rule")
-    from r4t_fast.diffusion.retriever import PRECISIONS
+    from r4t_fast.diffusion.options import PRECISIONS
 
     if not precisions or any(p not in PRECISIONS for p in precisions):
         raise ValueError(f"precisions: expected a non-empty list of 'fp32' / 'bf16', got {precisions!r}")
@@ -260,23 +313,15 @@ def select_retrieval_settings(
     else:
         dense = baselines["dense"] = _score_baseline("dense", None, data, split, limit)
         mmr = baselines["mmr"] = _score_baseline("mmr", {"lambda_": mmr_lambda}, data, split, limit)
-        ok = [
-            r
-            for r in quality
-            if r["recall_at_fair"] >= dense["recall_at_fair"] - rails[0]
-            and r["item_relevance"] >= dense["item_relevance"] - rails[1]
-            and r["vendi"] >= mmr["vendi"] + rails[2]
-        ]
-        ref = (
-            max(ok, key=lambda r: (r["recall_at_fair"], r["vendi"]))
-            if ok
-            else max(quality, key=lambda r: r["recall_at_fair"] + r["vendi"] / 100)
-        )
+        i, tier = choose_by_rails(quality, dense, mmr, rails, deep_margin)
+        ref = quality[i]
+        deep = "" if deep_margin is None else f" and recall@5000 >= dense + {deep_margin:g}"
         rule_text = (
             f"anchor x guidance x pull at {ref_sampler} {ref_steps} steps: among the settings with "
-            f"recall_at_fair >= dense - {rails[0]:g}, item_relevance >= dense - {rails[1]:g} and vendi >= "
-            f"MMR(lambda {mmr_lambda:g}) + {rails[2]:g} on the same queries, the highest recall_at_fair "
-            f"({len(ok)} qualified; without one: the highest recall_at_fair + vendi / 100)"
+            f"recall_at_fair >= dense - {rails[0]:g}, item_relevance >= dense - {rails[1]:g}, vendi >= "
+            f"MMR(lambda {mmr_lambda:g}) + {rails[2]:g}{deep} on the same queries, the highest "
+            "recall_at_fair; without one, among those meeting the fair rails the highest recall@5000; "
+            f"else the highest recall_at_fair + vendi / 100 (chosen by tier {tier!r})"
         )
     best = ref
     for sampler, steps in grid[1:]:

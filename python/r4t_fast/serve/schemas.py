@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from r4t_fast._internal import MAX_K
-from r4t_fast.diffusion.retriever import MAX_GUIDANCE, MAX_PULL, MAX_STEPS
+from r4t_fast.diffusion.options import MAX_GUIDANCE, MAX_PULL, MAX_STEPS
 
 __all__ = [
     "METHODS",
