@@ -1,7 +1,8 @@
 """The recall-diversity frontier (issue 18, lever 5): R4T-Diffusion's knobs against MMR, DPP and dense.
 
-On the **validation** split: a trained retriever at every ``anchor`` x ``pull`` of the grid (the knob
-traced), dense kNN, MMR (lambda 0.3 / 0.5 / 0.7 / 0.9) and DPP (theta 0.3 / 0.6 / 0.9). Two choices are
+On the **validation** split: a trained retriever at every ``anchor`` x ``pull`` x ``candidate_pull`` of
+the grid (the knobs traced; ``--candidate-pulls`` empty: the lists read around the items' rows), dense
+kNN, MMR (lambda 0.3 / 0.5 / 0.7 / 0.9) and DPP (theta 0.3 / 0.6 / 0.9). Two choices are
 made on validation only, by rules stated in the output:
 
 * **per baseline setting B**: among the R4T settings whose ``recall_at_fair`` and ``vendi`` are both at
@@ -43,6 +44,11 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
+def _pulls_or_none(text: str) -> list[float | None]:
+    """``0,-0.6,none``: floats, ``none`` = the items' own pull."""
+    return [None if x.strip().lower() == "none" else float(x) for x in text.split(",") if x]
+
+
 def margin(r: dict[str, float], b: dict[str, float]) -> float:
     """The smaller relative margin of ``r`` over ``b`` on recall_at_fair and vendi (> = 0: r dominates).
 
@@ -68,9 +74,9 @@ def main() -> int:
         help="the default's R@5000 rail on val: at least dense's plus this (issue 18: above dense, CI > 0)",
     )  # fmt: skip
     ap.add_argument(
-        "--candidate-pull", type=float, default=None,
-        help="the pull of the rows the candidate lists are read around, apart from the items' pull "
-        "(Retriever candidate_pull; default: the same as the items')",
+        "--candidate-pulls", type=_pulls_or_none, default=[None],
+        help="pulls of the rows the candidate lists are read around, apart from the items' pull "
+        "(Retriever candidate_pull), traced with the grid; 'none' = the items' pull (the default)",
     )  # fmt: skip
     ap.add_argument("--val-only", action="store_true", help="trace the grid on val, print it, stop")
     ap.add_argument("--encoder", default="minilm")
@@ -92,10 +98,7 @@ def main() -> int:
     (out / "test").mkdir(parents=True, exist_ok=True)
     data = load_eval_data(args.dataset, encoder=args.encoder, data_dir=args.data_dir, progress=False)
     r = Retriever.from_pretrained(args.retriever, encoder=data.encoder)
-    if args.candidate_pull is not None:
-        r.defaults["candidate_pull"] = args.candidate_pull
     base_defaults = dict(r.defaults)
-    cp = "" if args.candidate_pull is None else f"-cp{args.candidate_pull:g}"
     t0 = time.perf_counter()
 
     def rec(split: str, slug: str, method: Any, **kw: Any) -> dict[str, Any]:
@@ -108,9 +111,13 @@ def main() -> int:
             path.write_text(json.dumps(res, indent=2, default=str))
         return json.loads(path.read_text())
 
-    def r4t(split: str, anchor: float, pull: float) -> dict[str, Any]:
-        r.defaults.update(base_defaults, anchor=anchor, pull=pull)
+    def r4t(split: str, anchor: float, pull: float, cpull: float | None) -> dict[str, Any]:
+        r.defaults.update(base_defaults, anchor=anchor, pull=pull, candidate_pull=cpull)
+        cp = "" if cpull is None else f"-cp{cpull:g}"
         return rec(split, f"r4t-a{anchor:g}-p{pull:g}{cp}", r, method_name="r4t-diffusion")
+
+    def label(s: tuple[float, float, float | None]) -> str:
+        return f"anchor {s[0]:g}, pull {s[1]:g}" + ("" if s[2] is None else f", candidate pull {s[2]:g}")
 
     def baselines(split: str) -> dict[str, dict[str, Any]]:
         b = {"dense": rec(split, "dense", "dense")}
@@ -124,8 +131,11 @@ def main() -> int:
         return {k: x["metrics"].get(k) for k in KEYS}
 
     # -- validation: trace the knob, choose ------------------------------------------------------------
-    grid = [(a, p) for p in args.pulls for a in args.anchors]
-    val_r4t = {(a, p): m(r4t("val", a, p)) for a, p in grid}
+    cpulls: list[float | None] = list(dict.fromkeys(args.candidate_pulls)) or [None]
+    grid = [(a, p, c) for c in cpulls for p in args.pulls for a in args.anchors]
+    if None in cpulls:  # candidate pull == pull is the setting without one: traced once
+        grid = [st for st in grid if st[2] is None or st[2] != st[1]]
+    val_r4t = {s: m(r4t("val", *s)) for s in grid}
     val_b = {name: m(x) for name, x in baselines("val").items()}
     if args.val_only:
         for key, x in [*val_r4t.items(), *val_b.items()]:
@@ -143,8 +153,8 @@ def main() -> int:
     default = grid[i]
 
     # -- test, once: the chosen settings and every baseline ----------------------------------------------
-    rows_alone = (0.0, 0.0)  # the set model's own rows (anchor 0, no pull), reported on test too
-    chosen = sorted({rows_alone, default, *(c["setting"] for c in choices.values())})
+    rows_alone = (0.0, 0.0, None)  # the set model's own rows (anchor 0, no pull), reported on test too
+    chosen = list(dict.fromkeys([rows_alone, default, *(c["setting"] for c in choices.values())]))
     test_r4t = {s: r4t("test", *s) for s in chosen}
     test_b = baselines("test")
     r.defaults.update(base_defaults)
@@ -157,7 +167,7 @@ def main() -> int:
         rows.append(
             {
                 "baseline": name,
-                "r4t_setting": {"anchor": s[0], "pull": s[1]},
+                "r4t_setting": {"anchor": s[0], "pull": s[1], "candidate_pull": s[2]},
                 "val_dominates": c["val_margin"] >= 0,
                 "test_r4t": m(a),
                 "test_baseline": m(b),
@@ -168,7 +178,7 @@ def main() -> int:
         )
     d_test = test_r4t[default]
     default_row = {
-        "setting": {"anchor": default[0], "pull": default[1]},
+        "setting": {"anchor": default[0], "pull": default[1], "candidate_pull": default[2]},
         "query_share_of_budget": query_budget_share(default[0], 10),
         "val_meets_rails": tier == "all",
         "val_tier": tier,
@@ -186,9 +196,9 @@ def main() -> int:
         "dataset": args.dataset,
         "retriever": args.retriever,
         "retriever_defaults": base_defaults,
-        "grid": {"anchors": args.anchors, "pulls": args.pulls, "candidate_pull": args.candidate_pull},
+        "grid": {"anchors": args.anchors, "pulls": args.pulls, "candidate_pulls": cpulls},
         "val": {
-            "r4t": [{"anchor": a, "pull": p, **val_r4t[(a, p)]} for a, p in grid],
+            "r4t": [{"anchor": a, "pull": p, "candidate_pull": c, **val_r4t[(a, p, c)]} for a, p, c in grid],
             "baselines": val_b,
             "n_queries": rec("val", "dense", "dense")["n_queries"],
         },
@@ -203,7 +213,7 @@ def main() -> int:
         "test": {
             "rows": rows,
             "default": default_row,
-            "rows_alone": {"val": val_r4t.get(rows_alone), "test": m(test_r4t[rows_alone])},
+            "rows_alone": {"val": m(r4t("val", *rows_alone)), "test": m(test_r4t[rows_alone])},
             "n_queries": test_b["dense"]["n_queries"],
         },
         "wall_s": round(time.perf_counter() - t0, 1),
@@ -215,12 +225,14 @@ def main() -> int:
         ("test", {s: m(x) for s, x in test_r4t.items()}, {k: m(x) for k, x in test_b.items()}),
     ):
         pts = []
-        for p in args.pulls:
-            pts += [
-                {"family": f"r4t pull {p:g}", "label": f"a{a:g}", **pts_r[(a, p)]}
-                for a in args.anchors
-                if (a, p) in pts_r
-            ]
+        for c in cpulls:
+            for p in args.pulls:
+                fam = f"r4t pull {p:g}" + ("" if c is None else f" cp {c:g}")
+                pts += [
+                    {"family": fam, "label": f"a{a:g}", **pts_r[(a, p, c)]}
+                    for a in args.anchors
+                    if (a, p, c) in pts_r
+                ]
         pts += [{"family": "mmr", "label": n[4:], **x} for n, x in pts_b.items() if n.startswith("mmr")]
         pts += [{"family": "dpp", "label": n[4:], **x} for n, x in pts_b.items() if n.startswith("dpp")]
         pts += [{"family": "dense", "label": "dense", **pts_b["dense"]}]
@@ -244,8 +256,8 @@ def main() -> int:
         "| setting | R@fair | Vendi | item rel. | R@5000 |",
         "|---|---|---|---|---|",
     ]
-    for (a, p), x in val_r4t.items():
-        md.append(f"| r4t anchor {a:g} pull {p:g} | {pct(x['recall_at_fair'])} | {x['vendi']:.2f} "
+    for st, x in val_r4t.items():
+        md.append(f"| r4t {label(st)} | {pct(x['recall_at_fair'])} | {x['vendi']:.2f} "
                   f"| {pct(x['item_relevance'])} | {pct(x['recall@5000'])} |")  # fmt: skip
     for name, x in val_b.items():
         md.append(f"| {name} | {pct(x['recall_at_fair'])} | {x['vendi']:.2f} | {pct(x['item_relevance'])} "
@@ -263,7 +275,7 @@ def main() -> int:
     for row in rows:
         s, a, b = row["r4t_setting"], row["test_r4t"], row["test_baseline"]
         md.append(
-            f"| {row['baseline']} | anchor {s['anchor']:g}, pull {s['pull']:g} | {pct(a['recall_at_fair'])} "
+            f"| {row['baseline']} | {label(tuple(s.values()))} | {pct(a['recall_at_fair'])} "
             f"| {pct(b['recall_at_fair'])} | {ci_cell(row['d_recall'], 100, 1)} | {a['vendi']:.2f} "
             f"| {b['vendi']:.2f} | {ci_cell(row['d_vendi'], 1, 2)} | {'yes' if row['met'] else 'no'} |"
         )
@@ -278,8 +290,7 @@ def main() -> int:
         "",
         "## Test: the default setting chosen on val",
         "",
-        f"Rule: {res['rules']['default']}. Chosen: anchor {default[0]:g}, pull {default[1]:g}, candidate "
-        f"pull {args.candidate_pull} (query's own "
+        f"Rule: {res['rules']['default']}. Chosen: {label(default)} (query's own "
         f"ranking: {100 * default_row['query_share_of_budget']:.0f} % of the candidate budget; val rails "
         f"met: {default_row['val_meets_rails']}). Test: R@fair {pct(dt['recall_at_fair'])}, Vendi "
         f"{dt['vendi']:.2f}, item rel. {pct(dt['item_relevance'])}, R@5000 {pct(dt['recall@5000'])}.",
