@@ -133,6 +133,7 @@ def test_select_distilled_follows_the_rule(setup) -> None:
         "guidance": 0.0,
         "anchor": 0.3,
         "pull": 0.0,
+        "candidate_pull": None,
         "precision": "fp32",
     }
     assert {k: r.defaults[k] for k in res["chosen"]} == res["chosen"]
@@ -210,6 +211,21 @@ def test_deep_rail_reaches_the_selection(setup) -> None:
     deep = select_retrieval_settings(r, data, rails=(1.0, 1.0, -100.0), deep_margin=1.0, progress=False, **kw)
     assert "tier 'all'" in res["rule"] and "recall@5000 >= dense + 1" in deep["rule"]
     assert "tier 'fair'" in deep["rule"]  # recall@5000 >= dense + 1: impossible (and none at 60 items)
+
+
+def test_candidate_pulls_are_traced_with_each_pull(setup) -> None:
+    data, r = setup
+    res = select_retrieval_settings(
+        r, data, anchors=(0.3,), guidances=(0.0,), pulls=(0.0, 0.5), candidate_pulls=(None, 0.0, -0.5),
+        grid=(("heun", 2),), apply=False, progress=False,
+    )  # fmt: skip
+    quality = res["rows"][:5]  # then the precision rows at the choice
+    tried = [(x["pull"], x["candidate_pull"]) for x in quality]
+    # pull 0 with candidate pull 0 is the setting without one: tried once
+    assert tried == [(0.0, None), (0.0, -0.5), (0.5, None), (0.5, 0.0), (0.5, -0.5)]
+    assert "candidate_pull" in res["chosen"] and res["chosen"]["candidate_pull"] in (None, 0.0, -0.5)
+    by = {t: x for t, x in zip(tried, quality, strict=True)}
+    assert by[(0.5, 0.0)]["item_relevance"] == by[(0.5, None)]["item_relevance"]  # items: the pull's
 
 
 def test_rule_is_checked_and_the_query_share_is_stated() -> None:

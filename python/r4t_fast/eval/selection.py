@@ -58,7 +58,7 @@ DEFAULT_GRID: tuple[tuple[str, int], ...] = (
 )
 """(sampler, steps) pairs tried for the fewest network evaluations; the first is the reference."""
 
-_SETTINGS = ("sampler", "steps", "guidance", "anchor", "pull", "precision")
+_SETTINGS = ("sampler", "steps", "guidance", "anchor", "pull", "candidate_pull", "precision")
 
 DEFAULT_RAILS: tuple[float, float, float] = (0.01, 0.08, 1.0)
 """Issue 18's guard rails of the ``"rails"`` rule: recall_at_fair at most 0.01 below dense kNN's,
@@ -232,6 +232,7 @@ def select_retrieval_settings(
     guidances: Sequence[float] = DEFAULT_GUIDANCES,
     grid: Sequence[tuple[str, int]] = DEFAULT_GRID,
     pulls: Sequence[float] = (0.0,),
+    candidate_pulls: Sequence[float | None] = (None,),
     tolerance: tuple[float, float, float] = (0.97, 0.97, 0.99),
     limit: int | None = None,
     apply: bool = True,
@@ -253,6 +254,8 @@ def select_retrieval_settings(
         pulls: query pulls (``Retriever.retrieve_embeddings(pull=...)``) tried with them; the default
             (0) keeps the model's rows. Recall rises with the pull while Vendi falls, so the highest-recall
             rule favours the largest pull offered: offer only pulls whose Vendi you accept.
+        candidate_pulls: the candidate lists' own pulls (``Retriever`` ``candidate_pull``; None: the
+            items' pull) tried with each pull; a pull equal to the candidate pull is tried once.
         grid: ``(sampler, steps)`` pairs; ``grid[0]`` is the reference.
         tolerance: fractions of the reference's ``recall_at_fair``, ``vendi``, ``item_relevance``.
         limit: score only the first ``limit`` queries of the split.
@@ -273,8 +276,8 @@ def select_retrieval_settings(
     """
     if split == "test":
         raise ValueError("split: settings are chosen on the validation split, not 'test'")
-    if not anchors or not guidances or not grid or not pulls:
-        raise ValueError("anchors, guidances, grid, pulls: each needs at least one value")
+    if not anchors or not guidances or not grid or not pulls or not candidate_pulls:
+        raise ValueError("anchors, guidances, grid, pulls, candidate_pulls: each needs at least one value")
     tol = _check_tolerance(tolerance)
     check_choice(rule, ("recall", "rails"), "rule")
     from r4t_fast.diffusion.options import PRECISIONS
@@ -282,7 +285,8 @@ def select_retrieval_settings(
     if not precisions or any(p not in PRECISIONS for p in precisions):
         raise ValueError(f"precisions: expected a non-empty list of 'fp32' / 'bf16', got {precisions!r}")
     if retriever.model.cfg.cond_dim != retriever.model.cfg.dim:
-        anchors, pulls = (0.0,), (0.0,)  # anchor row and pull need the query in the rows' space
+        # anchor row and pulls need the query in the rows' space
+        anchors, pulls, candidate_pulls = (0.0,), (0.0,), (None,)
     ref_sampler, ref_steps = grid[0]
     rows: list[dict[str, Any]] = []
 
@@ -299,11 +303,14 @@ def select_retrieval_settings(
     quality = []
     for a in anchors:
         for w in guidances:
-            for pl in pulls:
+            for pl, cp in dict.fromkeys(
+                (float(pl), None if cp is None or float(cp) == float(pl) else float(cp))
+                for pl in pulls
+                for cp in candidate_pulls
+            ):
                 s = {"sampler": ref_sampler, "steps": ref_steps, "guidance": float(w), "anchor": float(a)}
-                row = _score(
-                    retriever, data, split, limit, {**s, "pull": float(pl), "precision": precisions[0]}
-                )
+                s.update(pull=pl, candidate_pull=cp, precision=precisions[0])
+                row = _score(retriever, data, split, limit, s)
                 log(row)
                 quality.append(row)
     baselines: dict[str, dict[str, Any]] = {}
@@ -317,16 +324,16 @@ def select_retrieval_settings(
         ref = quality[i]
         deep = "" if deep_margin is None else f" and recall@5000 >= dense + {deep_margin:g}"
         rule_text = (
-            f"anchor x guidance x pull at {ref_sampler} {ref_steps} steps: among the settings with "
-            f"recall_at_fair >= dense - {rails[0]:g}, item_relevance >= dense - {rails[1]:g}, vendi >= "
-            f"MMR(lambda {mmr_lambda:g}) + {rails[2]:g}{deep} on the same queries, the highest "
-            "recall_at_fair; without one, among those meeting the fair rails the highest recall@5000; "
-            f"else the highest recall_at_fair + vendi / 100 (chosen by tier {tier!r})"
+            f"anchor x guidance x pull x candidate pull at {ref_sampler} {ref_steps} steps: among the "
+            f"settings with recall_at_fair >= dense - {rails[0]:g}, item_relevance >= dense - "
+            f"{rails[1]:g}, vendi >= MMR(lambda {mmr_lambda:g}) + {rails[2]:g}{deep} on the same queries, "
+            "the highest recall_at_fair; without one, among those meeting the fair rails the highest "
+            f"recall@5000; else the highest recall_at_fair + vendi / 100 (chosen by tier {tier!r})"
         )
     best = ref
     for sampler, steps in grid[1:]:
         s = {"sampler": sampler, "steps": steps, "guidance": ref["guidance"], "anchor": ref["anchor"]}
-        s["pull"], s["precision"] = ref["pull"], precisions[0]
+        s.update(pull=ref["pull"], candidate_pull=ref["candidate_pull"], precision=precisions[0])
         row = _score(retriever, data, split, limit, s)
         log(row)
         ok = row["meets_tolerance"] = meets_tolerance(row, ref, tol)
@@ -389,6 +396,7 @@ def select_distilled(
     for n in sorted(int(x) for x in steps):
         s = {"sampler": "consistency", "steps": n, "guidance": 0.0, "anchor": float(reference["anchor"])}
         s["pull"] = float(reference.get("pull", 0.0))
+        s["candidate_pull"] = reference.get("candidate_pull")
         s["precision"] = str(reference.get("precision", "fp32"))
         row = _score(student, data, split, limit, s)
         if row["n_queries"] != reference.get("n_queries", row["n_queries"]):
