@@ -183,13 +183,17 @@ PIPELINE_PRESETS["cpu-full"] = _merge(
         },
         "retriever": {"sampler": "euler", "steps": 4, "guidance": 0.0},
         "distill": None,
-        # the query-anchored row's share and the pull traced on val; the guard-rail rule (issue 18;
-        # benchmarks/results/rows/polyvore_frontier.md: it chose anchor 0.1, pull 0.3 there)
+        # the query-anchored row's share, the pull and the candidate lists' own pull traced on val; the
+        # guard-rail rule with its R@5000 rail (issue 18; benchmarks/results/rows/polyvore_frontier.md chose
+        # anchor 0.1, pull 0.3 without the deep rail; polyvore_frontier_cpull.md anchor 0.5, pull 1.5,
+        # candidate pull -0.6 on a fixed-noise model with it)
         "select": {
             "rule": "rails",
             "anchors": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
             "guidances": [0.0],
-            "pulls": [0.0, 0.1, 0.2, 0.3, 0.4],
+            "pulls": [0.0, 0.1, 0.2, 0.3, 0.4, 1.0, 1.5],
+            "candidate_pulls": [None, 0.0, -0.6],
+            "deep_margin": 0.02,
             "grid": [["euler", 4], ["euler", 2], ["euler", 1]],
         },
         "eval": {"llm_limit": 100_000},
