@@ -54,7 +54,9 @@ def check_options(o: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"anchor: expected a number in [0, 1) (the query's share), got {o['anchor']!r}")
     out["pull"] = check_float(o.get("pull", 0.0), "pull", low=0.0, high=MAX_PULL)
     cp = o.get("candidate_pull")
-    out["candidate_pull"] = None if cp is None else check_float(cp, "candidate_pull", low=-MAX_PULL, high=MAX_PULL)
+    if cp is not None:  # the candidate lists' own pull (negative: away from the query); None = pull
+        cp = check_float(cp, "candidate_pull", low=-MAX_PULL, high=MAX_PULL)
+    out["candidate_pull"] = cp
     out["precision"] = check_choice(o.get("precision", "fp32"), PRECISIONS, "precision")
     out["noise"] = check_choice(o.get("noise", "query"), NOISE_MODES, "noise")
     return out

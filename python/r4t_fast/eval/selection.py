@@ -105,9 +105,9 @@ def choose_by_rails(
         )
 
     def deep(r: dict[str, Any]) -> bool:
-        return deep_margin is None or (r.get("recall@5000") or 0.0) >= (dense.get("recall@5000") or 0.0) + (
-            deep_margin
-        )
+        if deep_margin is None:
+            return True
+        return (r.get("recall@5000") or 0.0) >= (dense.get("recall@5000") or 0.0) + deep_margin
 
     idx = range(len(rows))
     ok = [i for i in idx if fair(rows[i]) and deep(rows[i])]
