@@ -393,7 +393,7 @@ class Retriever:
                 f"{ops.MAX_RESULT_SLOTS} candidate slots; pass fewer candidates or queries per call"
             )
         for name in ("pull", "candidate_pull"):
-            if (o[name] or 0.0) > 0 and cfg.cond_dim != cfg.dim:
+            if (o[name] or 0.0) != 0 and cfg.cond_dim != cfg.dim:  # a negative candidate pull too
                 raise ValueError(
                     f"{name}: needs queries in the items' space (cond_dim {cfg.cond_dim} != dim {cfg.dim})"
                 )
