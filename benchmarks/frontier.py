@@ -1,7 +1,8 @@
 """The recall-diversity frontier (issue 18, lever 5): R4T-Diffusion's knobs against MMR, DPP and dense.
 
 On the **validation** split: a trained retriever at every ``anchor`` x ``pull`` x ``candidate_pull`` of
-the grid (the knobs traced; ``--candidate-pulls`` empty: the lists read around the items' rows), dense
+the grid (the knobs traced; ``--candidate-pulls`` empty: the lists read around the items' rows), with
+``--deep-shares`` also the ranked candidate layout at each deep share where the fair rails hold, dense
 kNN, MMR (lambda 0.3 / 0.5 / 0.7 / 0.9) and DPP (theta 0.3 / 0.6 / 0.9). Two choices are
 made on validation only, by rules stated in the output:
 
@@ -38,6 +39,9 @@ from _harness import RESULTS, ci_cell, environment, finish, paired_ci  # noqa: E
 KEYS = ("recall_at_fair", "vendi", "item_relevance", "recall@5000", "hit_at_fair")
 MMR_LAMBDAS = (0.3, 0.5, 0.7, 0.9)
 DPP_THETAS = (0.3, 0.6, 0.9)
+
+
+Setting = tuple  # (anchor, pull, candidate pull | None, deep share | None: the rows layout)
 
 
 def _floats(text: str) -> list[float]:
@@ -78,6 +82,11 @@ def main() -> int:
         help="pulls of the rows the candidate lists are read around, apart from the items' pull "
         "(Retriever candidate_pull), traced with the grid; 'none' = the items' pull (the default)",
     )  # fmt: skip
+    ap.add_argument(
+        "--deep-shares", type=_floats, default=[],
+        help="the ranked candidate layout (Retriever candidate_layout='ranked') at these deep_share values, "
+        "traced for every setting that meets the fair rails (its fair-budget metrics are the rows layout's)",
+    )  # fmt: skip
     ap.add_argument("--val-only", action="store_true", help="trace the grid on val, print it, stop")
     ap.add_argument("--encoder", default="minilm")
     ap.add_argument("--data-dir", default=None)
@@ -90,7 +99,7 @@ def main() -> int:
     from r4t_fast.diffusion.retriever import Retriever
     from r4t_fast.eval.evaluation import evaluate
     from r4t_fast.eval.plots import plot_frontier
-    from r4t_fast.eval.selection import choose_by_rails
+    from r4t_fast.eval.selection import DEFAULT_RAILS, choose_by_rails, meets_fair_rails
 
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -111,13 +120,19 @@ def main() -> int:
             path.write_text(json.dumps(res, indent=2, default=str))
         return json.loads(path.read_text())
 
-    def r4t(split: str, anchor: float, pull: float, cpull: float | None) -> dict[str, Any]:
-        r.defaults.update(base_defaults, anchor=anchor, pull=pull, candidate_pull=cpull)
-        cp = "" if cpull is None else f"-cp{cpull:g}"
+    def r4t(split: str, anchor: float, pull: float, cpull: float | None, ds: float | None) -> dict[str, Any]:
+        lay = {"candidate_layout": "rows", "deep_share": None} if ds is None else {
+            "candidate_layout": "ranked", "deep_share": ds}  # fmt: skip
+        r.defaults.update(base_defaults, anchor=anchor, pull=pull, candidate_pull=cpull, **lay)
+        cp = ("" if cpull is None else f"-cp{cpull:g}") + ("" if ds is None else f"-ranked{ds:g}")
         return rec(split, f"r4t-a{anchor:g}-p{pull:g}{cp}", r, method_name="r4t-diffusion")
 
-    def label(s: tuple[float, float, float | None]) -> str:
-        return f"anchor {s[0]:g}, pull {s[1]:g}" + ("" if s[2] is None else f", candidate pull {s[2]:g}")
+    def label(s: Setting) -> str:
+        return (f"anchor {s[0]:g}, pull {s[1]:g}" + ("" if s[2] is None else f", candidate pull {s[2]:g}")
+                + ("" if s[3] is None else f", ranked, deep share {s[3]:g}"))  # fmt: skip
+
+    def as_dict(s: Setting) -> dict[str, Any]:
+        return {"anchor": s[0], "pull": s[1], "candidate_pull": s[2], "deep_share": s[3]}
 
     def baselines(split: str) -> dict[str, dict[str, Any]]:
         b = {"dense": rec(split, "dense", "dense")}
@@ -132,11 +147,21 @@ def main() -> int:
 
     # -- validation: trace the knob, choose ------------------------------------------------------------
     cpulls: list[float | None] = list(dict.fromkeys(args.candidate_pulls)) or [None]
-    grid = [(a, p, c) for c in cpulls for p in args.pulls for a in args.anchors]
+    grid: list[Setting] = [(a, p, c, None) for c in cpulls for p in args.pulls for a in args.anchors]
     if None in cpulls:  # candidate pull == pull is the setting without one: traced once
         grid = [st for st in grid if st[2] is None or st[2] != st[1]]
     val_r4t = {s: m(r4t("val", *s)) for s in grid}
     val_b = {name: m(x) for name, x in baselines("val").items()}
+    dense, mmr9 = val_b["dense"], val_b["mmr λ 0.9"]
+    # the ranked candidate layout changes only the deep budget: traced where the fair rails hold
+    ranked = [
+        (*s[:3], ds)
+        for s in grid
+        if meets_fair_rails(val_r4t[s], dense, mmr9, DEFAULT_RAILS)
+        for ds in (args.deep_shares if s[0] > 0 else args.deep_shares[:1])
+    ]
+    val_r4t.update({s: m(r4t("val", *s)) for s in ranked})
+    grid += ranked
     if args.val_only:
         for key, x in [*val_r4t.items(), *val_b.items()]:
             print(key, {k: None if v is None else round(v, 4) for k, v in x.items()}, flush=True)
@@ -147,13 +172,16 @@ def main() -> int:
             continue
         best = max(grid, key=lambda s: margin(val_r4t[s], b))
         choices[name] = {"setting": best, "val_margin": margin(val_r4t[best], b)}
-    dense, mmr9 = val_b["dense"], val_b["mmr λ 0.9"]
-
     i, tier = choose_by_rails([val_r4t[s] for s in grid], dense, mmr9, deep_margin=args.deep_margin)
     default = grid[i]
 
     # -- test, once: the chosen settings and every baseline ----------------------------------------------
-    rows_alone = (0.0, 0.0, None)  # the set model's own rows (anchor 0, no pull), reported on test too
+    rows_alone: Setting = (
+        0.0,
+        0.0,
+        None,
+        None,
+    )  # the set model's own rows (anchor 0, no pull), reported on test too
     chosen = list(dict.fromkeys([rows_alone, default, *(c["setting"] for c in choices.values())]))
     test_r4t = {s: r4t("test", *s) for s in chosen}
     test_b = baselines("test")
@@ -167,7 +195,7 @@ def main() -> int:
         rows.append(
             {
                 "baseline": name,
-                "r4t_setting": {"anchor": s[0], "pull": s[1], "candidate_pull": s[2]},
+                "r4t_setting": as_dict(s),
                 "val_dominates": c["val_margin"] >= 0,
                 "test_r4t": m(a),
                 "test_baseline": m(b),
@@ -178,7 +206,7 @@ def main() -> int:
         )
     d_test = test_r4t[default]
     default_row = {
-        "setting": {"anchor": default[0], "pull": default[1], "candidate_pull": default[2]},
+        "setting": as_dict(default),
         "query_share_of_budget": query_budget_share(default[0], 10),
         "val_meets_rails": tier == "all",
         "val_tier": tier,
@@ -196,9 +224,14 @@ def main() -> int:
         "dataset": args.dataset,
         "retriever": args.retriever,
         "retriever_defaults": base_defaults,
-        "grid": {"anchors": args.anchors, "pulls": args.pulls, "candidate_pulls": cpulls},
+        "grid": {
+            "anchors": args.anchors,
+            "pulls": args.pulls,
+            "candidate_pulls": cpulls,
+            "deep_shares": args.deep_shares,
+        },  # fmt: skip
         "val": {
-            "r4t": [{"anchor": a, "pull": p, "candidate_pull": c, **val_r4t[(a, p, c)]} for a, p, c in grid],
+            "r4t": [{**as_dict(s), **val_r4t[s]} for s in grid],
             "baselines": val_b,
             "n_queries": rec("val", "dense", "dense")["n_queries"],
         },
@@ -229,9 +262,9 @@ def main() -> int:
             for p in args.pulls:
                 fam = f"r4t pull {p:g}" + ("" if c is None else f" cp {c:g}")
                 pts += [
-                    {"family": fam, "label": f"a{a:g}", **pts_r[(a, p, c)]}
+                    {"family": fam, "label": f"a{a:g}", **pts_r[(a, p, c, None)]}
                     for a in args.anchors
-                    if (a, p, c) in pts_r
+                    if (a, p, c, None) in pts_r
                 ]
         pts += [{"family": "mmr", "label": n[4:], **x} for n, x in pts_b.items() if n.startswith("mmr")]
         pts += [{"family": "dpp", "label": n[4:], **x} for n, x in pts_b.items() if n.startswith("dpp")]

@@ -135,6 +135,8 @@ def test_select_distilled_follows_the_rule(setup) -> None:
         "pull": 0.0,
         "candidate_pull": None,
         "precision": "fp32",
+        "candidate_layout": "rows",
+        "deep_share": None,
     }
     assert {k: r.defaults[k] for k in res["chosen"]} == res["chosen"]
     assert all(x["n_queries"] == ref["n_queries"] and x["nfe"] == x["steps"] for x in res["rows"])
@@ -234,3 +236,20 @@ def test_rule_is_checked_and_the_query_share_is_stated() -> None:
     assert query_budget_share(0.0, 10) == 0.0
     assert query_budget_share(0.3, 10) == pytest.approx(4 / 13)  # m = 4 appended rows of 13 read
     assert query_budget_share(0.5, 10) == pytest.approx(10 / 19)
+
+
+def test_deep_shares_trace_the_ranked_layout_where_the_fair_rails_hold(setup) -> None:
+    data, r = setup
+    kw = dict(anchors=(0.0, 0.3), guidances=(0.0,), grid=(("heun", 2),), rule="rails", apply=False)
+    kw.update(deep_shares=(None, 0.2), precisions=("fp32",), progress=False)
+    res = select_retrieval_settings(r, data, rails=(1.0, 1.0, -100.0), **kw)  # every setting within
+    rows = res["rows"]
+    plain = [x for x in rows if x["candidate_layout"] == "rows"]
+    ranked = [x for x in rows if x["candidate_layout"] == "ranked"]
+    assert [(x["anchor"], x["deep_share"]) for x in ranked] == [(0.0, None), (0.3, None), (0.3, 0.2)]
+    for x in ranked:  # the fair budget's metrics are the rows layout's
+        same = next(p for p in plain if p["anchor"] == x["anchor"])
+        assert x["recall_at_fair"] == same["recall_at_fair"] and x["vendi"] == same["vendi"]
+    assert "ranked layout at deep shares" in res["rule"] and "deep_share" in res["chosen"]
+    none = select_retrieval_settings(r, data, rails=(-1.0, 0.0, 0.0), **kw)  # no setting within
+    assert all(x["candidate_layout"] == "rows" for x in none["rows"])

@@ -464,7 +464,10 @@ def _set_keys() -> dict[str, set[str]]:
         "synthesis": {f.name for f in fields(SynthesisConfig)} - {"policy"},
         "diffusion": {f.name for f in fields(DiffusionTrainConfig)},
         "distill": {f.name for f in fields(DistillConfig)},
-        "retriever": {*SAMPLING_DEFAULTS.as_dict(), "anchor", "pull", "candidate_pull", "noise", "precision"},
+        "retriever": {
+            *SAMPLING_DEFAULTS.as_dict(),
+            *("anchor", "pull", "candidate_pull", "noise", "precision", "candidate_layout", "deep_share"),
+        },
         "select": select - {"retriever", "data", "split", "apply", "progress"},
         "eval": {k for p in PIPELINE_PRESETS.values() for k in p["eval"]},
     }

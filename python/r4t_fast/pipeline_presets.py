@@ -193,6 +193,9 @@ PIPELINE_PRESETS["cpu-full"] = _merge(
             "guidances": [0.0],
             "pulls": [0.0, 0.1, 0.2, 0.3, 0.4, 1.0, 1.5],
             "candidate_pulls": [None, 0.0, -0.6],
+            # the ranked candidate layout past the fair budget, traced where the fair rails hold
+            # (benchmarks/results/rows/polyvore_frontier_ranked.md)
+            "deep_shares": [0.1, 0.2, 0.3],
             "deep_margin": 0.02,
             "grid": [["euler", 4], ["euler", 2], ["euler", 1]],
         },

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from r4t_fast._internal import check_choice, check_float, check_positive_int, check_seed
+from r4t_fast.diffusion.layout import CANDIDATE_LAYOUTS
 from r4t_fast.diffusion.samplers import SAMPLERS
 from r4t_fast.kernels import sample_ops
 
@@ -59,6 +60,13 @@ def check_options(o: dict[str, Any]) -> dict[str, Any]:
     out["candidate_pull"] = cp
     out["precision"] = check_choice(o.get("precision", "fp32"), PRECISIONS, "precision")
     out["noise"] = check_choice(o.get("noise", "query"), NOISE_MODES, "noise")
+    out["candidate_layout"] = check_choice(
+        o.get("candidate_layout", "rows"), CANDIDATE_LAYOUTS, "candidate_layout"
+    )
+    ds = o.get("deep_share")
+    if ds is not None:  # the query's share of the "ranked" candidates past the fair budget; None = anchor's
+        ds = check_float(ds, "deep_share", low=0.0, high=1.0)
+    out["deep_share"] = ds
     return out
 
 

@@ -46,10 +46,12 @@ from r4t_fast._internal import (
 from r4t_fast.data.backends import ground_sets as index_ground_sets
 from r4t_fast.data.catalog import Catalog
 from r4t_fast.data.results import RetrievalResult
+from r4t_fast.diffusion.layout import rank_candidates
 from r4t_fast.diffusion.model import EDM, SetDenoiser, load_model, save_model, shift_rows
 from r4t_fast.diffusion.options import (
     MAX_K_RETRIEVE,
     check_options,
+    query_budget_share,
     query_rows,
     query_seeds,
 )
@@ -63,6 +65,7 @@ from r4t_fast.diffusion.samplers import (
 from r4t_fast.kernels import ops
 from r4t_fast.kernels._arrays import all_finite
 from r4t_fast.kernels.sampler_pack import PackedDenoiser
+from r4t_fast.objectives import fair_budget
 
 __all__ = ["Retriever", "RetrievedSet"]
 
@@ -100,8 +103,9 @@ class Retriever:
         encoder: text encoder for queries (``.encode(list[str]) -> (n, cond_dim)``), or None when only
             :meth:`retrieve_embeddings` is used.
         encoder_spec: how to rebuild the encoder on load (e.g. ``"minilm"``).
-        steps, sampler, guidance, seed, anchor, pull, candidate_pull, precision, noise: sampling defaults
-            (overridable per call, stored on save); see :meth:`retrieve_embeddings`.
+        steps, sampler, guidance, seed, anchor, pull, candidate_pull, precision, noise, candidate_layout,
+            deep_share: sampling defaults (overridable per call, stored on save); see
+            :meth:`retrieve_embeddings`.
         fused: default of ``retrieve(fused=...)``: None (auto: the fused CPU kernel when it applies),
             True (require it), False (the eager samplers + ``ops.ground_sets``, for comparisons).
         coarse: the fused kernel's grounding search over an int8 copy of the catalog with an exact
@@ -130,6 +134,8 @@ class Retriever:
         candidate_pull: float | None = None,
         precision: str = "fp32",
         noise: str = "query",
+        candidate_layout: str = "rows",
+        deep_share: float | None = None,
         fused: bool | None = None,
         coarse: bool | None = None,
         device: str | torch.device = "cpu",
@@ -154,6 +160,8 @@ class Retriever:
                 "candidate_pull": candidate_pull,
                 "precision": precision,
                 "noise": noise,
+                "candidate_layout": candidate_layout,
+                "deep_share": deep_share,
             }
         )
         self.fused = _check_fused(fused)
@@ -323,6 +331,8 @@ class Retriever:
         candidate_pull: float | None = None,
         precision: str | None = None,
         noise: str | None = None,
+        candidate_layout: str | None = None,
+        deep_share: float | None = None,
         allowed: Any = None,
         fused: bool | None = None,
     ) -> list[RetrievedSet]:
@@ -352,6 +362,14 @@ class Retriever:
                 from the items' ``pull``; None (the default) = ``pull``. The items want rows near the
                 query (relevance), a deep candidate list wants rows off the query's own ranking (which
                 the anchor already reads): a large ``pull`` with ``candidate_pull`` <= 0 serves both.
+            candidate_layout: ``"rows"`` (each row's own list; with the anchor, the query's ranking
+                interleaved over m rows) or ``"ranked"`` (:mod:`r4t_fast.diffusion.layout`: one order of
+                distinct candidates laid out column-major over the same rows: the round-robin union of
+                the fair budget ``objectives.fair_budget(catalog size, k)`` is the ``"rows"`` layout's,
+                past it the query's ranking takes ``deep_share`` and the rows' lists the rest, so any
+                budget read round-robin or by a fixed quota per row is distinct items).
+            deep_share: in [0, 1], the ``"ranked"`` layout's query share past the fair budget (needs
+                the anchor); None (the default) = the anchor's share of the fair budget.
             precision: ``"fp32"`` or ``"bf16"`` (:data:`PRECISIONS`): the sampler's GEMMs on bf16 inputs and
                 weights, float32 accumulation -- about twice the fused kernel's speed on a CPU with
                 AVX512-BF16 (``build_info()["sampler_bf16"]``); rows within ~0.3 % of float32's.
@@ -384,10 +402,12 @@ class Retriever:
         given = {"steps": steps, "sampler": sampler, "guidance": guidance, "seed": seed, "anchor": anchor}
         given["pull"], given["precision"], given["noise"] = pull, precision, noise
         given["candidate_pull"] = candidate_pull
+        given["candidate_layout"], given["deep_share"] = candidate_layout, deep_share
         over = {key: v for key, v in given.items() if v is not None}
         o = check_options({**self.defaults, **over}) if over else self.defaults  # defaults: checked once
         n_rows_c = k + max(0, query_rows(o["anchor"], k) - 1)  # k rows + m - 1 of the query
-        if q.shape[0] * n_rows_c * n_candidates > ops.MAX_RESULT_SLOTS:
+        ranked = o["candidate_layout"] == "ranked" and n_candidates > 0  # the rows' lists read 2x deeper
+        if q.shape[0] * n_rows_c * n_candidates * (2 if ranked else 1) > ops.MAX_RESULT_SLOTS:
             raise ValueError(
                 f"n_candidates: {n_candidates} per row x {n_rows_c} rows x {q.shape[0]} queries exceeds "
                 f"{ops.MAX_RESULT_SLOTS} candidate slots; pass fewer candidates or queries per call"
@@ -420,7 +440,7 @@ class Retriever:
         m = kq = 0
         if o["anchor"] > 0:  # the query's own ranking: its nearest item (and m rows of candidates)
             m = query_rows(o["anchor"], k) if n_candidates else 0
-            kq = min(max(1, m * n_candidates), n_items)
+            kq = min(max(1, (n_rows_c if ranked else m) * n_candidates), n_items)
         q_found = None
         # a catalog behind an approximate or remote index (usearch, Milvus) is searched through it: the
         # rows are grounded by its batch search (distinct items kept: data.backends.ground_sets) and the
@@ -492,14 +512,32 @@ class Retriever:
             if cp != o["pull"]:  # the lists are read around rows moved by candidate_pull, not by pull
                 free = free + np.float32(cp - o["pull"]) * q.cpu().numpy()[:, None, :].astype(free.dtype)
             rows_t = torch.from_numpy(np.ascontiguousarray(free)).to(cat.device)
-            _, cands = self._knn(rows_t.reshape(-1, cfg.dim).contiguous(), cat, n_candidates, mask, via_index)
-            cands = cands.cpu().reshape(B, free.shape[1], n_candidates)
+            deep = min(2 * n_candidates, n_items) if ranked else n_candidates  # ranked: past overlaps
+            _, lists = self._knn(rows_t.reshape(-1, cfg.dim).contiguous(), cat, deep, mask, via_index)
+            lists = lists.cpu().reshape(B, free.shape[1], deep)
+            cands = lists[:, :, :n_candidates]
             if m:  # row 0 and m - 1 appended rows hold the ranking interleaved (row j: ranks j, j + m, ...)
                 ranking = torch.full((B, m * n_candidates), -1, dtype=torch.int64)
                 ranking[:, : q_ids.shape[1]] = q_ids[:, : m * n_candidates]
                 ranking = ranking.reshape(B, n_candidates, m).transpose(1, 2)
                 cands = torch.cat([ranking[:, :1], cands, ranking[:, 1:]], dim=1)
+            if ranked:
+                cands = self._ranked(cands, q_ids if m else None, lists, k, o)
         return self._results(q, ids_n, scores_n, rows_n, cands)
+
+    def _ranked(
+        self, cands: torch.Tensor, q_ids: torch.Tensor | None, lists: torch.Tensor, k: int, o: dict
+    ) -> torch.Tensor:
+        """The ``"ranked"`` layout of the ``"rows"`` layout's ``cands`` (:func:`layout.rank_candidates`;
+        ``lists``: the model rows' deeper lists)."""
+        fair_k = fair_budget(len(self.catalog), k)
+        share = query_budget_share(o["anchor"], k) if o["deep_share"] is None else o["deep_share"]
+        c, lists_n = cands.numpy(), lists.numpy()
+        out = [
+            rank_candidates(c[i], None if q_ids is None else q_ids[i].numpy(), lists_n[i], fair_k, share)
+            for i in range(c.shape[0])
+        ]
+        return torch.from_numpy(np.stack(out))
 
     def _knn(
         self, q: torch.Tensor, cat: torch.Tensor, k: int, mask: torch.Tensor | None, via_index: bool

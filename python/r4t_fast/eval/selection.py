@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_GUIDANCES",
     "DEFAULT_RAILS",
     "choose_by_rails",
+    "meets_fair_rails",
     "meets_tolerance",
     "rows_recall_scorer",
     "select_distilled",
@@ -58,7 +59,11 @@ DEFAULT_GRID: tuple[tuple[str, int], ...] = (
 )
 """(sampler, steps) pairs tried for the fewest network evaluations; the first is the reference."""
 
-_SETTINGS = ("sampler", "steps", "guidance", "anchor", "pull", "candidate_pull", "precision")
+_SETTINGS = (
+    "sampler", "steps", "guidance", "anchor", "pull", "candidate_pull", "precision",
+    "candidate_layout", "deep_share",
+)  # fmt: skip
+_LAYOUT = ("pull", "candidate_pull", "candidate_layout", "deep_share")  # carried from the reference setting
 
 DEFAULT_RAILS: tuple[float, float, float] = (0.01, 0.08, 1.0)
 """Issue 18's guard rails of the ``"rails"`` rule: recall_at_fair at most 0.01 below dense kNN's,
@@ -98,11 +103,7 @@ def choose_by_rails(
         raise ValueError("rows: needs at least one scored setting")
 
     def fair(r: dict[str, Any]) -> bool:
-        return (
-            r["recall_at_fair"] >= dense["recall_at_fair"] - rails[0]
-            and r["item_relevance"] >= dense["item_relevance"] - rails[1]
-            and r["vendi"] >= mmr["vendi"] + rails[2]
-        )
+        return meets_fair_rails(r, dense, mmr, rails)
 
     def deep(r: dict[str, Any]) -> bool:
         if deep_margin is None:
@@ -117,6 +118,18 @@ def choose_by_rails(
     if ok:
         return max(ok, key=lambda i: rows[i].get("recall@5000") or 0.0), "fair"
     return max(idx, key=lambda i: rows[i]["recall_at_fair"] + rows[i]["vendi"] / 100), "none"
+
+
+def meets_fair_rails(
+    row: dict[str, Any], dense: dict[str, Any], mmr: dict[str, Any], rails: tuple[float, float, float]
+) -> bool:
+    """The first three rails of :func:`choose_by_rails` (the fair budget's): ``recall_at_fair >= dense -
+    rails[0]``, ``item_relevance >= dense - rails[1]``, ``vendi >= mmr + rails[2]``."""
+    return bool(
+        row["recall_at_fair"] >= dense["recall_at_fair"] - rails[0]
+        and row["item_relevance"] >= dense["item_relevance"] - rails[1]
+        and row["vendi"] >= mmr["vendi"] + rails[2]
+    )
 
 
 def _score(retriever: Any, data: Any, split: str, limit: int | None, settings: dict[str, Any]) -> dict:
@@ -233,6 +246,7 @@ def select_retrieval_settings(
     grid: Sequence[tuple[str, int]] = DEFAULT_GRID,
     pulls: Sequence[float] = (0.0,),
     candidate_pulls: Sequence[float | None] = (None,),
+    deep_shares: Sequence[float | None] = (),
     tolerance: tuple[float, float, float] = (0.97, 0.97, 0.99),
     limit: int | None = None,
     apply: bool = True,
@@ -256,6 +270,10 @@ def select_retrieval_settings(
             rule favours the largest pull offered: offer only pulls whose Vendi you accept.
         candidate_pulls: the candidate lists' own pulls (``Retriever`` ``candidate_pull``; None: the
             items' pull) tried with each pull; a pull equal to the candidate pull is tried once.
+        deep_shares: with ``rule="rails"``, the ``"ranked"`` candidate layout (``Retriever``
+            ``candidate_layout``; its fair-budget metrics are the ``"rows"`` layout's) is scored at each of
+            these ``deep_share`` values (None: the anchor's share) for every setting that meets the fair
+            rails, and competes in the rule beside it; empty (the default): the ``"rows"`` layout only.
         grid: ``(sampler, steps)`` pairs; ``grid[0]`` is the reference.
         tolerance: fractions of the reference's ``recall_at_fair``, ``vendi``, ``item_relevance``.
         limit: score only the first ``limit`` queries of the split.
@@ -276,6 +294,7 @@ def select_retrieval_settings(
     """
     if split == "test":
         raise ValueError("split: settings are chosen on the validation split, not 'test'")
+    deep_shares = list(dict.fromkeys(deep_shares))
     if not anchors or not guidances or not grid or not pulls or not candidate_pulls:
         raise ValueError("anchors, guidances, grid, pulls, candidate_pulls: each needs at least one value")
     tol = _check_tolerance(tolerance)
@@ -310,6 +329,7 @@ def select_retrieval_settings(
             ):
                 s = {"sampler": ref_sampler, "steps": ref_steps, "guidance": float(w), "anchor": float(a)}
                 s.update(pull=pl, candidate_pull=cp, precision=precisions[0])
+                s.update(candidate_layout="rows", deep_share=None)
                 row = _score(retriever, data, split, limit, s)
                 log(row)
                 quality.append(row)
@@ -320,12 +340,21 @@ def select_retrieval_settings(
     else:
         dense = baselines["dense"] = _score_baseline("dense", None, data, split, limit)
         mmr = baselines["mmr"] = _score_baseline("mmr", {"lambda_": mmr_lambda}, data, split, limit)
+        # the ranked layout changes only the deep budget: traced where the fair rails are met
+        for row in [r for r in quality if meets_fair_rails(r, dense, mmr, rails)] if deep_shares else []:
+            for ds in deep_shares if row["anchor"] > 0 else [None]:
+                s = {k: row[k] for k in _SETTINGS} | {"candidate_layout": "ranked", "deep_share": ds}
+                log(ranked := _score(retriever, data, split, limit, s))
+                quality.append(ranked)
         i, tier = choose_by_rails(quality, dense, mmr, rails, deep_margin)
         ref = quality[i]
         deep = "" if deep_margin is None else f" and recall@5000 >= dense + {deep_margin:g}"
+        layouts = (
+            f" x ranked layout at deep shares {deep_shares} where the fair rails hold" if deep_shares else ""
+        )
         rule_text = (
-            f"anchor x guidance x pull x candidate pull at {ref_sampler} {ref_steps} steps: among the "
-            f"settings with recall_at_fair >= dense - {rails[0]:g}, item_relevance >= dense - "
+            f"anchor x guidance x pull x candidate pull{layouts} at {ref_sampler} {ref_steps} steps: "
+            f"among the settings with recall_at_fair >= dense - {rails[0]:g}, item_relevance >= dense - "
             f"{rails[1]:g}, vendi >= MMR(lambda {mmr_lambda:g}) + {rails[2]:g}{deep} on the same queries, "
             "the highest recall_at_fair; without one, among those meeting the fair rails the highest "
             f"recall@5000; else the highest recall_at_fair + vendi / 100 (chosen by tier {tier!r})"
@@ -333,7 +362,7 @@ def select_retrieval_settings(
     best = ref
     for sampler, steps in grid[1:]:
         s = {"sampler": sampler, "steps": steps, "guidance": ref["guidance"], "anchor": ref["anchor"]}
-        s.update(pull=ref["pull"], candidate_pull=ref["candidate_pull"], precision=precisions[0])
+        s.update({k: ref[k] for k in _LAYOUT}, precision=precisions[0])
         row = _score(retriever, data, split, limit, s)
         log(row)
         ok = row["meets_tolerance"] = meets_tolerance(row, ref, tol)
@@ -397,6 +426,8 @@ def select_distilled(
         s = {"sampler": "consistency", "steps": n, "guidance": 0.0, "anchor": float(reference["anchor"])}
         s["pull"] = float(reference.get("pull", 0.0))
         s["candidate_pull"] = reference.get("candidate_pull")
+        s["candidate_layout"] = reference.get("candidate_layout", "rows")
+        s["deep_share"] = reference.get("deep_share")
         s["precision"] = str(reference.get("precision", "fp32"))
         row = _score(student, data, split, limit, s)
         if row["n_queries"] != reference.get("n_queries", row["n_queries"]):
