@@ -198,12 +198,13 @@ def test_records_on_different_queries_are_refused(tmp_path: Path, capsys) -> Non
 def test_render_writes_markdown_and_pngs(record_files: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "report"
     paths = R.render_report(record_files, out)
-    assert set(paths) == {"markdown", "quality", "latency"}
-    for key in ("quality", "latency"):
+    assert set(paths) == {"markdown", "quality", "frontier", "latency"}
+    for key in ("quality", "frontier", "latency"):
         data = paths[key].read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000
     text = paths["markdown"].read_text()
     assert "![quality per method](quality.png)" in text and "latency.png" in text
+    assert "![recall vs Vendi per method](frontier.png)" in text
     assert "median (p25–p75)" in text and "0.80 (0.72–0.88)" in text
 
 

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from r4t_fast.eval.plots import plot_latency, plot_quality
+from r4t_fast.eval.plots import plot_frontier, plot_latency, plot_quality
 from r4t_fast.eval.records import HEADLINE_COLUMNS, paired_difference
 from r4t_fast.eval.records import num as _num
 from r4t_fast.eval.records import sort_records as _sorted
@@ -437,7 +437,8 @@ def render_report(
     appendix: Sequence[str | os.PathLike[str]] | None = None,
     appendix_title: str = "Appendix: records on other queries",
 ) -> dict[str, Path]:
-    """Load ``files`` and write ``report.md``, ``quality.png`` and ``latency.png`` into ``out_dir``.
+    """Load ``files`` and write ``report.md``, ``quality.png``, ``frontier.png`` (recall_at_fair against
+    Vendi, one point per method and dataset) and ``latency.png`` into ``out_dir``.
 
     Args:
         files: evaluation records (JSON files written by ``r4t eval``).
@@ -450,8 +451,8 @@ def render_report(
         appendix_title: the heading of the appendix.
 
     Returns:
-        ``{"markdown": path, "quality": path, "latency": path}`` (``latency`` absent when no record has
-        latency numbers).
+        ``{"markdown": path, "quality": path, "frontier": path, "latency": path}`` (``frontier`` absent
+        when no record has both recall_at_fair and vendi, ``latency`` when none has latency numbers).
 
     Raises:
         ReportError: a file is not a record, or records of one table were scored on different queries.
@@ -470,6 +471,15 @@ def render_report(
         text = text.rstrip("\n") + "\n\n## Notes\n\n" + notes.strip() + "\n"
     text = text.rstrip("\n") + "\n\n![quality per method](quality.png)\n"
     paths: dict[str, Path] = {"quality": plot_quality(records, out / "quality.png")}
+    points = [
+        {"family": r["method"], "label": r["dataset"], "recall_at_fair": rf, "vendi": v}
+        for r in records
+        if (rf := _num(r["metrics"].get("recall_at_fair"))) is not None
+        and (v := _num(r["metrics"].get("vendi"))) is not None
+    ]
+    if points:  # the recall-diversity plane: every method of the report, the same queries
+        paths["frontier"] = plot_frontier(points, out / "frontier.png", f"{title}: recall_at_fair vs Vendi")
+        text += "\n![recall vs Vendi per method](frontier.png)\n"
     lat = plot_latency(records, out / "latency.png")
     if lat is not None:
         paths["latency"] = lat
