@@ -121,9 +121,9 @@ def main() -> int:
         return json.loads(path.read_text())
 
     def r4t(split: str, anchor: float, pull: float, cpull: float | None, ds: float | None) -> dict[str, Any]:
-        lay = {"candidate_layout": "rows", "deep_share": None} if ds is None else {
-            "candidate_layout": "ranked", "deep_share": ds}  # fmt: skip
-        r.defaults.update(base_defaults, anchor=anchor, pull=pull, candidate_pull=cpull, **lay)
+        layout = "rows" if ds is None else "ranked"
+        r.defaults.update(base_defaults, anchor=anchor, pull=pull, candidate_pull=cpull)
+        r.defaults.update(candidate_layout=layout, deep_share=ds)
         cp = ("" if cpull is None else f"-cp{cpull:g}") + ("" if ds is None else f"-ranked{ds:g}")
         return rec(split, f"r4t-a{anchor:g}-p{pull:g}{cp}", r, method_name="r4t-diffusion")
 
@@ -176,12 +176,8 @@ def main() -> int:
     default = grid[i]
 
     # -- test, once: the chosen settings and every baseline ----------------------------------------------
-    rows_alone: Setting = (
-        0.0,
-        0.0,
-        None,
-        None,
-    )  # the set model's own rows (anchor 0, no pull), reported on test too
+    # the set model's own rows (anchor 0, no pull, rows layout), reported on test too
+    rows_alone: Setting = (0.0, 0.0, None, None)
     chosen = list(dict.fromkeys([rows_alone, default, *(c["setting"] for c in choices.values())]))
     test_r4t = {s: r4t("test", *s) for s in chosen}
     test_b = baselines("test")
