@@ -6,9 +6,12 @@ the grid (the knobs traced; ``--candidate-pulls`` empty: the lists read around t
 kNN, MMR (lambda 0.3 / 0.5 / 0.7 / 0.9) and DPP (theta 0.3 / 0.6 / 0.9). Two choices are
 made on validation only, by rules stated in the output:
 
-* **per baseline setting B**: among the R4T settings whose ``recall_at_fair`` and ``vendi`` are both at
-  least B's, the one with the largest smaller relative margin ``min(dR / R_B, dV / V_B)``; when none
-  dominates B, the setting with the largest such margin all the same (it is then reported as missing);
+* **per baseline setting B** (``--per-baseline-rule``): among the R4T settings whose ``recall_at_fair``
+  and ``vendi`` are both at least B's, the one with the largest smaller margin; ``z`` (the default) counts
+  a margin in paired standard errors over the val queries (:func:`r4t_fast.eval.records.paired_z`),
+  ``relative`` in units of B's value (``min(dR / R_B, dV / V_B)``, the rule of the records before
+  2026-12-07); when none dominates B, the setting with the largest such margin all the same (it is then
+  reported as missing);
 * **the default** (what ``Retriever.from_pretrained`` should use): among the R4T settings with
   ``recall_at_fair >= dense - 0.01``, ``item_relevance >= dense - 0.08``, ``vendi >= MMR(lambda 0.9) +
   1.0`` and ``recall@5000 >= dense + --deep-margin`` (the issue's guard rails), the highest
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -65,6 +69,15 @@ def margin(r: dict[str, float], b: dict[str, float]) -> float:
     )
 
 
+def z_margin(r: dict[str, Any], b: dict[str, Any]) -> float:
+    """The smaller paired z of record ``r`` over record ``b`` on recall_at_fair and vendi (>= 0: ``r``
+    dominates ``b`` on the mean of the common queries); -inf when the records share no queries."""
+    from r4t_fast.eval.records import paired_z
+
+    zs = [paired_z(r, b, k) for k in ("recall_at_fair", "vendi")]
+    return min(-math.inf if z is None else z for z in zs)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--retriever", required=True, help="a saved Retriever directory")
@@ -86,6 +99,11 @@ def main() -> int:
         "--deep-shares", type=_floats, default=[],
         help="the ranked candidate layout (Retriever candidate_layout='ranked') at these deep_share values, "
         "traced for every setting that meets the fair rails (its fair-budget metrics are the rows layout's)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--per-baseline-rule", choices=("z", "relative"), default="z",
+        help="the margin the setting chosen for each baseline maximises on val: 'z' in paired standard "
+        "errors (a lead that holds across the queries), 'relative' in units of the baseline's value",
     )  # fmt: skip
     ap.add_argument("--val-only", action="store_true", help="trace the grid on val, print it, stop")
     ap.add_argument("--encoder", default="minilm")
@@ -150,8 +168,10 @@ def main() -> int:
     grid: list[Setting] = [(a, p, c, None) for c in cpulls for p in args.pulls for a in args.anchors]
     if None in cpulls:  # candidate pull == pull is the setting without one: traced once
         grid = [st for st in grid if st[2] is None or st[2] != st[1]]
-    val_r4t = {s: m(r4t("val", *s)) for s in grid}
-    val_b = {name: m(x) for name, x in baselines("val").items()}
+    val_full = {s: r4t("val", *s) for s in grid}
+    val_r4t = {s: m(x) for s, x in val_full.items()}
+    val_b_full = baselines("val")
+    val_b = {name: m(x) for name, x in val_b_full.items()}
     dense, mmr9 = val_b["dense"], val_b["mmr λ 0.9"]
     # the ranked candidate layout changes only the deep budget: traced where the fair rails hold
     ranked = [
@@ -160,7 +180,8 @@ def main() -> int:
         if meets_fair_rails(val_r4t[s], dense, mmr9, DEFAULT_RAILS)
         for ds in (args.deep_shares if s[0] > 0 else args.deep_shares[:1])
     ]
-    val_r4t.update({s: m(r4t("val", *s)) for s in ranked})
+    val_full.update({s: r4t("val", *s) for s in ranked})
+    val_r4t.update({s: m(val_full[s]) for s in ranked})
     grid += ranked
     if args.val_only:
         for key, x in [*val_r4t.items(), *val_b.items()]:
@@ -170,8 +191,14 @@ def main() -> int:
     for name, b in val_b.items():
         if name == "dense":
             continue
-        best = max(grid, key=lambda s: margin(val_r4t[s], b))
-        choices[name] = {"setting": best, "val_margin": margin(val_r4t[best], b)}
+
+        def score(s: Setting, name: str = name, b: dict[str, float] = b) -> float:
+            if args.per_baseline_rule == "relative":
+                return margin(val_r4t[s], b)
+            return z_margin(val_full[s], val_b_full[name])
+
+        best = max(grid, key=score)
+        choices[name] = {"setting": best, "val_margin": max(min(score(best), 1e9), -1e9)}  # JSON: finite
     i, tier = choose_by_rails([val_r4t[s] for s in grid], dense, mmr9, deep_margin=args.deep_margin)
     default = grid[i]
 
@@ -233,7 +260,13 @@ def main() -> int:
         },
         "rules": {
             "per_baseline": "among R4T settings with recall_at_fair and vendi >= the baseline's on val, "
-            "the one with the largest min(dR/R_B, dV/V_B); if none dominates, the largest such margin anyway",
+            + (
+                "the one with the largest min(dR/R_B, dV/V_B)"
+                if args.per_baseline_rule == "relative"
+                else "the one with the largest min(z_R, z_V), z = paired mean difference / its standard "
+                "error over the val queries (r4t_fast.eval.records.paired_z)"
+            )
+            + "; if none dominates, the largest such margin anyway",
             "default": "on val: recall_at_fair >= dense - 0.01, item_relevance >= dense - 0.08, vendi >= "
             f"MMR(lambda 0.9) + 1.0 and recall@5000 >= dense + {args.deep_margin:g}; among those the highest "
             "recall_at_fair; else among those meeting the first three the highest recall@5000; else the "

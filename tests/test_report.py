@@ -251,3 +251,27 @@ def test_bad_inputs(tmp_path: Path, capsys) -> None:
     afile.write_text("")
     with pytest.raises(R.ReportError, match="not a directory"):
         R.render_report([good], afile)
+
+
+def test_paired_z_is_the_mean_difference_in_standard_errors() -> None:
+    from r4t_fast.eval.records import paired_z
+
+    def rec(vals: list[float], ids: list[str] | None = None) -> dict:
+        ids = ids or [f"q{i}" for i in range(len(vals))]
+        return {"per_query": {"set_id": ids, "recall_at_fair": vals}}
+
+    a, b = rec([0.3, 0.5, 0.1, 0.4]), rec([0.1, 0.2, 0.2, 0.1])
+    d = [0.2, 0.3, -0.1, 0.3]
+    mean, sd = sum(d) / 4, (sum((x - sum(d) / 4) ** 2 for x in d) / 3) ** 0.5
+    assert paired_z(a, b, "recall_at_fair") == pytest.approx(mean / (sd / 2))
+    assert paired_z(b, a, "recall_at_fair") == pytest.approx(-mean / (sd / 2))
+    # a noisy lead scores below a smaller lead that holds on every query
+    noisy, steady = rec([0.9, 0.0, 0.9, 0.0]), rec([0.12, 0.11, 0.12, 0.11])
+    base = rec([0.1, 0.1, 0.1, 0.1])
+    assert paired_z(steady, base, "recall_at_fair") > paired_z(noisy, base, "recall_at_fair")
+    # only common queries count; constant differences; too few queries
+    two, three = rec([0.5, 0.5], ["x", "y"]), rec([0.1, 0.1, 0.9], ["x", "y", "z"])
+    assert paired_z(two, three, "recall_at_fair") == float("inf")
+    assert paired_z(base, base, "recall_at_fair") == 0.0
+    assert paired_z(rec([0.5], ["x"]), rec([0.1], ["x"]), "recall_at_fair") is None
+    assert paired_z(a, {"per_query": {}}, "recall_at_fair") is None

@@ -382,3 +382,22 @@ def paired_difference(
         return None
     ci = paired_bootstrap_ci([pa[s] for s in common], [pb[s] for s in common], n_boot=n_boot, seed=seed)
     return ci, len(common)
+
+
+def paired_z(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+    """The paired z of record ``a`` over ``b`` on ``key``: the mean per-query difference ``a − b`` over
+    the queries both scored, divided by its standard error (the sample sd / sqrt(n)). A difference that
+    is the same on every query gives ±inf (0 when it is 0); None when they share fewer than 2 queries.
+
+    A margin in standard errors, not in relative units: a setting chosen on a few validation queries
+    by it is one whose lead holds across those queries, not a near-tie on a noisy metric.
+    """
+    pa, pb = per_query_values(a, key), per_query_values(b, key)
+    common = [sid for sid in (pa or {}) if pb is not None and sid in pb]
+    if len(common) < 2:
+        return None
+    d = np.array([pa[s] - pb[s] for s in common], dtype=np.float64)  # type: ignore[index]
+    mean, se = float(d.mean()), float(d.std(ddof=1)) / math.sqrt(len(d))
+    if se <= 1e-12 * max(1.0, abs(mean)):
+        return 0.0 if abs(mean) <= 1e-12 else math.copysign(math.inf, mean)
+    return mean / se
