@@ -376,12 +376,18 @@ def paired_difference(
     scored (:func:`r4t_fast.eval.stats.paired_bootstrap_ci`); None when they share none."""
     from r4t_fast.eval.stats import paired_bootstrap_ci
 
+    va, vb = _common_values(a, b, key)
+    if not va:
+        return None
+    ci = paired_bootstrap_ci(va, vb, n_boot=n_boot, seed=seed)
+    return ci, len(va)
+
+
+def _common_values(a: dict[str, Any], b: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
+    """``key``'s per-query values of ``a`` and ``b`` over the queries both scored, in ``a``'s order."""
     pa, pb = per_query_values(a, key), per_query_values(b, key)
     common = [sid for sid in (pa or {}) if pb is not None and sid in pb]
-    if not common:
-        return None
-    ci = paired_bootstrap_ci([pa[s] for s in common], [pb[s] for s in common], n_boot=n_boot, seed=seed)
-    return ci, len(common)
+    return [pa[s] for s in common], [pb[s] for s in common]  # type: ignore[index]
 
 
 def paired_z(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
@@ -392,11 +398,10 @@ def paired_z(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
     A margin in standard errors, not in relative units: a setting chosen on a few validation queries
     by it is one whose lead holds across those queries, not a near-tie on a noisy metric.
     """
-    pa, pb = per_query_values(a, key), per_query_values(b, key)
-    common = [sid for sid in (pa or {}) if pb is not None and sid in pb]
-    if len(common) < 2:
+    va, vb = _common_values(a, b, key)
+    if len(va) < 2:
         return None
-    d = np.array([pa[s] - pb[s] for s in common], dtype=np.float64)  # type: ignore[index]
+    d = np.asarray(va, dtype=np.float64) - np.asarray(vb, dtype=np.float64)
     mean, se = float(d.mean()), float(d.std(ddof=1)) / math.sqrt(len(d))
     if se <= 1e-12 * max(1.0, abs(mean)):
         return 0.0 if abs(mean) <= 1e-12 else math.copysign(math.inf, mean)
