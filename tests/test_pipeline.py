@@ -127,6 +127,11 @@ def test_pipeline_smoke_end_to_end_and_resume(tmp_path: Path, monkeypatch) -> No
     assert rec2["stages"]["rl"]["skipped"] == "exists"
     assert rec2["stages"]["diffusion"]["skipped"] == "exists"
     assert rec2["stages"]["distill"]["skipped"] == "exists"
+    # ... and keeps the first run's record of what it skipped (its wall time)
+    for name in ("rl", "synthesis", "diffusion"):
+        assert rec2["stages"][name]["earlier_run"] == rec["stages"][name]
+    saved = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert saved["diffusion"]["earlier_run"]["wall_s"] == rec["stages"]["diffusion"]["wall_s"] > 0
 
 
 def test_pipeline_bad_arguments(tmp_path: Path) -> None:

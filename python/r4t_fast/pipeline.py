@@ -27,7 +27,8 @@ Stages and their outputs under ``--out``:
    paired differences with 95% bootstrap CIs; the records on every test query follow as an appendix.
 
 Each stage is skipped when its output exists (``--force`` reruns everything), so a killed pipeline
-resumes where it stopped; ``pipeline.json`` records the preset, settings, commands and stage times.
+resumes where it stopped; ``pipeline.json`` records the preset, settings, commands and stage times (a
+skipped stage keeps the earlier run's entry under ``earlier_run``).
 """
 
 from __future__ import annotations
@@ -110,6 +111,14 @@ def run_pipeline(
         "command": " ".join(["r4t", *sys.argv[1:]]) if sys.argv else None,
     }
     t_all = time.perf_counter()
+    # A resumed run keeps what the earlier run measured for each stage it skips (its wall time above all):
+    # without it, pipeline.json of a killed-and-resumed run would only say "skipped".
+    earlier: dict[str, Any] = {}
+    if (out / "pipeline.json").is_file():
+        try:
+            earlier = json.loads((out / "pipeline.json").read_text()).get("stages") or {}
+        except (json.JSONDecodeError, AttributeError):
+            earlier = {}
 
     import torch
 
@@ -135,7 +144,13 @@ def run_pipeline(
         t = time.perf_counter()
         print(f"[r4t pipeline] stage {name} ...", flush=True)
         res = fn()
-        record["stages"][name] = {"wall_s": round(time.perf_counter() - t, 1), **(res or {})}
+        entry = {"wall_s": round(time.perf_counter() - t, 1), **(res or {})}
+        if entry.get("skipped") == "exists" and isinstance(earlier.get(name), dict):
+            prev = earlier[name]
+            first = prev.get("earlier_run") if prev.get("skipped") else prev
+            if first:
+                entry["earlier_run"] = first
+        record["stages"][name] = entry
         (out / "pipeline.json").write_text(json.dumps(record, indent=2, default=str))
         return res
 
