@@ -276,3 +276,36 @@ def test_fixed_noise_rows_are_the_retrievers_fixed_noise_rows() -> None:
         r.retrieve_embeddings(cond, 4, noise="shared")
     with pytest.raises(ValueError, match="retrieval_noise"):
         DiffusionTrainConfig(preset="tiny", retrieval_noise="query")
+
+
+def test_fine_tune_starts_from_the_saved_model(data, tmp_path) -> None:
+    """init_from (lever 2): the run starts from the saved weights and model config (sigma_data and
+    cond_offset kept, the preset ignored); a wrong path or a model of other sizes fails before a step."""
+    from r4t_fast.diffusion.model import load_model
+
+    pairs = reference_targets(data, k=4, samples=2, seed=0)
+    base = {"preset": "tiny", "batch_size": 8, "warmup": 1, "threads": 1}
+    train_diffusion(pairs.cond, pairs.targets, DiffusionTrainConfig(steps=3, **base), progress=False,
+                    out_dir=tmp_path / "edm")  # fmt: skip
+    saved, meta = load_model(tmp_path / "edm")
+    # lr tiny: the fine-tuned weights stay next to the saved ones, far from a fresh init's
+    ft = DiffusionTrainConfig(steps=2, lr=1e-9, init_from=str(tmp_path / "edm"), retrieval_weight=1.0,
+                              retrieval_unroll=2, sigma_data=123.0, **base)  # fmt: skip
+    model, _ = train_diffusion(pairs.cond, pairs.targets, ft, progress=False, positives=pairs.positives,
+                               catalog=pairs.catalog)  # fmt: skip
+    fresh_cfg = DiffusionTrainConfig(steps=1, seed=7, lr=1e-9, **base)
+    fresh, _ = train_diffusion(pairs.cond, pairs.targets, fresh_cfg, progress=False)
+    assert model.cfg == saved.cfg and model.cfg.sigma_data != 123.0
+    states = (model.state_dict(), saved.state_dict(), fresh.state_dict())
+    for name, p in states[0].items():
+        q, r = states[1][name], states[2][name]
+        assert torch.allclose(p, q, atol=1e-6), name
+        if float((q - r).abs().max()) > 1e-3:
+            assert not torch.allclose(p, r, atol=1e-6), name
+    with pytest.raises(FileNotFoundError, match="init_from: .* is not a saved set model"):
+        cfg = DiffusionTrainConfig(steps=1, init_from=str(tmp_path / "nope"), **base)
+        train_diffusion(pairs.cond, pairs.targets, cfg, progress=False)
+    pairs3 = reference_targets(data, k=3, samples=2, seed=0)
+    with pytest.raises(ValueError, match="init_from: .* has set_size=4, the training data set_size=3"):
+        cfg = DiffusionTrainConfig(steps=1, init_from=str(tmp_path / "edm"), **base)
+        train_diffusion(pairs3.cond, pairs3.targets, cfg, progress=False)

@@ -210,9 +210,13 @@ def train_diffusion(
             raise ValueError(
                 f"overrides: {key}={cfg.overrides[key]} contradicts the training data ({key}={v})"
             )
-    mcfg = get_preset(
-        cfg.preset, **{**shape, "sigma_data": sigma_data, "cond_offset": offset, **cfg.overrides}
-    )
+    init = _init_model(cfg.init_from, shape) if cfg.init_from else None
+    if init is not None:  # fine-tune: the saved model's config (its sigma_data, cond_offset) and weights
+        mcfg = init.cfg
+    else:
+        mcfg = get_preset(
+            cfg.preset, **{**shape, "sigma_data": sigma_data, "cond_offset": offset, **cfg.overrides}
+        )
     proc = process_info()
     dev = torch.device(cfg.device)
     acc = None
@@ -223,7 +227,10 @@ def train_diffusion(
         dev = acc.device
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     g = torch.Generator().manual_seed(cfg.seed + proc.rank)
-    model = SetDenoiser(mcfg).to(dev).train()
+    model = SetDenoiser(mcfg)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    model = model.to(dev).train()
     ema = clone_for_ema(model)
     edm = EDM(model)
     if acc is not None:
@@ -386,6 +393,30 @@ def save_trained(model: SetDenoiser, out_dir: str | os.PathLike, meta: dict, log
     return save_dir_atomically(out_dir, write, format=FORMAT, legacy=_is_legacy_model)
 
 
+def _init_dir(path: str | os.PathLike, name: str = "init_from") -> Path:
+    """The directory of a saved set model to fine-tune, its manifest checked when it has one."""
+    d = Path(path)
+    if not ((d / "config.json").is_file() and (d / "model.safetensors").is_file()):
+        raise FileNotFoundError(
+            f"{name}: {d} is not a saved set model (needs config.json and model.safetensors)"
+        )
+    if d.is_symlink() or (d / "manifest.json").is_file():
+        d = verify_dir(d).path
+    return d
+
+
+def _init_model(path: str | os.PathLike, shape: dict[str, int]) -> SetDenoiser:
+    """``init_from``: the saved set model to fine-tune, checked against the training data's sizes
+    before any step."""
+    model, _ = load_model(_init_dir(path))
+    for key, v in shape.items():
+        if getattr(model.cfg, key) != v:
+            raise ValueError(
+                f"init_from: {path} has {key}={getattr(model.cfg, key)}, the training data {key}={v}"
+            )
+    return model
+
+
 def load_trained(
     path: str | os.PathLike, device: str = "cpu", *, verify: bool = True
 ) -> tuple[SetDenoiser, dict]:
@@ -530,6 +561,8 @@ def cli_main(args: argparse.Namespace) -> int:
     cfg = DiffusionTrainConfig(
         **{f.name: getattr(args, f.name) for f in fields(DiffusionTrainConfig) if f.name != "overrides"}
     )
+    if cfg.init_from:  # before the pairs are built
+        _init_dir(cfg.init_from, "--init-from")
     pairs, meta = cli_pairs(
         args,
         cfg.targets,

@@ -84,6 +84,13 @@ class DiffusionTrainConfig:
         "the rows a Retriever with noise='fixed' and that seed grounds -- one deterministic set of rows "
         "per query)",
     )
+    init_from: str | None = help_field(
+        None,
+        "fine-tune: a saved set model (an r4t train-diffusion or Retriever directory) whose weights and "
+        "model config (sigma_data, cond_offset, sizes) start the run instead of a fresh init; the "
+        "model preset and overrides are then not used (issue 18, lever 2: a trained sampler fine-tuned "
+        "on the rows' retrieval loss)",
+    )
     select_every: int = help_field(
         0,
         "steps between validation scores of the EMA model (0 = off); the best-scoring weights "
