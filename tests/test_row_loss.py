@@ -305,6 +305,8 @@ def test_fine_tune_starts_from_the_saved_model(data, tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="init_from: .* is not a saved set model"):
         cfg = DiffusionTrainConfig(steps=1, init_from=str(tmp_path / "nope"), **base)
         train_diffusion(pairs.cond, pairs.targets, cfg, progress=False)
+    with pytest.raises(ValueError, match=r"overrides: \['hidden'\] would be ignored"):
+        DiffusionTrainConfig(init_from=str(tmp_path / "edm"), overrides={"hidden": 8})
     pairs3 = reference_targets(data, k=3, samples=2, seed=0)
     with pytest.raises(ValueError, match="init_from: .* has set_size=4, the training data set_size=3"):
         cfg = DiffusionTrainConfig(steps=1, init_from=str(tmp_path / "edm"), **base)

@@ -102,6 +102,11 @@ class DiffusionTrainConfig:
             setattr(self, name, check_positive_int(getattr(self, name), name))
         for name in ("retrieval_query_budget", "retrieval_unroll", "select_every"):
             setattr(self, name, check_non_negative_int(getattr(self, name), name))
+        if self.init_from is not None and self.overrides:
+            raise ValueError(
+                f"overrides: {sorted(self.overrides)} would be ignored: a fine-tune (init_from) keeps the "
+                "saved model's config"
+            )
         if self.retrieval_noise not in ("random", "fixed"):
             raise ValueError(f"retrieval_noise: expected 'random' or 'fixed', got {self.retrieval_noise!r}")
         if not (math.isfinite(self.retrieval_weight) and self.retrieval_weight >= 0):
