@@ -170,7 +170,7 @@ def prepare_model(out: Path, dataset: str, steps: int, threads: int) -> None:
     shards.mkdir(parents=True, exist_ok=True)
     atomic_write(shards / "shard-00000.safetensors", lambda p: save_file(shard, str(p)))
     print(f"{len(cond)} train pairs -> {shards}", flush=True)
-    # the pipeline's cpu-small diffusion settings (PIPELINE_PRESETS["cpu-small"]["diffusion"])
+    # the cpu-small model's EDM training settings (the cpu-small preset's before issue 18's row loss)
     cfg = DiffusionTrainConfig(
         preset="cpu-small", steps=steps, batch_size=128, lr=5e-4, warmup=100, ema=0.995, threads=threads
     )

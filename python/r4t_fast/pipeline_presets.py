@@ -55,22 +55,39 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
             "queries_per_shard": 32,
             "reward": "auto",
         },
-        # teacher pairs + reference_samples k-row draws of every titled train-split set
+        # teacher pairs + reference_samples k-row draws of every titled train-split set; issue 18: the
+        # rows' retrieval loss on 4-step Euler samples, early stopping on the rows' val recall (the
+        # cpu-small model on Polyvore val: rows alone 5.0 -> 10.6 % R@fair, benchmarks/results/rows/
+        # polyvore_val.md unroll4-w1, selected step 750; 1,000 steps keep the job near an hour)
         "diffusion": {
             "preset": "cpu-small",
-            "steps": 2000,
+            "steps": 1000,
             "batch_size": 128,
             "lr": 5e-4,
             "warmup": 100,
             "ema": 0.995,
             "targets": "both",
             "reference_samples": 8,
+            "retrieval_weight": 1.0,
+            "retrieval_unroll": 4,
+            "select_every": 250,
         },
-        # the one set of sampling defaults (chosen on validation; see SamplingDefaults)
-        "retriever": {k: v for k, v in SAMPLING_DEFAULTS.as_dict().items() if k != "seed"},
-        # the few-step stage (issue 12): DistillConfig fields (r4t_fast.train.distill), None = off; the
-        # distilled model is used only if its val quality meets the select rule against the teacher's
-        "distill": {"method": "ode", "steps": 1500, "pool_size": 2048, "sample_steps": 2},
+        # the Euler-4 sampler the rows were trained through (4 NFE: no distillation stage)
+        "retriever": {"sampler": "euler", "steps": 4, "guidance": 0.0},
+        # the few-step stage (issue 12): DistillConfig fields (r4t_fast.train.distill), None = off
+        "distill": None,
+        # the anchor share, the query pull and the ranked layout traced on val by the guard-rail rule
+        # (issue 18), a smaller grid than cpu-full's
+        "select": {
+            "rule": "rails",
+            "anchors": [0.0, 0.1, 0.3, 0.5],
+            "guidances": [0.0],
+            "pulls": [0.0, 0.2, 0.4, 1.0],
+            "candidate_pulls": [None],
+            "deep_shares": [0.1],
+            "deep_margin": 0.02,
+            "grid": [["euler", 4], ["euler", 2]],
+        },
         "eval": {
             "llm_limit": 48,
             "limit": None,
