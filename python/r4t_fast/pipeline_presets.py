@@ -189,31 +189,20 @@ PIPELINE_PRESETS["cpu-full"] = _merge(
         "rl": {"max_steps": 60, "save_steps": 20, "time_budget_minutes": 25},
         # 0.63 constrained answers/s at batch 32 (cpu-small run, 2026-12-02): 2,048 answers ~ 55 min
         "synthesis": {"samples": 4, "keep": 2, "max_queries": 512, "batch_size": 64},
-        # issue 18: the rows' retrieval loss on 4-step Euler samples (benchmarks/results/rows/), early
-        # stopping on the rows' val recall, the Euler-4 sampler it was trained for (4 NFE: no distillation)
-        "diffusion": {
-            "steps": 1500,
-            "reference_samples": 16,
-            "retrieval_weight": 1.0,
-            "retrieval_unroll": 4,
-            "select_every": 250,
-        },
-        "retriever": {"sampler": "euler", "steps": 4, "guidance": 0.0},
-        "distill": None,
+        # issue 18's stages as in cpu-small (row loss on Euler-4 samples, early stopping, the Euler-4
+        # retriever, no distillation), with more steps and reference draws
+        "diffusion": {"steps": 1500, "reference_samples": 16},
         # the query-anchored row's share, the pull and the candidate lists' own pull traced on val; the
         # guard-rail rule with its R@5000 rail (issue 18; benchmarks/results/rows/polyvore_frontier.md chose
         # anchor 0.1, pull 0.3 without the deep rail; polyvore_frontier_cpull.md anchor 0.5, pull 1.5,
-        # candidate pull -0.6 on a fixed-noise model with it)
+        # candidate pull -0.6 on a fixed-noise model with it): cpu-small's rule on a wider grid
         "select": {
-            "rule": "rails",
             "anchors": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
-            "guidances": [0.0],
             "pulls": [0.0, 0.1, 0.2, 0.3, 0.4, 1.0, 1.5],
             "candidate_pulls": [None, 0.0, -0.6],
             # the ranked candidate layout past the fair budget, traced where the fair rails hold
             # (benchmarks/results/rows/polyvore_frontier_ranked.md)
             "deep_shares": [0.1, 0.2, 0.3],
-            "deep_margin": 0.02,
             "grid": [["euler", 4], ["euler", 2], ["euler", 1]],
         },
         "eval": {"llm_limit": 100_000},
