@@ -18,6 +18,10 @@ from r4t_fast._internal import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+CPU_SMALL_EDM: dict = {"preset": "cpu-small", "batch_size": 128, "lr": 5e-4, "warmup": 100, "ema": 0.995}
+"""The cpu-small set model's EDM training settings (the cpu-small pipeline preset's diffusion stage before
+issue 18 turned the row loss on there): the base of rows_val.py's levers and bench_sampler.py's model."""
+
 
 def _version(pkg: str) -> str | None:
     try:

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import RESULTS, environment, write_results
+from _harness import CPU_SMALL_EDM, RESULTS, environment, write_results
 from r4t_fast import _threads, ops
 from r4t_fast._internal import machine_description
 from r4t_fast.data.catalog import Catalog
@@ -170,10 +170,7 @@ def prepare_model(out: Path, dataset: str, steps: int, threads: int) -> None:
     shards.mkdir(parents=True, exist_ok=True)
     atomic_write(shards / "shard-00000.safetensors", lambda p: save_file(shard, str(p)))
     print(f"{len(cond)} train pairs -> {shards}", flush=True)
-    # the cpu-small model's EDM training settings (the cpu-small preset's before issue 18's row loss)
-    cfg = DiffusionTrainConfig(
-        preset="cpu-small", steps=steps, batch_size=128, lr=5e-4, warmup=100, ema=0.995, threads=threads
-    )
+    cfg = DiffusionTrainConfig(**CPU_SMALL_EDM, steps=steps, threads=threads)
     model, log = train_diffusion(cond, targets, cfg, progress=False)
     r = Retriever(model, data.catalog, data.encoder, encoder_spec="minilm")
     r.save(out / "diffusion", extra={"train_config": asdict(cfg), "train_log": log, "data": "reference sets"})

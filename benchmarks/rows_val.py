@@ -25,22 +25,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import ci_cell, environment, finish, paired_ci  # noqa: E402
+from _harness import CPU_SMALL_EDM, ci_cell, environment, finish, paired_ci  # noqa: E402
 
 KEYS = ("recall_at_fair", "vendi", "item_relevance", "recall@5000")
 
 
 def base_config() -> dict[str, Any]:
-    """The cpu-small model's EDM training settings (the cpu-small pipeline preset's diffusion stage
-    before issue 18 turned the row loss on there), on reference targets, one thread: every lever is a
-    variant's override of these, so the committed records' commands keep their meaning."""
+    """The cpu-small model's EDM training settings (``_harness.CPU_SMALL_EDM``), 2,000 steps, on
+    reference targets, one thread: every lever is a variant's override of these, so the committed
+    records' commands keep their meaning."""
     return {
-        "preset": "cpu-small",
+        **CPU_SMALL_EDM,
         "steps": 2000,
-        "batch_size": 128,
-        "lr": 5e-4,
-        "warmup": 100,
-        "ema": 0.995,
         "targets": "reference",
         "reference_samples": 8,
         "threads": 1,

@@ -59,7 +59,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
         # teacher pairs + reference_samples k-row draws of every titled train-split set; issue 18: the
         # rows' retrieval loss on 4-step Euler samples, early stopping on the rows' val recall (the
         # cpu-small model on Polyvore val: rows alone 5.0 -> 10.6 % R@fair, benchmarks/results/rows/
-        # polyvore_val.md unroll4-w1, selected step 750; 1,000 steps keep the job near an hour)
+        # polyvore_val.md unroll4-w1, selected step 750; 1,000 steps: ~25 min here)
         "diffusion": {
             "preset": "cpu-small",
             "steps": 1000,

@@ -202,8 +202,6 @@ def train_diffusion(
         raise ValueError("select_every: needs a select_fn (the validation score of the EMA model)")
     torch.set_num_threads(_threads.resolve(cfg.threads))  # 0: the package's rule
     n, L, d = targets.shape
-    offset = resolve_cond_offset(cfg.cond_offset, cond, targets)
-    sigma_data = cfg.sigma_data or float(shift_rows(targets, cond, -offset).std())
     shape = {"set_size": L, "dim": d, "cond_dim": int(cond.shape[1])}
     for key, v in shape.items():
         if key in cfg.overrides and cfg.overrides[key] != v:
@@ -214,6 +212,8 @@ def train_diffusion(
     if init is not None:  # fine-tune: the saved model's config (its sigma_data, cond_offset) and weights
         mcfg = init.cfg
     else:
+        offset = resolve_cond_offset(cfg.cond_offset, cond, targets)
+        sigma_data = cfg.sigma_data or float(shift_rows(targets, cond, -offset).std())
         mcfg = get_preset(
             cfg.preset, **{**shape, "sigma_data": sigma_data, "cond_offset": offset, **cfg.overrides}
         )
@@ -394,21 +394,19 @@ def save_trained(model: SetDenoiser, out_dir: str | os.PathLike, meta: dict, log
 
 
 def _init_dir(path: str | os.PathLike, name: str = "init_from") -> Path:
-    """The directory of a saved set model to fine-tune, its manifest checked when it has one."""
+    """The directory of a saved set model to fine-tune (checked before any slow work)."""
     d = Path(path)
     if not ((d / "config.json").is_file() and (d / "model.safetensors").is_file()):
         raise FileNotFoundError(
             f"{name}: {d} is not a saved set model (needs config.json and model.safetensors)"
         )
-    if d.is_symlink() or (d / "manifest.json").is_file():
-        d = verify_dir(d).path
     return d
 
 
 def _init_model(path: str | os.PathLike, shape: dict[str, int]) -> SetDenoiser:
-    """``init_from``: the saved set model to fine-tune, checked against the training data's sizes
-    before any step."""
-    model, _ = load_model(_init_dir(path))
+    """``init_from``: the saved set model to fine-tune (an r4t train-diffusion or Retriever directory,
+    its manifest verified), checked against the training data's sizes before any step."""
+    model, _ = load_trained(_init_dir(path), format=None)
     for key, v in shape.items():
         if getattr(model.cfg, key) != v:
             raise ValueError(
@@ -418,13 +416,14 @@ def _init_model(path: str | os.PathLike, shape: dict[str, int]) -> SetDenoiser:
 
 
 def load_trained(
-    path: str | os.PathLike, device: str = "cpu", *, verify: bool = True
+    path: str | os.PathLike, device: str = "cpu", *, verify: bool = True, format: str | None = FORMAT
 ) -> tuple[SetDenoiser, dict]:
     """Load a ``r4t train-diffusion`` directory, checking its manifest (sizes, and sha256 with
-    ``verify``) first; a plain directory without a manifest loads unverified."""
+    ``verify``) first; a plain directory without a manifest loads unverified. ``format=None`` accepts
+    any saved directory holding the model's files (a Retriever's too)."""
     d = Path(path)
     if d.is_symlink() or (d / "manifest.json").is_file():
-        d = verify_dir(d, format=FORMAT, verify=verify).path
+        d = verify_dir(d, format=format, verify=verify).path
     return load_model(d, device=device)
 
 
