@@ -15,8 +15,9 @@ MMR_VAL_CHOICE: dict[str, Any] = {"lambda_": 0.9}
 DPP_VAL_CHOICE: dict[str, Any] = {"theta": 0.9}
 """MMR / DPP settings chosen on the validation splits (benchmarks/results/eval/val-sweep/README.md)."""
 
-# Budgets per preset. cpu-small: the first look, about two hours on the 2-core AVX2 CPU since issue 18
-# (2026-12-07, fresh clone: RL 12 min, synthesis 31, diffusion ~1.4 s/step, eval ~30).
+# Budgets per preset. cpu-small: the first look, 1 h 56 min from setup to report on the 2-core AVX2 CPU
+# since issue 18 (benchmarks/results/pipeline/polyvore/7-cpu-small: setup 4 min, RL 15, synthesis 30,
+# diffusion 21, select 2, eval 43 -- of which the three LLM baselines ~42).
 PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
     "cpu-small": {
         "encoder": "minilm",
