@@ -83,6 +83,7 @@ def test_pipeline_smoke_end_to_end_and_resume(tmp_path: Path, monkeypatch) -> No
     assert rec["r4t_diffusion_model"] == str(used) and (out / "distilled" / "retriever.json").is_file()
     assert (out / "rl" / "policy").is_dir()
     assert (out / "diffusion" / "retriever.json").is_file()
+    assert not (out / "diffusion.checkpoint.pt").exists()  # the training checkpoint goes once it is saved
     recs = {
         m: json.loads((out / "eval" / f"{m}.json").read_text()) for m in ("r4t-diffusion", "folm", "dense")
     }

@@ -27,8 +27,11 @@ Stages and their outputs under ``--out``:
    paired differences with 95% bootstrap CIs; the records on every test query follow as an appendix.
 
 Each stage is skipped when its output exists (``--force`` reruns everything), so a killed pipeline
-resumes where it stopped; ``pipeline.json`` records the preset, settings, commands and stage times (a
-skipped stage keeps the earlier run's entry under ``earlier_run``).
+resumes where it stopped -- the diffusion stage within its training too, from the checkpoint it keeps
+beside its output (``diffusion.checkpoint.pt``, every ``checkpoint_every`` steps:
+:mod:`r4t_fast.train.checkpoint`; the stage's entry then says ``resumed_from_step``); ``pipeline.json``
+records the preset, settings, commands and stage times (a skipped stage keeps the earlier run's entry
+under ``earlier_run``).
 """
 
 from __future__ import annotations
@@ -131,6 +134,7 @@ def run_pipeline(
     from r4t_fast.diffusion.options import query_budget_share
     from r4t_fast.diffusion.retriever import Retriever
     from r4t_fast.train import rl as rl_mod
+    from r4t_fast.train.checkpoint import checkpoint_path
     from r4t_fast.train.diffusion import (
         DiffusionTrainConfig,
         config_pairs,
@@ -237,11 +241,18 @@ def run_pipeline(
             positives=pairs.positives,
             catalog=pairs.catalog,
             select_fn=select_fn,
+            checkpoint=checkpoint_path(dif_dir),
         )
         r = Retriever(model, data.catalog, data.encoder, encoder_spec=cfg["encoder"], **cfg["retriever"])
         extra = {"train_config": vars(dcfg), "train_log": log, "n_pairs": len(pairs.cond)}
         r.save(dif_dir, extra={**extra, "pairs_by_source": pairs.counts})
-        return {"n_pairs": len(pairs.cond), "pairs_by_source": pairs.counts, "final_loss": final_loss(log)}
+        checkpoint_path(dif_dir).unlink(missing_ok=True)
+        res = {"n_pairs": len(pairs.cond), "pairs_by_source": pairs.counts, "final_loss": final_loss(log)}
+        resumed = [row for row in log if row.get("resumed")]
+        if resumed:  # this stage's wall_s covers only the steps after the last resume
+            res["resumed_from_step"] = resumed[-1]["step"]
+            res["train_s_before_resume"] = round(resumed[-1]["elapsed_s"], 1)
+        return res
 
     stage("diffusion", do_dif)
 

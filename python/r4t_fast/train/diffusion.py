@@ -58,6 +58,14 @@ from r4t_fast.diffusion.model import (
 )
 from r4t_fast.diffusion.samplers import SAMPLING_DEFAULTS, sampler_sigmas
 from r4t_fast.kernels.ops import check_device
+from r4t_fast.train.checkpoint import (
+    capture,
+    checkpoint_path,
+    fingerprint,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+)
 from r4t_fast.train.diffusion_config import DiffusionTrainConfig
 from r4t_fast.train.row_loss import row_retrieval_loss
 from r4t_fast.train.targets import TARGET_CHOICES, TrainingPairs, process_info, rank_items, training_pairs
@@ -170,6 +178,7 @@ def train_diffusion(
     positives: torch.Tensor | None = None,
     catalog: torch.Tensor | None = None,
     select_fn: Callable[[SetDenoiser], float] | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> tuple[SetDenoiser, list[dict]]:
     """Train on pairs cond (n, cond_dim) -> targets (n, L, d). Returns (EMA model, log rows).
 
@@ -183,6 +192,12 @@ def train_diffusion(
     the training config and log (``train_log.jsonl``), crash-safely, by rank 0 only (:func:`save_trained`;
     load with :func:`load_trained`). Launched with ``WORLD_SIZE > 1``, every rank must call it with the
     same pairs (module docstring).
+
+    ``checkpoint`` (a file; default with ``out_dir``: :func:`r4t_fast.train.checkpoint.checkpoint_path`
+    of it): every ``cfg.checkpoint_every`` steps and at the last one the whole training state is saved
+    there, and a run started again with the same settings and pairs resumes from it
+    (:mod:`r4t_fast.train.checkpoint`; the log gets a ``resumed`` row). It is deleted once ``out_dir`` is
+    saved; a caller that saves the model itself deletes it after that. Off under ``WORLD_SIZE > 1``.
     """
     _check_pairs(cond, targets)
     use_rows = cfg.retrieval_weight > 0
@@ -218,6 +233,12 @@ def train_diffusion(
             cfg.preset, **{**shape, "sigma_data": sigma_data, "cond_offset": offset, **cfg.overrides}
         )
     proc = process_info()
+    if checkpoint is None and out_dir is not None:
+        checkpoint = checkpoint_path(out_dir)
+    ckpt = Path(checkpoint) if checkpoint is not None and cfg.checkpoint_every and proc.world == 1 else None
+    if ckpt is not None:  # on the pairs as given, before any move to the device
+        tensors = {"cond": cond, "targets": targets, "positives": positives, "catalog": catalog}
+        fp = fingerprint(cfg, mcfg, tensors if use_rows else {"cond": cond, "targets": targets})
     dev = torch.device(cfg.device)
     acc = None
     if proc.world > 1:  # launched: DDP through accelerate (imported only here)
@@ -255,10 +276,20 @@ def train_diffusion(
             # 'fixed': the one draw a Retriever with noise='fixed' and the default seed starts from
             fixed_seed = SAMPLING_DEFAULTS.seed if cfg.retrieval_noise == "fixed" else None
     log: list[dict] = []
-    t0 = time.perf_counter()
+    start, elapsed0 = 0, 0.0
     running = running_rows = 0.0
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    bar = tqdm(range(cfg.steps), desc="train-diffusion", disable=not progress or not proc.is_main)
+    state = load_checkpoint(ckpt, fp) if ckpt is not None else None
+    if state is not None:
+        start, elapsed0, log, (running, running_rows), best = restore(state, model, ema, opt, g, dev)
+    t0 = time.perf_counter() - elapsed0
+    bar = tqdm(
+        range(start, cfg.steps),
+        desc="train-diffusion",
+        initial=start,
+        total=cfg.steps,
+        disable=not progress or not proc.is_main,
+    )
     for step in bar:
         idx = local[torch.randint(0, local.numel(), (batch,), generator=g)].to(dev)
         perm = torch.argsort(torch.rand(len(idx), L, generator=g), dim=1).to(dev)  # random row order
@@ -319,6 +350,10 @@ def train_diffusion(
             log.append({"step": step + 1, "select": score, "elapsed_s": time.perf_counter() - t0})
             if best is None or score > best[0]:
                 best = (score, step + 1, {k: v.detach().clone() for k, v in ema.state_dict().items()})
+        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            elapsed = time.perf_counter() - t0
+            state = capture(step + 1, elapsed, model, ema, opt, g, log, (running, running_rows), best)
+            save_checkpoint(ckpt, fp, state)
     if best is not None:
         ema.load_state_dict(best[2])
         log.append({"step": best[1], "selected": best[0]})
@@ -336,6 +371,8 @@ def train_diffusion(
             meta["sampling"] = {"sampler": "euler", "steps": cfg.retrieval_unroll, "guidance": 0.0}
             meta["sampling"]["noise"] = "fixed" if cfg.retrieval_noise == "fixed" else "query"
         save_trained(ema, out_dir, meta, log)
+        if ckpt is not None:
+            ckpt.unlink(missing_ok=True)
     if acc is not None:
         acc.wait_for_everyone()  # every rank returns once the model is saved
     return ema, log

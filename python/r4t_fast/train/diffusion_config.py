@@ -40,6 +40,12 @@ class DiffusionTrainConfig:
     threads: int = help_field(0, "torch CPU threads (0: r4t_fast._threads rule)")
     device: str = help_field("cpu", "cpu or cuda")
     log_every: int = help_field(50, "steps between log lines")
+    checkpoint_every: int = help_field(
+        100,
+        "steps between resumable checkpoints of the whole training state (0 = off): r4t "
+        "train-diffusion and r4t pipeline keep it beside the output (<out>.checkpoint.pt), resume from it "
+        "when started again with the same settings and pairs, and delete it once the model is saved",
+    )
     overrides: dict[str, Any] = help_field({}, "model config overrides")
     targets: str = help_field(
         "teacher",
@@ -100,7 +106,7 @@ class DiffusionTrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "reference_samples", "retrieval_batch"):
             setattr(self, name, check_positive_int(getattr(self, name), name))
-        for name in ("retrieval_query_budget", "retrieval_unroll", "select_every"):
+        for name in ("retrieval_query_budget", "retrieval_unroll", "select_every", "checkpoint_every"):
             setattr(self, name, check_non_negative_int(getattr(self, name), name))
         if self.init_from is not None and self.overrides:
             raise ValueError(
