@@ -114,3 +114,28 @@ def test_a_saved_model_takes_its_checkpoint_away(pairs, tmp_path) -> None:
 def test_checkpoint_every_is_checked() -> None:
     with pytest.raises(ValueError, match="checkpoint_every"):
         DiffusionTrainConfig(checkpoint_every=-1)
+
+
+def test_the_cli_resumes_and_says_so(capsys, monkeypatch, tmp_path) -> None:
+    from r4t_fast import cli
+    from r4t_fast.train import diffusion
+
+    data = sets_jsonl(tmp_path / "sets.jsonl", 20)
+    out = tmp_path / "model"
+    argv = ["train-diffusion", "--out", str(out), "--targets", "reference", "--dataset", str(data),
+            "--encoder", "hashing:16", "--preset", "tiny", "--steps", "6", "--batch-size", "8",
+            "--checkpoint-every", "2", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    real = diffusion.save_trained
+
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied", str(out))
+
+    monkeypatch.setattr(diffusion, "save_trained", read_only)
+    monkeypatch.setattr(cli, "KEEP_AFTER_S", 0.0)  # as a run of more than a minute: its work is kept
+    assert cli.main(argv) == 2  # the save fails after the last step: the work is in the checkpoint
+    assert "Permission denied" in capsys.readouterr().err
+    assert torch.load(checkpoint_path(out), weights_only=True)["step"] == 6
+    monkeypatch.setattr(diffusion, "save_trained", real)
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.rstrip().endswith("resumed at step 6")
+    assert (out / "model.safetensors").is_file() and not checkpoint_path(out).exists()

@@ -618,5 +618,6 @@ def cli_main(args: argparse.Namespace) -> int:
     )
     if process_info().is_main:
         src = ", ".join(f"{k} {pairs.counts[k]}" for k in ("teacher", "reference"))
-        print(f"saved {args.out}: {len(pairs.cond)} pairs ({src}), final loss {final_loss(log):.4f}")
+        resumed = "".join(f", resumed at step {r['step']}" for r in log if r.get("resumed"))
+        print(f"saved {args.out}: {len(pairs.cond)} pairs ({src}), final loss {final_loss(log):.4f}{resumed}")
     return 0
