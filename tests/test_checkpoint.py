@@ -133,7 +133,8 @@ def test_the_cli_resumes_and_says_so(capsys, monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(diffusion, "save_trained", read_only)
     monkeypatch.setattr(cli, "KEEP_AFTER_S", 0.0)  # as a run of more than a minute: its work is kept
     assert cli.main(argv) == 2  # the save fails after the last step: the work is in the checkpoint
-    assert "Permission denied" in capsys.readouterr().err
+    err = capsys.readouterr().err  # one line, naming what was kept: the checkpoint (no model was saved)
+    assert "Permission denied" in err and f"(kept {checkpoint_path(out)}: the run had worked" in err
     assert torch.load(checkpoint_path(out), weights_only=True)["step"] == 6
     monkeypatch.setattr(diffusion, "save_trained", real)
     assert cli.main(argv) == 0

@@ -134,7 +134,8 @@ class _OutGuard:
         victims = [self.root] if os.path.lexists(self.root) else []
         victims += [self.root.parent / n for n in _siblings(self.root) if n not in self.before]
         if victims and elapsed_s > KEEP_AFTER_S:
-            return f" (kept {self.root}: the run had worked {elapsed_s:.0f} s)"
+            kept = ", ".join(str(v) for v in victims)  # e.g. only a training checkpoint beside --out
+            return f" (kept {kept}: the run had worked {elapsed_s:.0f} s)"
         for v in victims:
             try:
                 if v.is_dir() and not v.is_symlink():
