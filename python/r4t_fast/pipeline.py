@@ -134,7 +134,7 @@ def run_pipeline(
     from r4t_fast.diffusion.options import query_budget_share
     from r4t_fast.diffusion.retriever import Retriever
     from r4t_fast.train import rl as rl_mod
-    from r4t_fast.train.checkpoint import checkpoint_path
+    from r4t_fast.train.checkpoint import checkpoint_path, resumes
     from r4t_fast.train.diffusion import (
         DiffusionTrainConfig,
         config_pairs,
@@ -248,7 +248,7 @@ def run_pipeline(
         r.save(dif_dir, extra={**extra, "pairs_by_source": pairs.counts})
         checkpoint_path(dif_dir).unlink(missing_ok=True)
         res = {"n_pairs": len(pairs.cond), "pairs_by_source": pairs.counts, "final_loss": final_loss(log)}
-        resumed = [row for row in log if row.get("resumed")]
+        resumed = resumes(log)
         if resumed:  # this stage's wall_s covers only the steps after the last resume
             res["resumed_from_step"] = resumed[-1]["step"]
             res["train_s_before_resume"] = round(resumed[-1]["elapsed_s"], 1)

@@ -33,6 +33,7 @@ __all__ = [
     "fingerprint",
     "load_checkpoint",
     "restore",
+    "resumes",
     "save_checkpoint",
 ]
 
@@ -152,3 +153,8 @@ def restore(
     log = [*state["log"], {"step": step, "resumed": True, "elapsed_s": elapsed}]
     r0, r1 = state["running"]
     return step, elapsed, log, (float(r0), float(r1)), best
+
+
+def resumes(log: list[dict]) -> list[dict]:
+    """The ``resumed`` rows (step, elapsed_s) :func:`restore` added to a training log, in order."""
+    return [row for row in log if row.get("resumed")]

@@ -64,6 +64,7 @@ from r4t_fast.train.checkpoint import (
     fingerprint,
     load_checkpoint,
     restore,
+    resumes,
     save_checkpoint,
 )
 from r4t_fast.train.diffusion_config import DiffusionTrainConfig
@@ -618,6 +619,6 @@ def cli_main(args: argparse.Namespace) -> int:
     )
     if process_info().is_main:
         src = ", ".join(f"{k} {pairs.counts[k]}" for k in ("teacher", "reference"))
-        resumed = "".join(f", resumed at step {r['step']}" for r in log if r.get("resumed"))
+        resumed = "".join(f", resumed at step {r['step']}" for r in resumes(log))
         print(f"saved {args.out}: {len(pairs.cond)} pairs ({src}), final loss {final_loss(log):.4f}{resumed}")
     return 0
